@@ -1,0 +1,82 @@
+"""tidings: typed events, an event store, event sourcing, subscriptions and projections.
+
+The names below are the public API; everything else is implementation. Quick tour::
+
+    from tidings import Aggregate, Event, Repository, open_store
+
+    class Deposited(Event):
+        amount: int
+
+    async with open_store("sqlite:///bank.db") as store:
+        await store.append("account-1", [Deposited(amount=10)])
+"""
+
+from tidings.aggregate import Aggregate
+from tidings.errors import (
+    AggregateNotFound,
+    ConcurrencyError,
+    CorruptStore,
+    DuplicateEventId,
+    DuplicateEventType,
+    EventTypeError,
+    InvalidArgument,
+    InvalidStreamId,
+    MissingExtra,
+    SerializationError,
+    SnapshotError,
+    StoreClosed,
+    StoreError,
+    TidingsError,
+    UnknownEventType,
+    UpcastError,
+)
+from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry, upcaster
+from tidings.repository import Repository
+from tidings.store import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    EventStore,
+    Snapshot,
+    StreamInfo,
+    open_store,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "Aggregate",
+    "AggregateNotFound",
+    "AppendResult",
+    "ConcurrencyError",
+    "CorruptStore",
+    "DuplicateEventId",
+    "DuplicateEventType",
+    "Event",
+    "EventRegistry",
+    "EventStore",
+    "EventTypeError",
+    "InvalidArgument",
+    "InvalidStreamId",
+    "MissingExtra",
+    "RawEvent",
+    "RecordedEvent",
+    "Repository",
+    "SerializationError",
+    "Snapshot",
+    "SnapshotError",
+    "StoreClosed",
+    "StoreError",
+    "StreamInfo",
+    "TidingsError",
+    "UnknownEventType",
+    "UpcastError",
+    "__version__",
+    "default_registry",
+    "open_store",
+    "upcaster",
+]

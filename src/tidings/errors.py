@@ -1,0 +1,146 @@
+"""The exceptions tidings raises.
+
+Every error the library raises on purpose is a :class:`TidingsError`. Subclasses carry the facts
+(stream id, versions, event type, position) as attributes, and their messages name them, so a log
+line is enough to know what went wrong. Errors from drivers (sqlite3, psycopg, nats) are translated
+into this family and chained (``raise ... from exc``), never leaked raw.
+
+An operation that raises one of these errors has changed nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+
+class TidingsError(Exception):
+    """Root of every error raised by tidings."""
+
+
+class InvalidArgument(TidingsError, ValueError):
+    """A caller passed a value the operation cannot accept (a negative ``after``, an empty stream id)."""
+
+
+class InvalidStreamId(InvalidArgument):
+    """A stream id is not a non-empty string of bounded length."""
+
+    def __init__(self, stream_id: object, reason: str) -> None:
+        shown = repr(stream_id)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid stream id {shown}: {reason}")
+        self.reason = reason
+
+
+class ConcurrencyError(TidingsError):
+    """An append's ``expected_version`` did not match the stream's actual version.
+
+    Nothing of that append was written. ``expected`` is what the caller passed (an int or one of
+    ``ANY``/``NO_STREAM``/``STREAM_EXISTS``); ``actual`` is the stream's version when the append ran.
+    """
+
+    def __init__(self, stream_id: str, expected: object, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r}: expected version {expected}, but the stream is at version {actual}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DuplicateEventId(TidingsError):
+    """An event id is already stored, and this append is not an exact retry of the one that stored it."""
+
+    def __init__(self, event_id: UUID, stream_id: str, detail: str) -> None:
+        super().__init__(
+            f"event id {event_id} cannot be appended to stream {stream_id!r}: {detail}"
+        )
+        self.event_id = event_id
+        self.stream_id = stream_id
+
+
+class EventTypeError(TidingsError):
+    """Problems with event classes, their registry and their schema versions."""
+
+
+class UnknownEventType(EventTypeError):
+    """A stored event's type has no registered class (read it raw with ``raw_unknown=True``)."""
+
+    def __init__(
+        self, event_type: str, *, stream_id: str | None = None, position: int | None = None
+    ):
+        where = ""
+        if stream_id is not None:
+            where = f" (stream {stream_id!r}, position {position})"
+        super().__init__(
+            f"no event class is registered for type {event_type!r}{where}; "
+            "import the module that defines it, or read with raw_unknown=True"
+        )
+        self.event_type = event_type
+        self.stream_id = stream_id
+        self.position = position
+
+
+class DuplicateEventType(EventTypeError):
+    """Two different classes claim the same event type name in one registry."""
+
+    def __init__(self, event_type: str, existing: type, new: type) -> None:
+        super().__init__(
+            f"event type {event_type!r} is already registered to "
+            f"{existing.__module__}.{existing.__qualname__}; "
+            f"{new.__module__}.{new.__qualname__} must set a different __event_type__"
+        )
+        self.event_type = event_type
+
+
+class UpcastError(EventTypeError):
+    """Stored data of an older schema version could not be brought up to the current class."""
+
+    def __init__(self, event_type: str, from_version: int, to_version: int, detail: str) -> None:
+        super().__init__(
+            f"cannot upcast {event_type!r} from schema version {from_version} "
+            f"to {to_version}: {detail}"
+        )
+        self.event_type = event_type
+        self.from_version = from_version
+        self.to_version = to_version
+
+
+class SerializationError(TidingsError):
+    """An event or its metadata could not be turned into (or back from) the stored form."""
+
+
+class StoreError(TidingsError):
+    """The store itself failed: I/O, a driver error, a closed store."""
+
+
+class StoreClosed(StoreError):
+    """The store was used after ``close()``."""
+
+
+class CorruptStore(StoreError):
+    """The database is not a tidings store (a foreign or damaged file) or has an unknown schema."""
+
+
+class AggregateNotFound(TidingsError):
+    """No events exist for the aggregate (or not at the requested version or time)."""
+
+    def __init__(self, stream_id: str, detail: str = "no events") -> None:
+        super().__init__(f"aggregate {stream_id!r} not found: {detail}")
+        self.stream_id = stream_id
+
+
+class SnapshotError(TidingsError):
+    """An aggregate's state cannot be snapshotted (e.g. an attribute has no annotation)."""
+
+
+class MissingExtra(TidingsError, ImportError):
+    """An optional backend was used without its extra installed; the message names the fix."""
+
+    def __init__(self, feature: str, extra: str, cause: Any = None) -> None:
+        super().__init__(
+            f"{feature} needs the {extra!r} extra: pip install 'tidings[{extra}]'"
+            + (f" ({cause})" if cause else "")
+        )
+        self.extra = extra

@@ -1,0 +1,290 @@
+"""Typed events, the recorded envelope, the type registry and upcasting.
+
+An :class:`Event` is a frozen pydantic model. Its stored *type name* is the class name unless the
+class sets ``__event_type__``; its *schema version* is 1 unless it sets ``__event_version__``.
+Defining a subclass registers it in the default :class:`EventRegistry`, which is what stores use to
+turn stored rows back into typed events.
+
+Schema evolution: when a class moves from schema version N to N+1, register an upcaster for
+``(type, N)`` that turns the old data dict into the new shape. Reading applies the chain of
+upcasters in order, so an event stored at version 1 comes back as the version-3 class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tidings.errors import (
+    DuplicateEventType,
+    EventTypeError,
+    SerializationError,
+    UnknownEventType,
+    UpcastError,
+)
+
+__all__ = [
+    "Event",
+    "EventRegistry",
+    "RawEvent",
+    "RecordedEvent",
+    "Upcaster",
+    "default_registry",
+    "upcaster",
+]
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns the data dict of schema version N into the data dict of version N+1."""
+
+E = TypeVar("E", bound="Event")
+
+
+class Event(BaseModel):
+    """Base class of typed events: immutable, validated, JSON-serialisable.
+
+    Name events in the past tense (``OrderPlaced``). Subclasses are registered on definition in
+    :data:`default_registry`; set ``__event_type__`` to decouple the stored name from the class name
+    (and so survive renames), and raise ``__event_version__`` when the schema changes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    __event_type__: ClassVar[str]
+    __event_version__: ClassVar[int] = 1
+    __event_register__: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Only a class's own __event_type__ counts: a subclass must not inherit its parent's name.
+        if "__event_type__" not in cls.__dict__:
+            cls.__event_type__ = cls.__name__
+        version = cls.__dict__.get("__event_version__", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise EventTypeError(f"{cls.__qualname__}.__event_version__ must be an int >= 1")
+        cls.__event_version__ = version
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        # Registration waits until pydantic has built the model (its validators exist now).
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.__dict__.get("__event_register__", True):
+            default_registry.register(cls)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RawEvent:
+    """A stored event read without decoding: its type name, schema version and data dict.
+
+    Returned in place of a typed event for unknown types when reading with ``raw_unknown=True``.
+    """
+
+    event_type: str
+    schema_version: int
+    data: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as the store returns it: the typed event in its envelope.
+
+    ``version`` is the event's place in its stream (the first is 1); ``position`` its place in the
+    store's global log (the first is 1, strictly increasing, never skipped by a reader).
+    ``metadata`` holds the standard keys ``correlation_id``, ``causation_id`` and ``user_id`` when set.
+    """
+
+    event_id: UUID
+    event_type: str
+    stream_id: str
+    version: int
+    position: int
+    timestamp: datetime
+    event: Event | RawEvent
+    metadata: Mapping[str, Any]
+    schema_version: int = 1
+
+    @property
+    def correlation_id(self) -> str | None:
+        value = self.metadata.get("correlation_id")
+        return None if value is None else str(value)
+
+    @property
+    def causation_id(self) -> str | None:
+        value = self.metadata.get("causation_id")
+        return None if value is None else str(value)
+
+
+class EventRegistry:
+    """Maps stored type names to event classes, and holds the upcaster chains.
+
+    Encoding and decoding live here so that every backend stores exactly the same bytes.
+    """
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Event]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+
+    def register(self, cls: type[Event]) -> None:
+        """Register ``cls`` under its type name.
+
+        Re-registering a class with the same module and qualified name replaces it (a reloaded
+        module); a *different* class claiming the name raises :class:`DuplicateEventType`.
+        """
+        name = cls.__event_type__
+        existing = self._types.get(name)
+        if existing is not None and existing is not cls:
+            same = (existing.__module__, existing.__qualname__) == (
+                cls.__module__,
+                cls.__qualname__,
+            )
+            if not same:
+                raise DuplicateEventType(name, existing, cls)
+        self._types[name] = cls
+
+    def get(self, event_type: str) -> type[Event] | None:
+        return self._types.get(event_type)
+
+    def __contains__(self, event_type: str) -> bool:
+        return event_type in self._types
+
+    def types(self) -> dict[str, type[Event]]:
+        return dict(self._types)
+
+    def add_upcaster(self, event_type: str, from_version: int, fn: Upcaster) -> None:
+        """Register ``fn`` to turn ``event_type`` data of ``from_version`` into ``from_version + 1``."""
+        if from_version < 1:
+            raise EventTypeError(f"upcaster for {event_type!r}: from_version must be >= 1")
+        key = (event_type, from_version)
+        if key in self._upcasters and self._upcasters[key] is not fn:
+            raise EventTypeError(
+                f"an upcaster for {event_type!r} from schema version {from_version} already exists"
+            )
+        self._upcasters[key] = fn
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    @staticmethod
+    def encode(event: Event) -> bytes:
+        """The JSON bytes stored for ``event``; raises :class:`SerializationError`."""
+        if not isinstance(event, Event):
+            raise SerializationError(
+                f"expected a tidings.Event instance, got {type(event).__qualname__}"
+            )
+        try:
+            return event.__pydantic_serializer__.to_json(event)
+        except Exception as exc:  # pydantic raises several types here; all mean the same
+            raise SerializationError(
+                f"event {type(event).__qualname__} cannot be serialised to JSON: {exc}"
+            ) from exc
+
+    @staticmethod
+    def encode_metadata(metadata: Mapping[str, Any] | None) -> bytes | None:
+        if not metadata:
+            return None
+        if not isinstance(metadata, Mapping):
+            raise SerializationError(
+                f"metadata must be a mapping, got {type(metadata).__qualname__}"
+            )
+        try:
+            return orjson.dumps(metadata, default=_json_default)
+        except TypeError as exc:
+            raise SerializationError(f"metadata cannot be serialised to JSON: {exc}") from exc
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def decode(
+        self,
+        event_type: str,
+        schema_version: int,
+        data: bytes | str,
+        *,
+        raw_unknown: bool = False,
+        stream_id: str | None = None,
+        position: int | None = None,
+    ) -> Event | RawEvent:
+        """Turn stored data back into a typed event, upcasting older schema versions.
+
+        Raises :class:`UnknownEventType` for unregistered types unless ``raw_unknown`` is true,
+        in which case a :class:`RawEvent` is returned.
+        """
+        cls = self._types.get(event_type)
+        if cls is None:
+            if raw_unknown:
+                return RawEvent(event_type, schema_version, orjson.loads(data))
+            raise UnknownEventType(event_type, stream_id=stream_id, position=position)
+        target = cls.__event_version__
+        try:
+            if schema_version == target:
+                return cls.model_validate_json(data)
+            if schema_version > target:
+                raise UpcastError(
+                    event_type,
+                    schema_version,
+                    target,
+                    "the stored schema version is newer than the class; deploy the newer code",
+                )
+            return cls.model_validate(self.upcast(event_type, schema_version, target, data))
+        except ValidationError as exc:
+            raise SerializationError(
+                f"stored {event_type!r} (schema version {schema_version}) at position {position} "
+                f"does not validate as {cls.__qualname__}: {exc}"
+            ) from exc
+
+    def upcast(
+        self, event_type: str, from_version: int, to_version: int, data: bytes | str
+    ) -> dict[str, Any]:
+        value: dict[str, Any] = orjson.loads(data)
+        for version in range(from_version, to_version):
+            fn = self._upcasters.get((event_type, version))
+            if fn is None:
+                raise UpcastError(
+                    event_type, from_version, to_version, f"no upcaster from version {version}"
+                )
+            try:
+                value = fn(value)
+            except Exception as exc:
+                raise UpcastError(
+                    event_type, version, version + 1, f"the upcaster raised {exc!r}"
+                ) from exc
+            if not isinstance(value, dict):
+                raise UpcastError(
+                    event_type, version, version + 1, "the upcaster did not return a dict"
+                )
+        return value
+
+
+def _json_default(value: Any) -> Any:
+    # Metadata commonly carries ids and instants; anything else is the caller's to convert.
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__qualname__} is not JSON serialisable")
+
+
+default_registry = EventRegistry()
+"""The registry every :class:`Event` subclass joins on definition, used by stores by default."""
+
+
+def upcaster(
+    event_type: str | type[Event], from_version: int, *, registry: EventRegistry | None = None
+) -> Callable[[Upcaster], Upcaster]:
+    """Decorator: register a function that upcasts ``event_type`` data from ``from_version``.
+
+    >>> @upcaster("AccountOpened", from_version=1)
+    ... def _add_currency(data: dict) -> dict:
+    ...     return {**data, "currency": "EUR"}
+    """
+    name = event_type if isinstance(event_type, str) else event_type.__event_type__
+    target = registry if registry is not None else default_registry
+
+    def decorate(fn: Upcaster) -> Upcaster:
+        target.add_upcaster(name, from_version, fn)
+        return fn
+
+    return decorate

@@ -1,0 +1,631 @@
+"""The event store contract and the logic every backend shares.
+
+A backend subclasses :class:`EventStore` and implements a handful of primitives over stored rows
+(``_append``, ``_fetch_stream``, ``_fetch_all`` ...). Validation, encoding, decoding, upcasting and
+the expected-version / idempotent-append rules live here once, so every backend behaves the same and
+the contract suite in :mod:`tidings.testing` can hold them all to it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import enum
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, Self, TypeAlias
+
+import orjson
+
+from tidings.errors import (
+    ConcurrencyError,
+    DuplicateEventId,
+    InvalidArgument,
+    InvalidStreamId,
+    StoreClosed,
+)
+from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry
+
+__all__ = [
+    "ANY",
+    "MAX_STREAM_ID_LENGTH",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "AppendRequest",
+    "AppendResult",
+    "EncodedEvent",
+    "EventStore",
+    "ExpectedVersion",
+    "Row",
+    "Snapshot",
+    "StreamInfo",
+]
+
+MAX_STREAM_ID_LENGTH: Final = 512
+"""Longest accepted stream id, in characters."""
+
+PAGE_SIZE: Final = 1000
+"""Rows fetched per round trip by the streaming readers; bounds their memory."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class StreamState(enum.Enum):
+    """Symbolic expected versions for :meth:`EventStore.append`."""
+
+    ANY = "any"
+    NO_STREAM = "no stream"
+    STREAM_EXISTS = "stream exists"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ANY: Final = StreamState.ANY
+"""Append whatever the stream's version is."""
+NO_STREAM: Final = StreamState.NO_STREAM
+"""Append only if the stream has no events (same as ``expected_version=0``)."""
+STREAM_EXISTS: Final = StreamState.STREAM_EXISTS
+"""Append only if the stream has at least one event."""
+
+ExpectedVersion: TypeAlias = int | StreamState
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append did: the stream's version after it and the global position of its last event."""
+
+    version: int
+    position: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream's id, version (its last event's version) and its last event's position."""
+
+    stream_id: str
+    version: int
+    position: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A stored copy of an aggregate's state as of ``version`` of its stream."""
+
+    stream_id: str
+    version: int
+    aggregate_type: str
+    schema: str
+    state: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event ready to be written: id, type name, schema version and JSON bytes."""
+
+    event_id: uuid.UUID
+    event_type: str
+    schema_version: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One validated, encoded call to :meth:`EventStore.append`, as handed to a backend."""
+
+    stream_id: str
+    events: tuple[EncodedEvent, ...]
+    expected: ExpectedVersion
+    metadata: bytes | None
+    explicit_ids: bool
+
+    def resolve(
+        self, current_version: int, current_position: int, existing: Sequence[tuple[Any, ...]]
+    ) -> AppendResult | None:
+        """Apply the idempotency and expected-version rules.
+
+        ``existing`` holds ``(event_id, stream_id, version, position)`` for those of this request's
+        event ids that are already stored (backends look them up only when ids were explicit).
+        Returns the original result for an exact retry, ``None`` when the append should go ahead,
+        and raises :class:`DuplicateEventId` or :class:`ConcurrencyError` otherwise.
+        """
+        if existing:
+            original = self._match_retry(existing)
+            if original is not None:
+                return original
+        check_expected(self.stream_id, self.expected, current_version)
+        if not self.events:
+            return AppendResult(current_version, current_position)
+        return None
+
+    def _match_retry(self, existing: Sequence[tuple[Any, ...]]) -> AppendResult | None:
+        found = {_as_uuid(row[0]): row for row in existing}
+        first = found.get(self.events[0].event_id)
+        if len(found) == len(self.events) and first is not None and first[1] == self.stream_id:
+            start = int(first[2])
+            retry = all(
+                (row := found.get(e.event_id)) is not None
+                and row[1] == self.stream_id
+                and int(row[2]) == start + i
+                for i, e in enumerate(self.events)
+            )
+            expected_ok = not isinstance(self.expected, int) or self.expected == start - 1
+            if retry and expected_ok:
+                last = found[self.events[-1].event_id]
+                return AppendResult(int(last[2]), int(last[3]))
+        for e in self.events:
+            row = found.get(e.event_id)
+            if row is not None:
+                raise DuplicateEventId(
+                    e.event_id,
+                    self.stream_id,
+                    f"it is already stored in stream {row[1]!r} at version {row[2]}, and this "
+                    "append is not an exact retry of the one that stored it",
+                )
+        raise AssertionError("unreachable: existing rows match no requested id")
+
+
+def check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
+    """Raise :class:`ConcurrencyError` unless ``actual`` satisfies ``expected``."""
+    if expected is ANY:
+        return
+    if expected is NO_STREAM:
+        ok = actual == 0
+    elif expected is STREAM_EXISTS:
+        ok = actual > 0
+    else:
+        ok = actual == expected
+    if not ok:
+        raise ConcurrencyError(stream_id, expected, actual)
+
+
+Row: TypeAlias = tuple[Any, ...]
+"""A stored event: (position, stream_id, version, event_id, event_type, schema_version,
+timestamp, data, metadata). ``event_id`` is a UUID or its 16 bytes; ``timestamp`` an aware
+datetime or integer microseconds since the epoch; ``metadata`` JSON bytes or None."""
+
+
+def validate_stream_id(stream_id: object) -> str:
+    """Return ``stream_id`` if it is an acceptable stream id, else raise :class:`InvalidStreamId`."""
+    if not isinstance(stream_id, str):
+        raise InvalidStreamId(stream_id, f"must be a str, not {type(stream_id).__qualname__}")
+    if not stream_id:
+        raise InvalidStreamId(stream_id, "must not be empty")
+    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise InvalidStreamId(
+            stream_id, f"is {len(stream_id)} characters long; the limit is {MAX_STREAM_ID_LENGTH}"
+        )
+    if "\x00" in stream_id:
+        raise InvalidStreamId(stream_id, "must not contain NUL characters")
+    return stream_id
+
+
+def validate_position(name: str, value: object, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise InvalidArgument(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def validate_expected(stream_id: str, expected: object) -> ExpectedVersion:
+    if isinstance(expected, StreamState):
+        return expected
+    if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 0:
+        return expected
+    raise InvalidArgument(
+        f"stream {stream_id!r}: expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an "
+        f"int >= 0, got {expected!r}"
+    )
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return uuid.UUID(bytes=bytes(value))
+    return uuid.UUID(str(value))
+
+
+def _as_datetime(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def now_micros() -> int:
+    """The current UTC instant as integer microseconds since the epoch (stored timestamps)."""
+    now = datetime.now(UTC) - _EPOCH
+    return (now.days * 86_400 + now.seconds) * 1_000_000 + now.microseconds
+
+
+def to_micros(instant: datetime) -> int:
+    if instant.tzinfo is None:
+        raise InvalidArgument(f"time travel needs an aware datetime, got naive {instant!r}")
+    delta = instant - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+class EventStore(abc.ABC):
+    """An append-only store of event streams with a gap-free global log.
+
+    Use as ``async with open_store(url) as store:``. All I/O methods are coroutines or async
+    iterators; none blocks the event loop. A store is bound to the event loop that opened it.
+
+    Guarantees, for every backend:
+
+    * an append is atomic: all of its events are stored, or none;
+    * a stream's versions are 1, 2, 3, ... with no gaps; the global positions are strictly
+      increasing and a reader never skips one;
+    * ``expected_version`` mismatches raise :class:`~tidings.ConcurrencyError` and write nothing;
+    * re-sending an append whose events carry explicit ``event_ids`` that were already stored by that
+      same append returns the original result instead of writing twice.
+    """
+
+    registry: EventRegistry
+    url: str
+
+    def __init__(self, url: str, *, registry: EventRegistry | None = None) -> None:
+        self.url = url
+        self.registry = registry if registry is not None else default_registry
+        self._opened = False
+        self._closed = False
+        self._head_changed = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> Self:
+        """Connect and create (or check) the schema. Idempotent."""
+        if self._closed:
+            raise StoreClosed(f"store {self.url} is closed")
+        if not self._opened:
+            await self._open()
+            self._opened = True
+        return self
+
+    async def close(self) -> None:
+        """Finish pending writes and release connections and threads. Idempotent."""
+        if self._opened and not self._closed:
+            self._closed = True
+            await self._close()
+        self._closed = True
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"store {self.url} is closed")
+        if not self._opened:
+            raise StoreClosed(f"store {self.url} is not open; use 'async with open_store(...)'")
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: ExpectedVersion = ANY,
+        metadata: Mapping[str, Any] | None = None,
+        event_ids: Sequence[uuid.UUID] | None = None,
+    ) -> AppendResult:
+        """Append ``events`` to ``stream_id`` atomically and return the new version and position.
+
+        ``expected_version`` is ``ANY``, ``NO_STREAM``, ``STREAM_EXISTS`` or the version of the
+        stream's last event (0 = empty). ``metadata`` is stored with every event of the call.
+        ``event_ids`` (one per event) make the call safely retryable: an exact retry returns the
+        original result even if the stream has moved on since.
+
+        Raises :class:`ConcurrencyError`, :class:`DuplicateEventId`, :class:`InvalidStreamId`,
+        :class:`InvalidArgument`, :class:`SerializationError`; in every case nothing is written.
+        """
+        request = self.prepare_append(
+            stream_id,
+            events,
+            expected_version=expected_version,
+            metadata=metadata,
+            event_ids=event_ids,
+        )
+        self._check_open()
+        return await self._append(request)
+
+    def prepare_append(
+        self,
+        stream_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: ExpectedVersion = ANY,
+        metadata: Mapping[str, Any] | None = None,
+        event_ids: Sequence[uuid.UUID] | None = None,
+    ) -> AppendRequest:
+        """Validate and encode an append without performing it (used by batching writers)."""
+        stream_id = validate_stream_id(stream_id)
+        expected = validate_expected(stream_id, expected_version)
+        if isinstance(events, Event):
+            raise InvalidArgument(
+                f"stream {stream_id!r}: append takes a list of events, got a single "
+                f"{type(events).__qualname__}"
+            )
+        event_list = list(events)
+        encode = self.registry.encode
+        if event_ids is None:
+            ids = [uuid.uuid4() for _ in event_list]
+        else:
+            ids = list(event_ids)
+            if len(ids) != len(event_list):
+                raise InvalidArgument(
+                    f"stream {stream_id!r}: {len(ids)} event_ids given for {len(event_list)} events"
+                )
+            for i, value in enumerate(ids):
+                if not isinstance(value, uuid.UUID):
+                    raise InvalidArgument(f"event_ids[{i}] must be a uuid.UUID, got {value!r}")
+            if len(set(ids)) != len(ids):
+                raise InvalidArgument(f"stream {stream_id!r}: event_ids contains duplicates")
+        encoded = tuple(
+            EncodedEvent(
+                event_id,
+                type(event).__event_type__,
+                type(event).__event_version__,
+                encode(event),
+            )
+            for event_id, event in zip(ids, event_list, strict=True)
+        )
+        return AppendRequest(
+            stream_id,
+            encoded,
+            expected,
+            self.registry.encode_metadata(metadata),
+            event_ids is not None,
+        )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        after: int = 0,
+        before: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+        raw_unknown: bool = False,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Yield the events of ``stream_id`` with ``after < version`` (and ``< before`` if given).
+
+        Forwards in version order, or newest first with ``backwards=True``; at most ``limit``
+        events. A missing stream yields nothing. Rows are fetched in pages, so memory stays flat.
+        """
+        stream_id = validate_stream_id(stream_id)
+        lower = validate_position("after", after)
+        upper = validate_position("before", before, allow_none=True)
+        remaining = validate_position("limit", limit, allow_none=True)
+        assert lower is not None
+        self._check_open()
+        while remaining is None or remaining > 0:
+            page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
+            rows = await self._fetch_stream(stream_id, lower, upper, backwards, page)
+            for row in rows:
+                yield self.decode_row(row, raw_unknown)
+            if remaining is not None:
+                remaining -= len(rows)
+            if len(rows) < page:
+                return
+            if backwards:
+                upper = rows[-1][2]
+            else:
+                lower = rows[-1][2]
+
+    async def read_all(
+        self,
+        *,
+        after: int = 0,
+        event_types: Iterable[str | type[Event]] | None = None,
+        stream_prefix: str | None = None,
+        limit: int | None = None,
+        raw_unknown: bool = False,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Yield the global log in position order, from position ``after`` (exclusive).
+
+        ``event_types`` keeps only those types (names or classes); ``stream_prefix`` only streams
+        whose id starts with it (a category such as ``"order-"``). Streamed in pages.
+        """
+        lower = validate_position("after", after)
+        remaining = validate_position("limit", limit, allow_none=True)
+        assert lower is not None
+        types = _type_names(event_types)
+        if stream_prefix is not None and not isinstance(stream_prefix, str):
+            raise InvalidArgument(f"stream_prefix must be a str, got {stream_prefix!r}")
+        self._check_open()
+        while remaining is None or remaining > 0:
+            page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
+            rows, scanned_to = await self._fetch_all(lower, types, stream_prefix, page)
+            for row in rows:
+                yield self.decode_row(row, raw_unknown)
+            if remaining is not None:
+                remaining -= len(rows)
+            if scanned_to is None:
+                return
+            lower = scanned_to
+
+    def decode_row(self, row: Row, raw_unknown: bool = False) -> RecordedEvent:
+        """Turn a stored row into a :class:`RecordedEvent` (decoding and upcasting its data)."""
+        position, stream_id, version, event_id, event_type, schema_version, ts, data, meta = row
+        event: Event | RawEvent = self.registry.decode(
+            event_type,
+            schema_version,
+            data,
+            raw_unknown=raw_unknown,
+            stream_id=stream_id,
+            position=position,
+        )
+        return RecordedEvent(
+            _as_uuid(event_id),
+            event_type,
+            stream_id,
+            version,
+            position,
+            _as_datetime(ts),
+            event,
+            _load_metadata(meta),
+            schema_version,
+        )
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The version of the stream's last event; 0 for a missing stream."""
+        stream_id = validate_stream_id(stream_id)
+        self._check_open()
+        return await self._stream_version(stream_id)
+
+    async def head(self) -> int:
+        """The global position of the last stored event; 0 for an empty store."""
+        self._check_open()
+        return await self._head()
+
+    async def streams(self, *, prefix: str | None = None) -> AsyncIterator[StreamInfo]:
+        """Yield every stream (optionally only ids starting with ``prefix``), ordered by id."""
+        self._check_open()
+        after: str | None = None
+        while True:
+            page = await self._list_streams(prefix, after, PAGE_SIZE)
+            for info in page:
+                yield info
+            if len(page) < PAGE_SIZE:
+                return
+            after = page[-1].stream_id
+
+    async def version_at(self, stream_id: str, instant: datetime) -> int:
+        """The stream's version as of ``instant`` (events with timestamp <= instant); 0 if none."""
+        stream_id = validate_stream_id(stream_id)
+        micros = to_micros(instant)
+        self._check_open()
+        return await self._version_at(stream_id, micros)
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Store a snapshot; one per (stream, version), a later save for the same pair replaces it."""
+        validate_stream_id(snapshot.stream_id)
+        validate_position("snapshot version", snapshot.version)
+        self._check_open()
+        await self._save_snapshot(snapshot)
+
+    async def load_snapshot(
+        self, stream_id: str, *, max_version: int | None = None
+    ) -> Snapshot | None:
+        """The latest snapshot of ``stream_id`` at or below ``max_version`` (any, if None)."""
+        stream_id = validate_stream_id(stream_id)
+        validate_position("max_version", max_version, allow_none=True)
+        self._check_open()
+        return await self._load_snapshot(stream_id, max_version)
+
+    # -- change notification ---------------------------------------------------------------------
+
+    def _notify_appended(self) -> None:
+        """Wake everyone waiting in :meth:`wait_for_append`; call on the store's loop after commit."""
+        event = self._head_changed
+        self._head_changed = asyncio.Event()
+        event.set()
+
+    async def wait_for_append(self, position: int, timeout: float | None = None) -> int:
+        """Wait until the head is beyond ``position`` (or ``timeout`` passes); return the head.
+
+        In-process appends wake waiters at once; appends by other processes are seen by the
+        backend's change detection (a cheap poll, or LISTEN/NOTIFY), bounded by ``timeout``.
+        """
+        self._check_open()
+        waiter = self._head_changed
+        head = await self._head()
+        if head > position:
+            return head
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+        except TimeoutError:
+            pass
+        return await self._head()
+
+    # -- backend primitives -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _append(self, request: AppendRequest) -> AppendResult: ...
+
+    @abc.abstractmethod
+    async def _fetch_stream(
+        self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
+    ) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def _fetch_all(
+        self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int
+    ) -> tuple[list[Row], int | None]:
+        """Up to ``limit`` matching rows after ``after``, and the position the scan reached
+        (None when the log is exhausted) so that filtered reads page without rescanning."""
+
+    @abc.abstractmethod
+    async def _stream_version(self, stream_id: str) -> int: ...
+
+    @abc.abstractmethod
+    async def _head(self) -> int: ...
+
+    @abc.abstractmethod
+    async def _list_streams(
+        self, prefix: str | None, after: str | None, limit: int
+    ) -> list[StreamInfo]: ...
+
+    @abc.abstractmethod
+    async def _version_at(self, stream_id: str, micros: int) -> int: ...
+
+    @abc.abstractmethod
+    async def _save_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    @abc.abstractmethod
+    async def _load_snapshot(self, stream_id: str, max_version: int | None) -> Snapshot | None: ...
+
+
+def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, ...] | None:
+    if event_types is None:
+        return None
+    if isinstance(event_types, str):
+        event_types = [event_types]
+    names: list[str] = []
+    for item in event_types:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, type) and issubclass(item, Event):
+            names.append(item.__event_type__)
+        else:
+            raise InvalidArgument(
+                f"event_types must hold type names or Event classes, got {item!r}"
+            )
+    return tuple(dict.fromkeys(names))
+
+
+def _load_metadata(meta: Any) -> Mapping[str, Any]:
+    if meta is None:
+        return _EMPTY
+    if isinstance(meta, dict):
+        return meta
+    value: dict[str, Any] = orjson.loads(meta)
+    return value
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})

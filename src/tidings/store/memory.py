@@ -1,0 +1,138 @@
+"""The in-memory store (``memory://``): the whole contract, no persistence.
+
+Events are kept in their encoded form, exactly as a database would hold them, so encoding errors,
+upcasting and unknown types behave as on every other backend. Appends run without awaiting in the
+middle, so on one event loop they are atomic without a lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import uuid
+
+from tidings.events import EventRegistry
+from tidings.store.base import (
+    AppendRequest,
+    AppendResult,
+    EventStore,
+    Row,
+    Snapshot,
+    StreamInfo,
+    now_micros,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(EventStore):
+    """An :class:`~tidings.store.EventStore` held in process memory; for tests and tooling."""
+
+    def __init__(self, url: str = "memory://", *, registry: EventRegistry | None = None) -> None:
+        super().__init__(url, registry=registry)
+        self._log: list[Row] = []
+        self._streams: dict[str, list[Row]] = {}
+        self._ids: dict[uuid.UUID, Row] = {}
+        self._snapshots: dict[str, dict[int, Snapshot]] = {}
+
+    async def _open(self) -> None:
+        return None
+
+    async def _close(self) -> None:
+        return None
+
+    async def _append(self, request: AppendRequest) -> AppendResult:
+        stream = self._streams.get(request.stream_id, [])
+        version = len(stream)
+        head = len(self._log)
+        existing = []
+        if request.explicit_ids:
+            for e in request.events:
+                row = self._ids.get(e.event_id)
+                if row is not None:
+                    existing.append((row[3], row[1], row[2], row[0]))
+        resolved = request.resolve(version, stream[-1][0] if stream else 0, existing)
+        if resolved is not None:
+            return resolved
+        ts = now_micros()
+        rows = [
+            (
+                head + i + 1,
+                request.stream_id,
+                version + i + 1,
+                e.event_id,
+                e.event_type,
+                e.schema_version,
+                ts,
+                e.data,
+                request.metadata,
+            )
+            for i, e in enumerate(request.events)
+        ]
+        self._log.extend(rows)
+        self._streams.setdefault(request.stream_id, []).extend(rows)
+        for row in rows:
+            self._ids[row[3]] = row
+        self._notify_appended()
+        return AppendResult(rows[-1][2], rows[-1][0])
+
+    async def _fetch_stream(
+        self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
+    ) -> list[Row]:
+        stream = self._streams.get(stream_id, [])
+        upper = len(stream) if before is None else min(len(stream), max(before - 1, 0))
+        selected = stream[after:upper] if after < upper else []
+        if backwards:
+            return selected[::-1][:limit]
+        return selected[:limit]
+
+    async def _fetch_all(
+        self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int
+    ) -> tuple[list[Row], int | None]:
+        out: list[Row] = []
+        wanted = None if types is None else set(types)
+        for row in self._log[after:]:
+            if wanted is not None and row[4] not in wanted:
+                continue
+            if prefix is not None and not row[1].startswith(prefix):
+                continue
+            out.append(row)
+            if len(out) == limit:
+                return out, row[0]
+        return out, None
+
+    async def _stream_version(self, stream_id: str) -> int:
+        return len(self._streams.get(stream_id, ()))
+
+    async def _head(self) -> int:
+        return len(self._log)
+
+    async def _list_streams(
+        self, prefix: str | None, after: str | None, limit: int
+    ) -> list[StreamInfo]:
+        names = sorted(self._streams)
+        start = 0 if after is None else bisect.bisect_right(names, after)
+        out: list[StreamInfo] = []
+        for name in names[start:]:
+            if prefix is not None and not name.startswith(prefix):
+                continue
+            last = self._streams[name][-1]
+            out.append(StreamInfo(name, last[2], last[0]))
+            if len(out) == limit:
+                break
+        return out
+
+    async def _version_at(self, stream_id: str, micros: int) -> int:
+        version = 0
+        for row in self._streams.get(stream_id, ()):
+            if row[6] > micros:
+                break
+            version = row[2]
+        return version
+
+    async def _save_snapshot(self, snapshot: Snapshot) -> None:
+        self._snapshots.setdefault(snapshot.stream_id, {})[snapshot.version] = snapshot
+
+    async def _load_snapshot(self, stream_id: str, max_version: int | None) -> Snapshot | None:
+        stored = self._snapshots.get(stream_id, {})
+        versions = [v for v in stored if max_version is None or v <= max_version]
+        return stored[max(versions)] if versions else None

@@ -1,0 +1,588 @@
+"""The embedded default: an event store in one SQLite file (``sqlite:///path.db``).
+
+Threads, not the event loop, touch SQLite:
+
+* one **writer thread** owns the only writing connection. Every write (append, snapshot,
+  checkpoint, a projection's batch) is a *job* queued to it. The writer takes every job that is
+  waiting, runs each inside its own SAVEPOINT of one shared transaction, and commits once: this is
+  **group commit**. A job that fails is rolled back to its savepoint alone, so per-call atomicity
+  and per-call errors survive the batching, while sixteen concurrent appenders pay for one fsync.
+* a small pool of **reader threads** with their own connections serves reads; WAL mode lets them
+  run while the writer commits.
+
+Global positions are assigned by the writer inside its write transaction (``BEGIN IMMEDIATE``
+serialises writers across processes too), so positions commit in order and the log has no gaps.
+
+Durability: ``synchronous=FULL`` by default (a committed append survives power loss). Add
+``?synchronous=normal`` to the URL to trade the last transactions on power loss (never on a
+process crash) for faster commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from tidings.errors import CorruptStore, InvalidArgument, StoreError, TidingsError
+from tidings.events import EventRegistry
+from tidings.store.base import (
+    AppendRequest,
+    AppendResult,
+    EventStore,
+    Row,
+    Snapshot,
+    StreamInfo,
+    now_micros,
+)
+
+__all__ = ["SQLiteConfig", "SQLiteStore", "WriteJob"]
+
+SCHEMA_VERSION: Final = 1
+"""Version of the on-disk schema, stored in ``tidings_meta``; bumped by migrations."""
+
+T = TypeVar("T")
+
+WriteJob = Callable[[sqlite3.Connection], T]
+"""A unit of work for the writer thread; it runs inside its own savepoint of a group commit."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tidings_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_events (
+    position       INTEGER PRIMARY KEY,
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    event_id       BLOB    NOT NULL,
+    event_type     TEXT    NOT NULL,
+    schema_version INTEGER NOT NULL,
+    timestamp      INTEGER NOT NULL,
+    data           BLOB    NOT NULL,
+    metadata       BLOB
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_stream ON tidings_events (stream_id, version);
+CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_id ON tidings_events (event_id);
+CREATE TABLE IF NOT EXISTS tidings_snapshots (
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    aggregate_type TEXT    NOT NULL,
+    schema         TEXT    NOT NULL,
+    state          BLOB    NOT NULL,
+    PRIMARY KEY (stream_id, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_checkpoints (
+    group_name TEXT    PRIMARY KEY,
+    position   INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_inbox (
+    group_name TEXT NOT NULL,
+    event_id   BLOB NOT NULL,
+    position   INTEGER NOT NULL,
+    PRIMARY KEY (group_name, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_dead_letters (
+    id          INTEGER PRIMARY KEY,
+    group_name  TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    event_id    BLOB    NOT NULL,
+    stream_id   TEXT    NOT NULL,
+    event_type  TEXT    NOT NULL,
+    error       TEXT    NOT NULL,
+    traceback   TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    failed_at   INTEGER NOT NULL,
+    UNIQUE (group_name, event_id)
+);
+"""
+
+_ROW_COLUMNS = (
+    "position, stream_id, version, event_id, event_type, schema_version, timestamp, data, metadata"
+)
+_MAX_BATCH_JOBS = 512
+_READERS = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SQLiteConfig:
+    """Options of the SQLite backend, read from the URL's query string.
+
+    ``synchronous``: ``full`` (default, durable on power loss) or ``normal`` (durable on process
+    crash; the last commits may be lost on power loss). ``busy_timeout`` in milliseconds bounds how
+    long a write waits for another process holding the file's write lock.
+    """
+
+    path: str
+    synchronous: str = "full"
+    busy_timeout: int = 10_000
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteConfig:
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite":
+            raise InvalidArgument(f"not a sqlite URL: {url!r}")
+        # sqlite:///rel.db -> "rel.db"; sqlite:////abs/x.db -> "/abs/x.db"
+        raw = unquote(parts.netloc + parts.path)
+        path = raw[1:] if raw.startswith("/") else raw
+        if not path or path == ":memory:":
+            raise InvalidArgument(
+                f"{url!r}: give the database file, e.g. sqlite:///tidings.db (use memory:// for a "
+                "store that is not kept)"
+            )
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(options) - {"synchronous", "busy_timeout"}
+        if unknown:
+            raise InvalidArgument(f"{url!r}: unknown option(s) {', '.join(sorted(unknown))}")
+        sync = options.get("synchronous", "full").lower()
+        if sync not in ("full", "normal"):
+            raise InvalidArgument(f"{url!r}: synchronous must be 'full' or 'normal', not {sync!r}")
+        try:
+            busy = int(options.get("busy_timeout", "10000"))
+        except ValueError:
+            raise InvalidArgument(f"{url!r}: busy_timeout must be milliseconds") from None
+        return cls(path=path, synchronous=sync, busy_timeout=busy)
+
+
+class _Job:
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(
+        self, fn: WriteJob[Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.fn = fn
+        self.future = future
+        self.loop = loop
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the job's outcome stands regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class SQLiteStore(EventStore):
+    """An :class:`~tidings.store.EventStore` in a SQLite file, with group commit.
+
+    Several processes may open the same file: SQLite's file lock serialises their writes and
+    positions stay gap-free. Appends made in this process wake its subscribers at once; appends by
+    other processes are noticed through ``PRAGMA data_version`` by a cheap poll.
+    """
+
+    def __init__(self, url: str, *, registry: EventRegistry | None = None) -> None:
+        super().__init__(url, registry=registry)
+        self.config = SQLiteConfig.from_url(url)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._local = threading.local()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._conns_lock = threading.Lock()
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.config.path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            conn.execute(f"PRAGMA busy_timeout = {self.config.busy_timeout}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
+            conn.execute("PRAGMA cache_size = -65536")
+        except sqlite3.DatabaseError as exc:
+            raise CorruptStore(
+                f"{self.config.path!r} is not a usable SQLite database: {exc}"
+            ) from exc
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = 1")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._readers is not None
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.config.path) from exc
+
+        return await loop.run_in_executor(self._readers, run)
+
+    async def write(self, fn: WriteJob[T]) -> T:
+        """Run ``fn(conn)`` on the writer thread inside a savepoint of the next group commit.
+
+        The result is returned once the transaction holding it has committed. If ``fn`` raises,
+        its savepoint is rolled back (other jobs of the batch commit) and the error is re-raised
+        here. Used by appends and by processing code that must commit with a checkpoint.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(fn, future, loop))
+        return await future
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        parent = Path(self.config.path).parent
+        if not parent.exists():
+            raise StoreError(f"cannot open {self.config.path!r}: directory {parent} does not exist")
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._writer = threading.Thread(
+            target=self._writer_main,
+            args=(ready,),
+            name=f"tidings-sqlite-writer:{self.url}",
+            daemon=True,
+        )
+        self._writer.start()
+        await asyncio.wrap_future(ready)
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=_READERS, thread_name_prefix="tidings-sqlite-reader"
+        )
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_other_writers())
+
+    async def _close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        self._jobs.put(None)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        with self._conns_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if "tidings_meta" in tables:
+                row = conn.execute(
+                    "SELECT value FROM tidings_meta WHERE key = 'schema_version'"
+                ).fetchone()
+                found = int(row[0]) if row else None
+                if found != SCHEMA_VERSION:
+                    raise CorruptStore(
+                        f"{self.config.path!r} has tidings schema version {found}; this version "
+                        f"of tidings reads schema version {SCHEMA_VERSION}"
+                    )
+            elif tables:
+                raise CorruptStore(
+                    f"{self.config.path!r} is a SQLite database but not a tidings store "
+                    f"(it has tables {', '.join(sorted(tables)[:5])} and no tidings_meta)"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT OR IGNORE INTO tidings_meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- the writer thread -------------------------------------------------------------------------
+
+    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._connect()
+            try:
+                self._init_schema(conn)
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                raise CorruptStore(f"{self.config.path!r} is not a tidings store: {exc}") from exc
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < _MAX_BATCH_JOBS:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(conn)
+                except BaseException as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if isinstance(exc, sqlite3.Error):
+                        exc = _translate(exc, self.config.path)
+                    outcomes.append((None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((result, None))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            # The transaction itself failed (disk full, I/O error, lock timeout): nothing of the
+            # batch is committed, and every caller learns it.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = _translate(exc, self.config.path) if isinstance(exc, sqlite3.Error) else exc
+            for job in batch:
+                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+            return
+        wrote = False
+        for job, (result, error) in zip(batch, outcomes, strict=True):
+            wrote = wrote or error is None
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+        if wrote and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closing
+                self._loop.call_soon_threadsafe(self._notify_appended)
+
+    async def _watch_other_writers(self) -> None:
+        """Notice commits made by other processes (``PRAGMA data_version``) and wake waiters.
+
+        Writes through this store wake waiters directly; this only covers other connections,
+        so a slow interval is fine.
+        """
+        last: int | None = None
+        while True:
+            await asyncio.sleep(0.05)
+            try:
+                version = await self._read(
+                    lambda c: int(c.execute("PRAGMA data_version").fetchone()[0])
+                )
+            except TidingsError:
+                continue
+            if last is not None and version != last:
+                self._notify_appended()
+            last = version
+
+    # -- primitives -------------------------------------------------------------------------------
+
+    async def _append(self, request: AppendRequest) -> AppendResult:
+        return await self.write(lambda conn: _append_in(conn, request))
+
+    async def _fetch_stream(
+        self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
+    ) -> list[Row]:
+        sql = f"SELECT {_ROW_COLUMNS} FROM tidings_events WHERE stream_id = ? AND version > ?"
+        params: list[Any] = [stream_id, after]
+        if before is not None:
+            sql += " AND version < ?"
+            params.append(before)
+        sql += f" ORDER BY version {'DESC' if backwards else 'ASC'} LIMIT ?"
+        params.append(limit)
+        return await self._read(lambda c: c.execute(sql, params).fetchall())
+
+    async def _fetch_all(
+        self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int
+    ) -> tuple[list[Row], int | None]:
+        sql = f"SELECT {_ROW_COLUMNS} FROM tidings_events WHERE position > ?"
+        params: list[Any] = [after]
+        if types is not None:
+            sql += f" AND event_type IN ({', '.join('?' * len(types))})"
+            params.extend(types)
+        if prefix is not None:
+            # substr() compares exactly; LIKE would treat % and _ in the prefix as wildcards.
+            sql += " AND substr(stream_id, 1, ?) = ?"
+            params.extend((len(prefix), prefix))
+        sql += " ORDER BY position LIMIT ?"
+        params.append(limit)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return rows, (rows[-1][0] if len(rows) == limit else None)
+
+    async def _stream_version(self, stream_id: str) -> int:
+        return await self._read(lambda c: _version_of(c, stream_id))
+
+    async def _head(self) -> int:
+        return await self._read(_head_of)
+
+    async def _list_streams(
+        self, prefix: str | None, after: str | None, limit: int
+    ) -> list[StreamInfo]:
+        sql = "SELECT stream_id, max(version), max(position) FROM tidings_events WHERE 1"
+        params: list[Any] = []
+        if after is not None:
+            sql += " AND stream_id > ?"
+            params.append(after)
+        if prefix is not None:
+            sql += " AND substr(stream_id, 1, ?) = ?"
+            params.extend((len(prefix), prefix))
+        sql += " GROUP BY stream_id ORDER BY stream_id LIMIT ?"
+        params.append(limit)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return [StreamInfo(r[0], r[1], r[2]) for r in rows]
+
+    async def _version_at(self, stream_id: str, micros: int) -> int:
+        def query(c: sqlite3.Connection) -> int:
+            row = c.execute(
+                "SELECT max(version) FROM tidings_events WHERE stream_id = ? AND timestamp <= ?",
+                (stream_id, micros),
+            ).fetchone()
+            return int(row[0] or 0)
+
+        return await self._read(query)
+
+    async def _save_snapshot(self, snapshot: Snapshot) -> None:
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO tidings_snapshots "
+                "(stream_id, version, aggregate_type, schema, state) VALUES (?, ?, ?, ?, ?)",
+                (
+                    snapshot.stream_id,
+                    snapshot.version,
+                    snapshot.aggregate_type,
+                    snapshot.schema,
+                    snapshot.state,
+                ),
+            )
+
+        await self.write(save)
+
+    async def _load_snapshot(self, stream_id: str, max_version: int | None) -> Snapshot | None:
+        def load(c: sqlite3.Connection) -> Snapshot | None:
+            row = c.execute(
+                "SELECT stream_id, version, aggregate_type, schema, state FROM tidings_snapshots "
+                "WHERE stream_id = ? AND version <= ? ORDER BY version DESC LIMIT 1",
+                (stream_id, max_version if max_version is not None else 2**62),
+            ).fetchone()
+            return None if row is None else Snapshot(row[0], row[1], row[2], row[3], bytes(row[4]))
+
+        return await self._read(load)
+
+    async def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
+        """Run a read-only query on a reader connection (read models, tooling)."""
+        self._check_open()
+        return await self._read(lambda c: c.execute(sql, params).fetchall())
+
+
+def _version_of(conn: sqlite3.Connection, stream_id: str) -> int:
+    row = conn.execute(
+        "SELECT version FROM tidings_events WHERE stream_id = ? ORDER BY version DESC LIMIT 1",
+        (stream_id,),
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _head_of(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT max(position) FROM tidings_events").fetchone()
+    return int(row[0] or 0)
+
+
+def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult:
+    """Perform one append inside the writer's open transaction (its savepoint)."""
+    stream_id = request.stream_id
+    last = conn.execute(
+        "SELECT version, position FROM tidings_events WHERE stream_id = ? "
+        "ORDER BY version DESC LIMIT 1",
+        (stream_id,),
+    ).fetchone()
+    version, last_position = (0, 0) if last is None else (int(last[0]), int(last[1]))
+    existing: list[tuple[Any, ...]] = []
+    if request.explicit_ids:
+        ids = [e.event_id.bytes for e in request.events]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            existing.extend(
+                conn.execute(
+                    "SELECT event_id, stream_id, version, position FROM tidings_events "
+                    f"WHERE event_id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            )
+    resolved = request.resolve(version, last_position, existing)
+    if resolved is not None:
+        return resolved
+    head = _head_of(conn)
+    ts = now_micros()
+    meta = request.metadata
+    conn.executemany(
+        "INSERT INTO tidings_events (position, stream_id, version, event_id, event_type, "
+        "schema_version, timestamp, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                head + i,
+                stream_id,
+                version + i,
+                e.event_id.bytes,
+                e.event_type,
+                e.schema_version,
+                ts,
+                e.data,
+                meta,
+            )
+            for i, e in enumerate(request.events, start=1)
+        ],
+    )
+    n = len(request.events)
+    return AppendResult(version + n, head + n)
+
+
+def _translate(exc: BaseException, path: str) -> TidingsError:
+    if isinstance(exc, TidingsError):
+        return exc
+    if isinstance(exc, sqlite3.IntegrityError) and "event_id" in str(exc):
+        return StoreError(f"{path!r}: an event id is already stored: {exc}")
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "not a database" in str(exc) or "malformed" in str(exc)
+    ):
+        return CorruptStore(f"{path!r} is corrupt or not a SQLite database: {exc}")
+    return StoreError(f"SQLite error on {path!r}: {exc}")
+
+
+def sqlite_path_exists(url: str) -> bool:
+    """Whether the file behind a sqlite URL exists (used by the CLI to avoid creating one)."""
+    return os.path.exists(SQLiteConfig.from_url(url).path)
