@@ -126,9 +126,7 @@ class Aggregate:
             if isinstance(item, RecordedEvent):
                 event = item.event
                 if not isinstance(event, Event):
-                    raise TypeError(
-                        f"cannot replay raw event {item.event_type!r} into {type(self).__name__}"
-                    )
+                    raise TypeError(f"cannot replay raw event {item.event_type!r} into {type(self).__name__}")
                 apply(event)
                 self.version = item.version
             else:
@@ -141,9 +139,7 @@ class Aggregate:
     @classmethod
     def _snapshot_model(cls) -> tuple[type[BaseModel], str]:
         if cls._state_model is None or cls._state_schema is None:
-            fields: dict[str, Any] = {
-                name: (hint, ...) for name, hint in cls._state_fields().items()
-            }
+            fields: dict[str, Any] = {name: (hint, ...) for name, hint in cls._state_fields().items()}
             model = create_model(f"{cls.__name__}State", **fields)
             schema = orjson.dumps(
                 {"v": cls.__snapshot_version__, "schema": model.model_json_schema()},
@@ -163,9 +159,7 @@ class Aggregate:
         model, _ = self._snapshot_model()
         fields = model.model_fields
         unknown = sorted(
-            k
-            for k in vars(self)
-            if k not in _INTERNAL and k not in fields and not k.startswith("_")
+            k for k in vars(self) if k not in _INTERNAL and k not in fields and not k.startswith("_")
         )
         if unknown:
             raise SnapshotError(

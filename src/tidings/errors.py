@@ -53,9 +53,7 @@ class DuplicateEventId(TidingsError):
     """An event id is already stored, and this append is not an exact retry of the one that stored it."""
 
     def __init__(self, event_id: UUID, stream_id: str, detail: str) -> None:
-        super().__init__(
-            f"event id {event_id} cannot be appended to stream {stream_id!r}: {detail}"
-        )
+        super().__init__(f"event id {event_id} cannot be appended to stream {stream_id!r}: {detail}")
         self.event_id = event_id
         self.stream_id = stream_id
 
@@ -67,9 +65,7 @@ class EventTypeError(TidingsError):
 class UnknownEventType(EventTypeError):
     """A stored event's type has no registered class (read it raw with ``raw_unknown=True``)."""
 
-    def __init__(
-        self, event_type: str, *, stream_id: str | None = None, position: int | None = None
-    ):
+    def __init__(self, event_type: str, *, stream_id: str | None = None, position: int | None = None):
         where = ""
         if stream_id is not None:
             where = f" (stream {stream_id!r}, position {position})"
@@ -99,8 +95,7 @@ class UpcastError(EventTypeError):
 
     def __init__(self, event_type: str, from_version: int, to_version: int, detail: str) -> None:
         super().__init__(
-            f"cannot upcast {event_type!r} from schema version {from_version} "
-            f"to {to_version}: {detail}"
+            f"cannot upcast {event_type!r} from schema version {from_version} to {to_version}: {detail}"
         )
         self.event_type = event_type
         self.from_version = from_version

@@ -172,9 +172,7 @@ class EventRegistry:
     def encode(event: Event) -> bytes:
         """The JSON bytes stored for ``event``; raises :class:`SerializationError`."""
         if not isinstance(event, Event):
-            raise SerializationError(
-                f"expected a tidings.Event instance, got {type(event).__qualname__}"
-            )
+            raise SerializationError(f"expected a tidings.Event instance, got {type(event).__qualname__}")
         try:
             return event.__pydantic_serializer__.to_json(event)
         except Exception as exc:  # pydantic raises several types here; all mean the same
@@ -187,9 +185,7 @@ class EventRegistry:
         if not metadata:
             return None
         if not isinstance(metadata, Mapping):
-            raise SerializationError(
-                f"metadata must be a mapping, got {type(metadata).__qualname__}"
-            )
+            raise SerializationError(f"metadata must be a mapping, got {type(metadata).__qualname__}")
         try:
             return orjson.dumps(metadata, default=_json_default)
         except TypeError as exc:
@@ -242,19 +238,13 @@ class EventRegistry:
         for version in range(from_version, to_version):
             fn = self._upcasters.get((event_type, version))
             if fn is None:
-                raise UpcastError(
-                    event_type, from_version, to_version, f"no upcaster from version {version}"
-                )
+                raise UpcastError(event_type, from_version, to_version, f"no upcaster from version {version}")
             try:
                 value = fn(value)
             except Exception as exc:
-                raise UpcastError(
-                    event_type, version, version + 1, f"the upcaster raised {exc!r}"
-                ) from exc
+                raise UpcastError(event_type, version, version + 1, f"the upcaster raised {exc!r}") from exc
             if not isinstance(value, dict):
-                raise UpcastError(
-                    event_type, version, version + 1, "the upcaster did not return a dict"
-                )
+                raise UpcastError(event_type, version, version + 1, "the upcaster did not return a dict")
         return value
 
 

@@ -32,18 +32,14 @@ class Repository(Generic[A]):
     def __init__(
         self, store: EventStore, aggregate_class: type[A], *, snapshot_every: int | None = None
     ) -> None:
-        if snapshot_every is not None and (
-            not isinstance(snapshot_every, int) or snapshot_every < 1
-        ):
+        if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1):
             raise InvalidArgument(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
         self.store = store
         self.aggregate_class = aggregate_class
         self.snapshot_every = snapshot_every
         self._background: set[asyncio.Task[None]] = set()
 
-    async def get(
-        self, id: str, *, at_version: int | None = None, at_time: datetime | None = None
-    ) -> A:
+    async def get(self, id: str, *, at_version: int | None = None, at_time: datetime | None = None) -> A:
         """The aggregate as of now, as of ``at_version``, or as of the instant ``at_time``.
 
         Raises :class:`AggregateNotFound` when the stream has no events (at that version or time).
@@ -85,9 +81,7 @@ class Repository(Generic[A]):
             raise AggregateNotFound(id, f"it has version {version}, not {target}")
         return aggregate
 
-    async def save(
-        self, aggregate: A, *, metadata: Mapping[str, Any] | None = None
-    ) -> AppendResult | None:
+    async def save(self, aggregate: A, *, metadata: Mapping[str, Any] | None = None) -> AppendResult | None:
         """Append the aggregate's pending events, expecting the version it was loaded at.
 
         Returns the append's result (None if nothing was pending). Raises
@@ -98,9 +92,7 @@ class Repository(Generic[A]):
         if not pending:
             return None
         base = aggregate.version - len(pending)
-        result = await self.store.append(
-            aggregate.id, pending, expected_version=base, metadata=metadata
-        )
+        result = await self.store.append(aggregate.id, pending, expected_version=base, metadata=metadata)
         aggregate.mark_saved()
         every = self.snapshot_every
         if every is not None and result.version // every > base // every:
@@ -129,9 +121,7 @@ class Repository(Generic[A]):
             await self.store.save_snapshot(snapshot)
         except TidingsError:
             # A lost snapshot costs only a longer replay; it must not fail the command.
-            log.exception(
-                "writing snapshot of %r at version %d failed", snapshot.stream_id, snapshot.version
-            )
+            log.exception("writing snapshot of %r at version %d failed", snapshot.stream_id, snapshot.version)
 
     async def snapshot(self, id: str) -> Snapshot:
         """Load the aggregate and write a snapshot of its current state now."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import uuid
@@ -523,9 +524,7 @@ class EventStore(abc.ABC):
         self._check_open()
         await self._save_snapshot(snapshot)
 
-    async def load_snapshot(
-        self, stream_id: str, *, max_version: int | None = None
-    ) -> Snapshot | None:
+    async def load_snapshot(self, stream_id: str, *, max_version: int | None = None) -> Snapshot | None:
         """The latest snapshot of ``stream_id`` at or below ``max_version`` (any, if None)."""
         stream_id = validate_stream_id(stream_id)
         validate_position("max_version", max_version, allow_none=True)
@@ -551,10 +550,8 @@ class EventStore(abc.ABC):
         head = await self._head()
         if head > position:
             return head
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter.wait(), timeout)
-        except TimeoutError:
-            pass
         return await self._head()
 
     # -- backend primitives -------------------------------------------------------------------------
@@ -587,9 +584,7 @@ class EventStore(abc.ABC):
     async def _head(self) -> int: ...
 
     @abc.abstractmethod
-    async def _list_streams(
-        self, prefix: str | None, after: str | None, limit: int
-    ) -> list[StreamInfo]: ...
+    async def _list_streams(self, prefix: str | None, after: str | None, limit: int) -> list[StreamInfo]: ...
 
     @abc.abstractmethod
     async def _version_at(self, stream_id: str, micros: int) -> int: ...
@@ -613,9 +608,7 @@ def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, .
         elif isinstance(item, type) and issubclass(item, Event):
             names.append(item.__event_type__)
         else:
-            raise InvalidArgument(
-                f"event_types must hold type names or Event classes, got {item!r}"
-            )
+            raise InvalidArgument(f"event_types must hold type names or Event classes, got {item!r}")
     return tuple(dict.fromkeys(names))
 
 

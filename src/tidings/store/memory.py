@@ -106,9 +106,7 @@ class MemoryStore(EventStore):
     async def _head(self) -> int:
         return len(self._log)
 
-    async def _list_streams(
-        self, prefix: str | None, after: str | None, limit: int
-    ) -> list[StreamInfo]:
+    async def _list_streams(self, prefix: str | None, after: str | None, limit: int) -> list[StreamInfo]:
         names = sorted(self._streams)
         start = 0 if after is None else bisect.bisect_right(names, after)
         out: list[StreamInfo] = []

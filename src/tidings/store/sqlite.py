@@ -107,9 +107,7 @@ CREATE TABLE IF NOT EXISTS tidings_dead_letters (
 );
 """
 
-_ROW_COLUMNS = (
-    "position, stream_id, version, event_id, event_type, schema_version, timestamp, data, metadata"
-)
+_ROW_COLUMNS = "position, stream_id, version, event_id, event_type, schema_version, timestamp, data, metadata"
 _MAX_BATCH_JOBS = 512
 _READERS = 2
 
@@ -198,17 +196,13 @@ class SQLiteStore(EventStore):
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(
-                self.config.path, isolation_level=None, check_same_thread=False, timeout=0
-            )
+            conn = sqlite3.connect(self.config.path, isolation_level=None, check_same_thread=False, timeout=0)
             conn.execute(f"PRAGMA busy_timeout = {self.config.busy_timeout}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
             conn.execute("PRAGMA cache_size = -65536")
         except sqlite3.DatabaseError as exc:
-            raise CorruptStore(
-                f"{self.config.path!r} is not a usable SQLite database: {exc}"
-            ) from exc
+            raise CorruptStore(f"{self.config.path!r} is not a usable SQLite database: {exc}") from exc
         return conn
 
     def _reader(self) -> sqlite3.Connection:
@@ -285,13 +279,9 @@ class SQLiteStore(EventStore):
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "tidings_meta" in tables:
-                row = conn.execute(
-                    "SELECT value FROM tidings_meta WHERE key = 'schema_version'"
-                ).fetchone()
+                row = conn.execute("SELECT value FROM tidings_meta WHERE key = 'schema_version'").fetchone()
                 found = int(row[0]) if row else None
                 if found != SCHEMA_VERSION:
                     raise CorruptStore(
@@ -401,9 +391,7 @@ class SQLiteStore(EventStore):
         while True:
             await asyncio.sleep(0.05)
             try:
-                version = await self._read(
-                    lambda c: int(c.execute("PRAGMA data_version").fetchone()[0])
-                )
+                version = await self._read(lambda c: int(c.execute("PRAGMA data_version").fetchone()[0]))
             except TidingsError:
                 continue
             if last is not None and version != last:
@@ -450,9 +438,7 @@ class SQLiteStore(EventStore):
     async def _head(self) -> int:
         return await self._read(_head_of)
 
-    async def _list_streams(
-        self, prefix: str | None, after: str | None, limit: int
-    ) -> list[StreamInfo]:
+    async def _list_streams(self, prefix: str | None, after: str | None, limit: int) -> list[StreamInfo]:
         sql = "SELECT stream_id, max(version), max(position) FROM tidings_events WHERE 1"
         params: list[Any] = []
         if after is not None:
@@ -526,8 +512,7 @@ def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult
     """Perform one append inside the writer's open transaction (its savepoint)."""
     stream_id = request.stream_id
     last = conn.execute(
-        "SELECT version, position FROM tidings_events WHERE stream_id = ? "
-        "ORDER BY version DESC LIMIT 1",
+        "SELECT version, position FROM tidings_events WHERE stream_id = ? ORDER BY version DESC LIMIT 1",
         (stream_id,),
     ).fetchone()
     version, last_position = (0, 0) if last is None else (int(last[0]), int(last[1]))
@@ -576,9 +561,7 @@ def _translate(exc: BaseException, path: str) -> TidingsError:
         return exc
     if isinstance(exc, sqlite3.IntegrityError) and "event_id" in str(exc):
         return StoreError(f"{path!r}: an event id is already stored: {exc}")
-    if isinstance(exc, sqlite3.DatabaseError) and (
-        "not a database" in str(exc) or "malformed" in str(exc)
-    ):
+    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in str(exc) or "malformed" in str(exc)):
         return CorruptStore(f"{path!r} is corrupt or not a SQLite database: {exc}")
     return StoreError(f"SQLite error on {path!r}: {exc}")
 
