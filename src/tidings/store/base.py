@@ -376,14 +376,11 @@ class EventStore(abc.ABC):
                     raise InvalidArgument(f"event_ids[{i}] must be a uuid.UUID, got {value!r}")
             if len(set(ids)) != len(ids):
                 raise InvalidArgument(f"stream {stream_id!r}: event_ids contains duplicates")
+        # encode() first: it rejects non-events with a SerializationError naming the type.
         encoded = tuple(
-            EncodedEvent(
-                event_id,
-                type(event).__event_type__,
-                type(event).__event_version__,
-                encode(event),
-            )
+            EncodedEvent(event_id, type(event).__event_type__, type(event).__event_version__, data)
             for event_id, event in zip(ids, event_list, strict=True)
+            for data in (encode(event),)
         )
         return AppendRequest(
             stream_id,
