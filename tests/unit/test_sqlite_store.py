@@ -1,0 +1,138 @@
+"""SQLite-specific behaviour: files, options, corrupt input, several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tidings import CorruptStore, InvalidArgument, StoreError, open_store
+from tidings.store.sqlite import SQLiteConfig, SQLiteStore
+from tidings.testing import Credited, collect
+
+
+def test_url_parsing() -> None:
+    assert SQLiteConfig.from_url("sqlite:///rel/x.db").path == "rel/x.db"
+    assert SQLiteConfig.from_url("sqlite:////abs/x.db").path == "/abs/x.db"
+    assert SQLiteConfig.from_url("sqlite:///x.db?synchronous=normal").synchronous == "normal"
+    for bad in [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///x.db?synchronous=off",
+        "sqlite:///x.db?bogus=1",
+        "sqlite:///x.db?busy_timeout=soon",
+    ]:
+        with pytest.raises(InvalidArgument):
+            SQLiteConfig.from_url(bad)
+    with pytest.raises(InvalidArgument):
+        open_store("mysql://x")
+
+
+async def test_durability_pragmas(tmp_path: Path) -> None:
+    for option, expected in [("", 2), ("?synchronous=normal", 1)]:
+        store = open_store(f"sqlite:///{tmp_path}/d{expected}.db{option}")
+        assert isinstance(store, SQLiteStore)
+        async with store:
+            assert await store.query("PRAGMA journal_mode") == [("wal",)]
+            # The writer's connection carries the durability setting.
+            level = await store.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+            assert level == expected
+
+
+async def test_not_a_database_file(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(CorruptStore) as info:
+        await open_store(f"sqlite:///{path}").open()
+    assert "junk.db" in str(info.value)
+    assert path.read_bytes() == b"this is not sqlite at all" * 100
+
+
+async def test_foreign_sqlite_database(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(CorruptStore) as info:
+        await open_store(f"sqlite:///{path}").open()
+    assert "not a tidings store" in str(info.value)
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"customers"}
+
+
+async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with open_store(url) as store:
+        await store.append("s", [Credited(amount=1)])
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        conn.execute("UPDATE tidings_meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(CorruptStore) as info:
+        await open_store(url).open()
+    assert "99" in str(info.value)
+
+
+async def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(StoreError) as info:
+        await open_store(f"sqlite:///{tmp_path}/nope/x.db").open()
+    assert "does not exist" in str(info.value)
+
+
+async def test_reopen_keeps_events(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/k.db"
+    async with open_store(url) as store:
+        await store.append("s", [Credited(amount=1), Credited(amount=2)])
+    async with open_store(url) as store:
+        assert [e.event for e in await collect(store.read_stream("s"))] == [
+            Credited(amount=1),
+            Credited(amount=2),
+        ]
+        assert (await store.append("s", [Credited(amount=3)], expected_version=2)).position == 3
+
+
+_WRITER = """
+import asyncio, sys
+from tidings import open_store
+from tidings.testing import Credited
+
+async def main(url, name, n):
+    async with open_store(url) as store:
+        for i in range(n):
+            await store.append(f"{name}-{i % 4}", [Credited(amount=i)] * 3)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_several_processes_share_one_file(tmp_path: Path) -> None:
+    """Writers in other processes interleave without gaps; this process is woken by their commits."""
+    url = f"sqlite:///{tmp_path}/shared.db"
+    async with open_store(url) as store:
+        waiter = asyncio.create_task(store.wait_for_append(0, timeout=30))
+        procs = [
+            await asyncio.create_subprocess_exec(sys.executable, "-c", _WRITER, url, f"p{i}", "50")
+            for i in range(3)
+        ]
+        assert [await p.wait() for p in procs] == [0, 0, 0]
+        assert await asyncio.wait_for(waiter, 30) > 0
+        events = await collect(store.read_all())
+        assert [e.position for e in events] == list(range(1, 451))
+        for name in ("p0", "p1", "p2"):
+            for k in range(4):
+                versions = [e.version async for e in store.read_stream(f"{name}-{k}")]
+                assert versions == list(range(1, len(versions) + 1))
+                assert len(versions) in (36, 39)
+
+
+def test_open_in_subprocess_without_extras() -> None:
+    """Opening the embedded default needs nothing beyond the base install."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import tidings.store.sqlite, sys; print('psycopg' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"
