@@ -118,6 +118,23 @@ class CorruptStore(StoreError):
     """The database is not a tidings store (a foreign or damaged file) or has an unknown schema."""
 
 
+class CheckpointConflict(TidingsError):
+    """Another runner of the same subscription group moved the checkpoint first; nothing was written."""
+
+    def __init__(self, group: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"subscription group {group!r}: expected checkpoint {expected}, found {actual} "
+            "(another runner of this group is active)"
+        )
+        self.group = group
+        self.expected = expected
+        self.actual = actual
+
+
+class ProjectionError(TidingsError):
+    """A projection is misdeclared, or its tables cannot be managed on this backend."""
+
+
 class AggregateNotFound(TidingsError):
     """No events exist for the aggregate (or not at the requested version or time)."""
 

@@ -14,10 +14,10 @@ import contextlib
 import dataclasses
 import enum
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
 
 import orjson
 
@@ -29,6 +29,11 @@ from tidings.errors import (
     StoreClosed,
 )
 from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry
+
+if TYPE_CHECKING:
+    from tidings.store.records import DeadLetter, ProcessedBatch, Tx
+
+T = TypeVar("T")
 
 __all__ = [
     "ANY",
@@ -204,6 +209,19 @@ def validate_stream_id(stream_id: object) -> str:
     return stream_id
 
 
+MAX_GROUP_LENGTH: Final = 200
+
+
+def validate_group(group: object) -> str:
+    """Return ``group`` if it is an acceptable subscription group name, else raise."""
+    if not isinstance(group, str) or not group or len(group) > MAX_GROUP_LENGTH or "\x00" in group:
+        raise InvalidArgument(
+            f"subscription group must be a non-empty str of at most {MAX_GROUP_LENGTH} characters, "
+            f"got {group!r:.80}"
+        )
+    return group
+
+
 def validate_position(name: str, value: object, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -277,6 +295,7 @@ class EventStore(abc.ABC):
         self._opened = False
         self._closed = False
         self._head_changed = asyncio.Event()
+        self._checkpoint_changed = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -551,6 +570,101 @@ class EventStore(abc.ABC):
             await asyncio.wait_for(waiter.wait(), timeout)
         return await self._head()
 
+    # -- processing records (checkpoints, inbox, dead letters) -------------------------------------
+
+    async def load_checkpoint(self, group: str) -> int:
+        """The position up to which ``group`` has processed the log (0 if never)."""
+        self._check_open()
+        return await self._load_checkpoint(validate_group(group))
+
+    async def checkpoints(self) -> dict[str, int]:
+        """Every subscription group's checkpoint."""
+        self._check_open()
+        return await self._checkpoints()
+
+    async def commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
+        """Commit one step of a subscription atomically (see :class:`ProcessedBatch`).
+
+        Returns the results of the batch's appends. Raises :class:`~tidings.CheckpointConflict`
+        when another runner moved the group's checkpoint; any error means nothing was written.
+        """
+        validate_group(batch.group)
+        self._check_open()
+        results = await self._commit_processed(batch)
+        self._notify_checkpoint()
+        if batch.appends:
+            self._notify_appended()
+        return results
+
+    async def processed_ids(self, group: str, event_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of ``event_ids`` that ``group`` has recorded as processed (its inbox)."""
+        self._check_open()
+        if not event_ids:
+            return set()
+        return await self._processed_ids(validate_group(group), list(event_ids))
+
+    async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
+        """Parked events, oldest first, optionally of one group."""
+        self._check_open()
+        return await self._dead_letters(None if group is None else validate_group(group), None)
+
+    async def dead_letter(self, id: int) -> DeadLetter | None:
+        """One parked event by its id, or None."""
+        self._check_open()
+        found = await self._dead_letters(None, id)
+        return found[0] if found else None
+
+    async def discard_dead_letter(self, id: int) -> bool:
+        """Delete a parked event without processing it; False if there was none with that id."""
+        self._check_open()
+        return await self._discard_dead_letter(id)
+
+    async def set_checkpoint(self, group: str, position: int | None) -> None:
+        """Move ``group``'s checkpoint by hand (None deletes it, so the group replays history)."""
+        validate_position("position", position, allow_none=True)
+        self._check_open()
+        await self._set_checkpoint(validate_group(group), position)
+        self._notify_checkpoint()
+
+    async def transaction(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn(tx)`` in one write transaction of the store's database and return its result.
+
+        ``fn`` is synchronous and runs on the store's worker; it must not do other I/O.
+        """
+        self._check_open()
+        return await self._transaction(fn)
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only SQL query (``?`` placeholders) on the store's database: read models."""
+        self._check_open()
+        return await self._query(sql, params)
+
+    def _notify_checkpoint(self) -> None:
+        event = self._checkpoint_changed
+        self._checkpoint_changed = asyncio.Event()
+        event.set()
+
+    async def wait_for(self, position: int, *, group: str, timeout: float | None = None) -> bool:
+        """Wait until ``group`` has processed ``position`` (read-your-writes for read models).
+
+        Returns True once the group's checkpoint is at or past ``position``, False on timeout.
+        Checkpoints committed in this process wake the waiter at once; others are polled.
+        """
+        validate_position("position", position)
+        group = validate_group(group)
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            changed = self._checkpoint_changed
+            if await self._load_checkpoint(group) >= position:
+                return True
+            wait = 0.05 if deadline is None else min(0.05, deadline - loop.time())
+            if wait <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
+
     # -- backend primitives -------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -591,6 +705,33 @@ class EventStore(abc.ABC):
 
     @abc.abstractmethod
     async def _load_snapshot(self, stream_id: str, max_version: int | None) -> Snapshot | None: ...
+
+    @abc.abstractmethod
+    async def _load_checkpoint(self, group: str) -> int: ...
+
+    @abc.abstractmethod
+    async def _checkpoints(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def _set_checkpoint(self, group: str, position: int | None) -> None: ...
+
+    @abc.abstractmethod
+    async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]: ...
+
+    @abc.abstractmethod
+    async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]: ...
+
+    @abc.abstractmethod
+    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]: ...
+
+    @abc.abstractmethod
+    async def _discard_dead_letter(self, id: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def _transaction(self, fn: Callable[[Tx], T]) -> T: ...
+
+    @abc.abstractmethod
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]: ...
 
 
 def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, ...] | None:

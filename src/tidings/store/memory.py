@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import bisect
 import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
+from tidings.errors import CheckpointConflict, ProjectionError
 from tidings.events import EventRegistry
 from tidings.store.base import (
     AppendRequest,
@@ -18,8 +22,12 @@ from tidings.store.base import (
     Row,
     Snapshot,
     StreamInfo,
+    check_expected,
     now_micros,
 )
+from tidings.store.records import DeadLetter, ProcessedBatch, Tx
+
+T = TypeVar("T")
 
 __all__ = ["MemoryStore"]
 
@@ -33,6 +41,10 @@ class MemoryStore(EventStore):
         self._streams: dict[str, list[Row]] = {}
         self._ids: dict[uuid.UUID, Row] = {}
         self._snapshots: dict[str, dict[int, Snapshot]] = {}
+        self._checkpoints_by_group: dict[str, int] = {}
+        self._inbox: dict[str, set[uuid.UUID]] = {}
+        self._parked: dict[int, DeadLetter] = {}
+        self._next_dead_letter = 1
 
     async def _open(self) -> None:
         return None
@@ -134,3 +146,78 @@ class MemoryStore(EventStore):
         stored = self._snapshots.get(stream_id, {})
         versions = [v for v in stored if max_version is None or v <= max_version]
         return stored[max(versions)] if versions else None
+
+    # -- processing records ----------------------------------------------------------------------
+
+    async def _load_checkpoint(self, group: str) -> int:
+        return self._checkpoints_by_group.get(group, 0)
+
+    async def _checkpoints(self) -> dict[str, int]:
+        return dict(self._checkpoints_by_group)
+
+    async def _set_checkpoint(self, group: str, position: int | None) -> None:
+        if position is None:
+            self._checkpoints_by_group.pop(group, None)
+            self._inbox.pop(group, None)
+        else:
+            self._checkpoints_by_group[group] = position
+
+    async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
+        actual = self._checkpoints_by_group.get(batch.group, 0)
+        if actual != batch.expected_checkpoint:
+            raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
+        if batch.work is not None:
+            raise ProjectionError(_NO_SQL)
+        # Check every append before doing any, so that the batch stays all-or-nothing.
+        planned: list[AppendRequest] = []
+        versions: dict[str, int] = {}
+        for request in batch.appends:
+            current = versions.get(request.stream_id, len(self._streams.get(request.stream_id, ())))
+            check_expected(request.stream_id, request.expected, current)
+            versions[request.stream_id] = current + len(request.events)
+            planned.append(request)
+        results = [await self._append(request) for request in planned]
+        self._inbox.setdefault(batch.group, set()).update(e for e, _ in batch.processed)
+        for d in batch.dead_letters:
+            self._parked[self._next_dead_letter] = DeadLetter(
+                self._next_dead_letter,
+                batch.group,
+                d.position,
+                d.event_id,
+                d.stream_id,
+                d.event_type,
+                d.error,
+                d.traceback,
+                d.attempts,
+                datetime.now(UTC),
+            )
+            self._next_dead_letter += 1
+        if batch.remove_dead_letter is not None:
+            self._parked.pop(batch.remove_dead_letter, None)
+        self._checkpoints_by_group[batch.group] = batch.checkpoint
+        return results
+
+    async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        return self._inbox.get(group, set()).intersection(event_ids)
+
+    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
+        return [
+            d
+            for i, d in sorted(self._parked.items())
+            if (group is None or d.group == group) and (id is None or i == id)
+        ]
+
+    async def _discard_dead_letter(self, id: int) -> bool:
+        return self._parked.pop(id, None) is not None
+
+    async def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        raise ProjectionError(_NO_SQL)
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        raise ProjectionError(_NO_SQL)
+
+
+_NO_SQL = (
+    "the memory:// store has no SQL database for projections; use sqlite:///path.db "
+    "(or postgresql://) for SQL read models"
+)

@@ -28,12 +28,13 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tidings.errors import CorruptStore, InvalidArgument, StoreError, TidingsError
+from tidings.errors import CheckpointConflict, CorruptStore, InvalidArgument, StoreError, TidingsError
 from tidings.events import EventRegistry
 from tidings.store.base import (
     AppendRequest,
@@ -42,8 +43,10 @@ from tidings.store.base import (
     Row,
     Snapshot,
     StreamInfo,
+    _as_datetime,
     now_micros,
 )
+from tidings.store.records import DeadLetter, ProcessedBatch, Tx
 
 __all__ = ["SQLiteConfig", "SQLiteStore", "WriteJob"]
 
@@ -91,6 +94,11 @@ CREATE TABLE IF NOT EXISTS tidings_inbox (
     event_id   BLOB NOT NULL,
     position   INTEGER NOT NULL,
     PRIMARY KEY (group_name, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_projections (
+    name       TEXT    PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    building   INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tidings_dead_letters (
     id          INTEGER PRIMARY KEY,
@@ -489,9 +497,79 @@ class SQLiteStore(EventStore):
 
         return await self._read(load)
 
-    async def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
-        """Run a read-only query on a reader connection (read models, tooling)."""
-        self._check_open()
+    # -- processing records ----------------------------------------------------------------------
+
+    async def _load_checkpoint(self, group: str) -> int:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT position FROM tidings_checkpoints WHERE group_name = ?", (group,)
+            ).fetchall()
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def _checkpoints(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT group_name, position FROM tidings_checkpoints").fetchall()
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def _set_checkpoint(self, group: str, position: int | None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if position is None:
+                conn.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (group,))
+                conn.execute("DELETE FROM tidings_inbox WHERE group_name = ?", (group,))
+            else:
+                conn.execute(
+                    "INSERT INTO tidings_checkpoints (group_name, position, updated_at) "
+                    "VALUES (?, ?, ?) ON CONFLICT (group_name) DO UPDATE SET "
+                    "position = excluded.position, updated_at = excluded.updated_at",
+                    (group, position, now_micros()),
+                )
+
+        await self.write(run)
+
+    async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
+        return await self.write(lambda conn: _commit_processed_in(conn, batch))
+
+    async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        def query(c: sqlite3.Connection) -> set[uuid.UUID]:
+            found: set[uuid.UUID] = set()
+            for start in range(0, len(event_ids), 500):
+                chunk = [e.bytes for e in event_ids[start : start + 500]]
+                rows = c.execute(
+                    "SELECT event_id FROM tidings_inbox WHERE group_name = ? AND event_id IN "
+                    f"({', '.join('?' * len(chunk))})",
+                    [group, *chunk],
+                ).fetchall()
+                found.update(uuid.UUID(bytes=bytes(r[0])) for r in rows)
+            return found
+
+        return await self._read(query)
+
+    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
+        sql = (
+            "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
+            "attempts, failed_at FROM tidings_dead_letters WHERE 1"
+        )
+        params: list[Any] = []
+        if group is not None:
+            sql += " AND group_name = ?"
+            params.append(group)
+        if id is not None:
+            sql += " AND id = ?"
+            params.append(id)
+        rows = await self._read(lambda c: c.execute(sql + " ORDER BY id", params).fetchall())
+        return [_dead_letter_from_row(r) for r in rows]
+
+    async def _discard_dead_letter(self, id: int) -> bool:
+        return await self.write(
+            lambda c: c.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (id,)).rowcount > 0
+        )
+
+    async def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        return await self.write(lambda conn: fn(SQLiteTx(conn)))
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await self._read(lambda c: c.execute(sql, params).fetchall())
 
 
@@ -569,3 +647,96 @@ def _translate(exc: BaseException, path: str) -> TidingsError:
 def sqlite_path_exists(url: str) -> bool:
     """Whether the file behind a sqlite URL exists (used by the CLI to avoid creating one)."""
     return os.path.exists(SQLiteConfig.from_url(url).path)
+
+
+class SQLiteTx:
+    """:class:`~tidings.store.records.Tx` over the writer's connection (``?`` placeholders)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection, tables: Mapping[str, str] | None = None) -> None:
+        self.conn = conn
+        self.tables = dict(tables or {})
+
+    def _sql(self, sql: str) -> str:
+        for name, physical in self.tables.items():
+            sql = sql.replace("{" + name + "}", physical)
+        return sql
+
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(self._sql(sql), params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> sqlite3.Cursor:
+        return self.conn.executemany(self._sql(sql), rows)
+
+    def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self.conn.execute(self._sql(sql), params).fetchone()
+        return row
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(self._sql(sql), params).fetchall()
+
+    def with_tables(self, tables: Mapping[str, str]) -> SQLiteTx:
+        return SQLiteTx(self.conn, tables)
+
+
+def _commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch) -> list[AppendResult]:
+    row = conn.execute(
+        "SELECT position FROM tidings_checkpoints WHERE group_name = ?", (batch.group,)
+    ).fetchone()
+    actual = 0 if row is None else int(row[0])
+    if actual != batch.expected_checkpoint:
+        raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
+    if batch.work is not None:
+        batch.work(SQLiteTx(conn))
+    results = [_append_in(conn, request) for request in batch.appends]
+    if batch.processed:
+        conn.executemany(
+            "INSERT OR IGNORE INTO tidings_inbox (group_name, event_id, position) VALUES (?, ?, ?)",
+            [(batch.group, event_id.bytes, position) for event_id, position in batch.processed],
+        )
+    now = now_micros()
+    if batch.dead_letters:
+        conn.executemany(
+            "INSERT OR REPLACE INTO tidings_dead_letters (group_name, position, event_id, stream_id, "
+            "event_type, error, traceback, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    batch.group,
+                    d.position,
+                    d.event_id.bytes,
+                    d.stream_id,
+                    d.event_type,
+                    d.error,
+                    d.traceback,
+                    d.attempts,
+                    now,
+                )
+                for d in batch.dead_letters
+            ],
+        )
+    if batch.remove_dead_letter is not None:
+        conn.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (batch.remove_dead_letter,))
+    if batch.checkpoint != actual:
+        conn.execute(
+            "INSERT INTO tidings_checkpoints (group_name, position, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (group_name) DO UPDATE SET position = excluded.position, "
+            "updated_at = excluded.updated_at",
+            (batch.group, batch.checkpoint, now),
+        )
+    return results
+
+
+def _dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
+    return DeadLetter(
+        id=row[0],
+        group=row[1],
+        position=row[2],
+        event_id=uuid.UUID(bytes=bytes(row[3])),
+        stream_id=row[4],
+        event_type=row[5],
+        error=row[6],
+        traceback=row[7],
+        attempts=row[8],
+        failed_at=_as_datetime(row[9]),
+    )
