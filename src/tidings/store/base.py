@@ -296,6 +296,7 @@ class EventStore(abc.ABC):
         self._closed = False
         self._head_changed = asyncio.Event()
         self._checkpoint_changed = asyncio.Event()
+        self._group_locks: dict[str, asyncio.Lock] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -638,6 +639,13 @@ class EventStore(abc.ABC):
         """Run a read-only SQL query (``?`` placeholders) on the store's database: read models."""
         self._check_open()
         return await self._query(sql, params)
+
+    def group_lock(self, group: str) -> asyncio.Lock:
+        """The lock that lets one runner per subscription group work in this process at a time."""
+        lock = self._group_locks.get(group)
+        if lock is None:
+            lock = self._group_locks[group] = asyncio.Lock()
+        return lock
 
     def _notify_checkpoint(self) -> None:
         event = self._checkpoint_changed

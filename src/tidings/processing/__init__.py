@@ -1,0 +1,38 @@
+"""Reacting to events: subscriptions, handlers, projections, retries, dead letters, inboxes."""
+
+from tidings.processing.handlers import EventHandler, HandlerContext
+from tidings.processing.inbox import SQLiteInbox
+from tidings.processing.projections import (
+    Projection,
+    ProjectionStatus,
+    ProjectionSubscription,
+    ProjectionTx,
+    fold,
+    projection_status,
+    rebuild_projection,
+)
+from tidings.processing.retry import RetryPolicy
+from tidings.processing.subscription import (
+    HandlerSubscription,
+    Subscription,
+    SubscriptionConfig,
+    SubscriptionStats,
+)
+
+__all__ = [
+    "EventHandler",
+    "HandlerContext",
+    "HandlerSubscription",
+    "Projection",
+    "ProjectionStatus",
+    "ProjectionSubscription",
+    "ProjectionTx",
+    "RetryPolicy",
+    "SQLiteInbox",
+    "Subscription",
+    "SubscriptionConfig",
+    "SubscriptionStats",
+    "fold",
+    "projection_status",
+    "rebuild_projection",
+]

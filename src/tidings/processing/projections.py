@@ -1,0 +1,389 @@
+"""Projections: read models kept in the store's database, exactly once, rebuildable blue/green.
+
+A projection declares its tables and handles events with sync methods that write SQL through a
+:class:`ProjectionTx`::
+
+    class Balances(Projection):
+        name = "balances"
+        tables = {"balances": "CREATE TABLE {balances} (account TEXT PRIMARY KEY, amount INT)"}
+
+        def deposited(self, event: Deposited, tx: ProjectionTx) -> None:
+            tx.execute(
+                "INSERT INTO {balances} VALUES (?, ?) ON CONFLICT (account) "
+                "DO UPDATE SET amount = {balances}.amount + excluded.amount",
+                (tx.recorded.stream_id, event.amount),
+            )
+
+Readers query the logical name (``SELECT * FROM balances``): it is a view over the physical
+tables of the active *generation* (``balances__g1``). The checkpoint of the projection's group is
+committed in the same transaction as its rows, so no row is ever applied twice.
+
+A rebuild builds generation N+1 from the start of the log while generation N keeps serving,
+then swaps the views in one transaction and drops N; a runner of N that is still live notices
+the swap at its next commit and carries on with N+1 from the rebuild's checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from tidings.errors import InvalidArgument, ProjectionError, TidingsError
+from tidings.events import Event, RecordedEvent
+from tidings.processing.handlers import Dispatch, handler_methods
+from tidings.processing.subscription import Subscription, SubscriptionConfig
+from tidings.store.base import EventStore
+from tidings.store.records import Tx
+
+__all__ = [
+    "Projection",
+    "ProjectionStatus",
+    "ProjectionSubscription",
+    "ProjectionTx",
+    "fold",
+    "projection_status",
+    "rebuild_projection",
+]
+
+T = TypeVar("T")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
+
+
+class ProjectionSuperseded(TidingsError):
+    """The generation a runner writes to is no longer active or being built (a rebuild swapped)."""
+
+
+class ProjectionTx:
+    """The transaction a projection handler writes through.
+
+    ``execute``/``executemany``/``fetchone``/``fetchall`` take ``?`` placeholders and replace
+    ``{table}`` with the physical table of the generation being written. ``recorded`` is the
+    envelope of the event being applied (stream id, position, metadata ...).
+    """
+
+    def __init__(self, tx: Tx, tables: Mapping[str, str]) -> None:
+        self._tx = tx
+        self._tables = dict(tables)
+        self.dialect = tx.dialect
+        self.recorded: RecordedEvent | None = None
+
+    def table(self, name: str) -> str:
+        """The physical name of the declared table ``name``."""
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise ProjectionError(f"table {name!r} is not declared by this projection") from None
+
+    def sql(self, sql: str) -> str:
+        for name, physical in self._tables.items():
+            sql = sql.replace("{" + name + "}", physical)
+        return sql
+
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
+        return self._tx.execute(self.sql(sql), params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        return self._tx.executemany(self.sql(sql), rows)
+
+    def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        return self._tx.fetchone(self.sql(sql), params)
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._tx.fetchall(self.sql(sql), params)
+
+
+class Projection:
+    """Base class of SQL read models. Set ``name`` and ``tables``; write handler methods.
+
+    A handler method's first parameter is annotated with the event class it handles; the second
+    is the :class:`ProjectionTx`. Handlers must only touch the database through ``tx``: they run
+    inside the store's transaction, on its worker.
+    """
+
+    name: ClassVar[str]
+    tables: ClassVar[Mapping[str, str]] = {}
+    stream_prefix: ClassVar[str | None] = None
+
+    def __init__(self) -> None:
+        name = getattr(type(self), "name", None)
+        if not isinstance(name, str) or not _IDENT.match(name):
+            raise ProjectionError(
+                f"{type(self).__qualname__}.name must be an identifier ([A-Za-z_][A-Za-z0-9_]*), got {name!r}"
+            )
+        for table, ddl in self.tables.items():
+            if not _IDENT.match(table) or "{" + table + "}" not in ddl:
+                raise ProjectionError(
+                    f"projection {name!r}: table {table!r} must be an identifier and its DDL must "
+                    f"create {{{table}}}"
+                )
+        self.dispatch = Dispatch(handler_methods(self))
+        if not self.dispatch.table:
+            raise ProjectionError(f"projection {name!r} has no handler methods")
+
+    def apply(self, tx: ProjectionTx, recorded: RecordedEvent) -> None:
+        """Apply one recorded event (dispatches by type; unknown types are ignored)."""
+        fn = self.dispatch.find(recorded.event)
+        if fn is not None:
+            tx.recorded = recorded
+            fn(recorded.event, tx)
+
+    def physical(self, generation: int) -> dict[str, str]:
+        return {table: f"{table}__g{generation}" for table in self.tables}
+
+    @property
+    def group_prefix(self) -> str:
+        return f"projection:{self.name}"
+
+    def group(self, generation: int) -> str:
+        return f"{self.group_prefix}:g{generation}"
+
+
+# -- generations (run inside store transactions) ---------------------------------------------------
+
+
+def _generation_row(tx: Tx, name: str) -> tuple[int, int | None] | None:
+    row = tx.fetchone("SELECT generation, building FROM tidings_projections WHERE name = ?", (name,))
+    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
+
+
+def _create_tables(tx: Tx, projection: Projection, generation: int) -> None:
+    ptx = ProjectionTx(tx, projection.physical(generation))
+    for table, ddl in projection.tables.items():
+        tx.execute(f"DROP TABLE IF EXISTS {ptx.table(table)}")
+        for statement in ddl.split(";"):
+            if statement.strip():
+                ptx.execute(statement)
+
+
+def _point_views(tx: Tx, projection: Projection, generation: int) -> None:
+    for table, physical in projection.physical(generation).items():
+        tx.execute(f"DROP VIEW IF EXISTS {table}")
+        tx.execute(f"CREATE VIEW {table} AS SELECT * FROM {physical}")
+
+
+def _ensure(tx: Tx, projection: Projection) -> int:
+    row = _generation_row(tx, projection.name)
+    if row is not None:
+        return row[0]
+    _create_tables(tx, projection, 1)
+    _point_views(tx, projection, 1)
+    tx.execute(
+        "INSERT INTO tidings_projections (name, generation, building) VALUES (?, 1, NULL)",
+        (projection.name,),
+    )
+    return 1
+
+
+def _check_generation(tx: Tx, projection: Projection, generation: int) -> None:
+    row = _generation_row(tx, projection.name)
+    if row is None or generation not in row:
+        raise ProjectionSuperseded(
+            f"projection {projection.name!r}: generation {generation} is no longer active"
+        )
+
+
+class ProjectionSubscription(Subscription):
+    """Runs a :class:`Projection` over the log, in batches, each committed with its checkpoint."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        projection: Projection,
+        *,
+        generation: int | None = None,
+        config: SubscriptionConfig | None = None,
+    ) -> None:
+        super().__init__(
+            store,
+            projection.group(generation or 1),
+            event_types=projection.dispatch.type_names,
+            stream_prefix=projection.stream_prefix,
+            config=config,
+        )
+        self.projection = projection
+        self.generation = generation
+        self._fixed = generation is not None
+
+    async def prepare(self) -> None:
+        if not self._fixed:
+            self.generation = await self.store.transaction(lambda tx: _ensure(tx, self.projection))
+            self.group = self.projection.group(self.generation)
+
+    async def on_conflict(self) -> None:
+        await self.prepare()
+
+    def _work(self, events: Sequence[RecordedEvent]) -> Callable[[Tx], None]:
+        projection, generation = self.projection, self.generation
+        assert generation is not None
+        tables = projection.physical(generation)
+
+        def work(tx: Tx) -> None:
+            _check_generation(tx, projection, generation)
+            ptx = ProjectionTx(tx, tables)
+            for index, recorded in enumerate(events):
+                try:
+                    projection.apply(ptx, recorded)
+                except Exception as exc:
+                    raise _EventFailed(index, exc) from exc
+
+        return work
+
+    async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
+        try:
+            await self._apply(events, scanned_to)
+        except ProjectionSuperseded:
+            if self._fixed:
+                raise
+            await self.prepare()
+            self.checkpoint = await self.store.load_checkpoint(self.group)
+
+    async def _apply(self, events: list[RecordedEvent], scanned_to: int) -> None:
+        while True:
+            try:
+                await self.commit(scanned_to, work=self._work(events))
+            except _EventFailed as failed:
+                bad = events[failed.index]
+                if failed.index:
+                    await self.commit(
+                        events[failed.index - 1].position, work=self._work(events[: failed.index])
+                    )
+                    self.handled += failed.index
+                await self._retry_one(bad, failed.error)
+                events = events[failed.index + 1 :]
+                continue
+            self.handled += len(events)
+            return
+
+    async def _retry_one(self, recorded: RecordedEvent, error: BaseException) -> None:
+        policy = self.config.retry
+        attempt = 1
+        while True:
+            self.last_error = f"{type(error).__name__}: {error}"
+            if attempt >= policy.max_attempts:
+                await self.commit(
+                    recorded.position,
+                    dead_letters=[self.dead_letter_record(recorded, error, attempt)],
+                    work=self._work([]),
+                )
+                self.dead_lettered += 1
+                return
+            self.retries += 1
+            await self._sleep(policy.delay(attempt))
+            attempt += 1
+            try:
+                await self.commit(recorded.position, work=self._work([recorded]))
+            except _EventFailed as failed:
+                error = failed.error
+                continue
+            self.handled += 1
+            return
+
+
+class _EventFailed(TidingsError):
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"event {index} of the batch failed: {error!r}")
+        self.index = index
+        self.error = error
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+
+async def rebuild_projection(
+    store: EventStore, projection: Projection, *, config: SubscriptionConfig | None = None
+) -> int:
+    """Rebuild ``projection`` from the whole log, blue/green; return the new generation.
+
+    The active generation keeps serving reads (and, in a running service, keeps being updated)
+    until the new one has caught up with the head; then the views swap to the new tables in one
+    transaction and the old tables are dropped.
+    """
+
+    def begin(tx: Tx) -> tuple[int, int]:
+        current = _ensure(tx, projection)
+        new = current + 1
+        _create_tables(tx, projection, new)
+        tx.execute("UPDATE tidings_projections SET building = ? WHERE name = ?", (new, projection.name))
+        tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(new),))
+        return current, new
+
+    old, new = await store.transaction(begin)
+    builder = ProjectionSubscription(store, projection, generation=new, config=config)
+    # Catch up repeatedly: events keep arriving while we build.
+    while True:
+        reached = await builder.run_until_caught_up()
+        if reached >= await store.head():
+            break
+
+    def swap(tx: Tx) -> None:
+        row = _generation_row(tx, projection.name)
+        if row != (old, new):
+            raise ProjectionError(
+                f"projection {projection.name!r} changed during the rebuild (now {row}); not swapped"
+            )
+        _point_views(tx, projection, new)
+        for physical in projection.physical(old).values():
+            tx.execute(f"DROP TABLE IF EXISTS {physical}")
+        tx.execute(
+            "UPDATE tidings_projections SET generation = ?, building = NULL WHERE name = ?",
+            (new, projection.name),
+        )
+        tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(old),))
+
+    await store.transaction(swap)
+    return new
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProjectionStatus:
+    """A projection's generation, whether a rebuild is under way, and how far it has got."""
+
+    name: str
+    generation: int
+    building: int | None
+    checkpoint: int
+    head: int
+    lag: int
+
+
+async def projection_status(store: EventStore) -> list[ProjectionStatus]:
+    """Status of every projection known to the store's database."""
+    rows = await store.query("SELECT name, generation, building FROM tidings_projections ORDER BY name")
+    checkpoints = await store.checkpoints()
+    head = await store.head()
+    out = []
+    for name, generation, building in rows:
+        checkpoint = checkpoints.get(f"projection:{name}:g{generation}", 0)
+        out.append(ProjectionStatus(name, generation, building, checkpoint, head, head - checkpoint))
+    return out
+
+
+async def fold(
+    store: EventStore,
+    fn: Callable[[T, RecordedEvent], T],
+    initial: T,
+    *,
+    stream_id: str | None = None,
+    until_position: int | None = None,
+    event_types: Sequence[str | type[Event]] | None = None,
+    stream_prefix: str | None = None,
+) -> T:
+    """Compute a value on demand by folding events: state as of any position ("time travel").
+
+    With ``stream_id`` folds that stream, otherwise the global log (optionally filtered);
+    ``until_position`` stops after that global position.
+    """
+    if until_position is not None and until_position < 0:
+        raise InvalidArgument(f"until_position must be >= 0, got {until_position}")
+    value = initial
+    if stream_id is not None:
+        source = store.read_stream(stream_id)
+    else:
+        source = store.read_all(event_types=event_types, stream_prefix=stream_prefix)
+    async for recorded in source:
+        if until_position is not None and recorded.position > until_position:
+            break
+        value = fn(value, recorded)
+    return value

@@ -1,0 +1,401 @@
+"""Checkpointed subscriptions over the store's global log.
+
+A :class:`Subscription` reads the log from its group's checkpoint, catches up in batches, then
+waits for appends (woken by the store, with a backstop poll) — the switch from catch-up to live is
+the same loop, so nothing is missed or repeated at the switch. Each step commits its effects with
+the new checkpoint in one transaction (:meth:`EventStore.commit_processed`), guarded by a
+compare-and-set on the checkpoint so that two runners of one group never both commit an event.
+
+Two kinds of work run on it: *handlers* (async, one event at a time, effects buffered in a
+:class:`~tidings.processing.handlers.HandlerContext`) and *projections* (sync, a batch of events
+applied in the store's transaction). Failures are retried with backoff; an event that still fails
+is dead-lettered with its error and the subscription moves on.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from tidings.errors import CheckpointConflict, TidingsError
+from tidings.events import Event, RecordedEvent
+from tidings.processing.handlers import Dispatch, HandlerContext, call_handler
+from tidings.processing.retry import RetryPolicy
+from tidings.store.base import EventStore
+from tidings.store.records import DeadLetterRecord, ProcessedBatch, Tx
+
+__all__ = ["HandlerSubscription", "Subscription", "SubscriptionConfig", "SubscriptionStats"]
+
+log = logging.getLogger("tidings.processing")
+
+WorkFn = Callable[[Tx], None]
+
+State = Literal["idle", "standby", "catching up", "live", "stopped", "failed"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubscriptionConfig:
+    """Tuning of a subscription runner.
+
+    ``batch_size`` events are read per step; ``poll_interval`` bounds how long a wake-up that was
+    lost (another process's append) can delay delivery.
+    """
+
+    batch_size: int = 500
+    poll_interval: float = 0.5
+    retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubscriptionStats:
+    """A subscription's observable state (rendered by the CLI and the console)."""
+
+    group: str
+    state: State
+    checkpoint: int
+    head: int
+    lag: int
+    in_flight: int
+    handled: int
+    skipped_duplicates: int
+    retries: int
+    dead_lettered: int
+    last_error: str | None
+
+
+class Subscription(abc.ABC):
+    """Runs one group over the log until :meth:`stop` is called.
+
+    Subclasses implement :meth:`process_batch`. ``run()`` waits as a hot standby while another
+    runner of the same group is active in this process.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        group: str,
+        *,
+        event_types: Sequence[str] | None = None,
+        stream_prefix: str | None = None,
+        config: SubscriptionConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.group = group
+        self.event_types = None if event_types is None else tuple(event_types)
+        self.stream_prefix = stream_prefix
+        self.config = config or SubscriptionConfig()
+        self.checkpoint = 0
+        self.head = 0
+        self.state: State = "idle"
+        self.in_flight = 0
+        self.handled = 0
+        self.skipped_duplicates = 0
+        self.retries = 0
+        self.dead_lettered = 0
+        self.last_error: str | None = None
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the runner to finish the event in hand, commit, and return from :meth:`run`."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def statistics(self) -> SubscriptionStats:
+        return SubscriptionStats(
+            self.group,
+            self.state,
+            self.checkpoint,
+            self.head,
+            max(0, self.head - self.checkpoint),
+            self.in_flight,
+            self.handled,
+            self.skipped_duplicates,
+            self.retries,
+            self.dead_lettered,
+            self.last_error,
+        )
+
+    async def run(self) -> None:
+        """Process events until stopped. Returns after the last commit; raises only on bugs."""
+        self.state = "standby"
+        lock = self.store.group_lock(self.group)
+        if not await self._acquire_unless_stopped(lock):
+            self.state = "stopped"
+            return
+        try:
+            await self._run_locked()
+        finally:
+            lock.release()
+            self.state = "stopped"
+
+    async def _acquire_unless_stopped(self, lock: asyncio.Lock) -> bool:
+        """Wait (as a hot standby) for the group's lock; give up if asked to stop meanwhile."""
+        acquire = asyncio.ensure_future(lock.acquire())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not acquire.done():
+            acquire.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquire
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
+        acquired = acquire.done() and not acquire.cancelled()
+        if acquired and self.stopping:
+            lock.release()
+            return False
+        return acquired
+
+    async def run_until_caught_up(self) -> int:
+        """Process until the checkpoint reaches the head as of the call; return the checkpoint."""
+        async with self.store.group_lock(self.group):
+            await self.prepare()
+            self.checkpoint = await self.store.load_checkpoint(self.group)
+            target = await self.store.head()
+            while self.checkpoint < target and not self.stopping:
+                await self._step()
+            return self.checkpoint
+
+    async def prepare(self) -> None:
+        """Hook run once before processing (projections create their tables here)."""
+
+    async def _run_locked(self) -> None:
+        await self.prepare()
+        self.checkpoint = await self.store.load_checkpoint(self.group)
+        self.state = "catching up"
+        while not self.stopping:
+            try:
+                progressed = await self._step()
+            except CheckpointConflict as exc:
+                # Another process's runner of this group committed first: resume after it.
+                log.info("%s", exc)
+                await self.on_conflict()
+                self.checkpoint = await self.store.load_checkpoint(self.group)
+                continue
+            except TidingsError as exc:
+                # The store is unreachable or an event cannot be decoded: report, back off, retry.
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("subscription %r: %s", self.group, exc)
+                await self._sleep(self.config.poll_interval)
+                continue
+            if not progressed:
+                self.state = "live"
+                await self._wait_for_events()
+
+    async def on_conflict(self) -> None:
+        """Hook: called after a checkpoint conflict, before the checkpoint is reloaded."""
+
+    async def _wait_for_events(self) -> None:
+        waiter = asyncio.ensure_future(
+            self.store.wait_for_append(self.checkpoint, timeout=self.config.poll_interval)
+        )
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, stopper):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TidingsError):
+                await waiter
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _step(self) -> bool:
+        """Read one batch after the checkpoint and process it. False if there was nothing new."""
+        head = await self.store.head()
+        self.head = max(self.head, head)
+        events = [
+            e
+            async for e in self.store.read_all(
+                after=self.checkpoint,
+                event_types=self.event_types,
+                stream_prefix=self.stream_prefix,
+                limit=self.config.batch_size,
+                raw_unknown=True,
+            )
+        ]
+        # A short batch means the scan reached the head read above: filtered-out events up to it
+        # count as processed, so wait_for() on their positions returns too.
+        scanned = events[-1].position if len(events) == self.config.batch_size else head
+        if events:
+            scanned = max(scanned, events[-1].position)
+        if scanned <= self.checkpoint:
+            return False
+        self.state = "catching up" if scanned < self.head else self.state
+        await self.process_batch(events, scanned)
+        return True
+
+    @abc.abstractmethod
+    async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
+        """Process ``events`` (all after the checkpoint) and commit the checkpoint ``scanned_to``.
+
+        Must advance ``self.checkpoint`` to ``scanned_to`` unless stopping midway.
+        """
+
+    # -- shared commit helpers ------------------------------------------------------------------------
+
+    async def commit(
+        self,
+        checkpoint: int,
+        *,
+        contexts: Sequence[HandlerContext] = (),
+        dead_letters: Sequence[DeadLetterRecord] = (),
+        remove_dead_letter: int | None = None,
+        work: WorkFn | None = None,
+    ) -> None:
+        statements = [s for ctx in contexts for s in ctx.statements]
+        if statements and work is None:
+
+            def work(tx: Tx) -> None:
+                for sql, params in statements:
+                    tx.execute(sql, params)
+
+        batch = ProcessedBatch(
+            group=self.group,
+            expected_checkpoint=self.checkpoint,
+            checkpoint=max(checkpoint, self.checkpoint),
+            work=work,
+            appends=tuple(a for ctx in contexts for a in ctx.appends),
+            processed=tuple((c.recorded.event_id, c.recorded.position) for c in contexts),
+            dead_letters=tuple(dead_letters),
+            remove_dead_letter=remove_dead_letter,
+        )
+        await self.store.commit_processed(batch)
+        self.checkpoint = batch.checkpoint
+
+    def dead_letter_record(
+        self, recorded: RecordedEvent, exc: BaseException, attempts: int
+    ) -> DeadLetterRecord:
+        return DeadLetterRecord(
+            recorded.position,
+            recorded.event_id,
+            recorded.stream_id,
+            recorded.event_type,
+            f"{type(exc).__name__}: {exc}",
+            "".join(traceback.format_exception(exc)),
+            attempts,
+        )
+
+
+class HandlerSubscription(Subscription):
+    """Runs async handlers one event at a time; effects commit with the checkpoint per batch.
+
+    Duplicate deliveries are skipped through the group's inbox (processed event ids).
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        group: str,
+        dispatch: Dispatch,
+        *,
+        stream_prefix: str | None = None,
+        config: SubscriptionConfig | None = None,
+    ) -> None:
+        super().__init__(
+            store, group, event_types=dispatch.type_names, stream_prefix=stream_prefix, config=config
+        )
+        self.dispatch = dispatch
+
+    async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
+        seen = await self.store.processed_ids(self.group, [e.event_id for e in events])
+        done: list[HandlerContext] = []
+        for index, recorded in enumerate(events):
+            if self.stopping:
+                if done:
+                    await self.commit(done[-1].recorded.position, contexts=done)
+                return
+            fn = self.dispatch.find(recorded.event)
+            if recorded.event_id in seen or fn is None:
+                self.skipped_duplicates += recorded.event_id in seen
+                continue
+            ctx = HandlerContext(self.store, recorded, self.group, attempt=1)
+            self.in_flight = 1
+            try:
+                assert isinstance(recorded.event, Event)
+                await call_handler(fn, recorded.event, ctx)
+            except Exception as exc:
+                self.in_flight = 0
+                # Commit the successes before it, then give this event its retries alone.
+                if done:
+                    await self.commit(events[index - 1].position, contexts=done)
+                    done = []
+                await self.handle_with_retries(recorded, first_error=exc)
+                continue
+            self.in_flight = 0
+            self.handled += 1
+            done.append(ctx)
+        try:
+            await self.commit(scanned_to, contexts=done)
+        except CheckpointConflict:
+            raise
+        except TidingsError as exc:
+            # An emitted append was rejected (say, a ConcurrencyError): redo these events one
+            # at a time so the failing one is retried and, if need be, dead-lettered alone.
+            log.warning("subscription %r: batch commit failed (%s); retrying one by one", self.group, exc)
+            for ctx in done:
+                await self.handle_with_retries(ctx.recorded, first_error=None)
+            await self.commit(scanned_to)
+
+    async def handle_with_retries(
+        self, recorded: RecordedEvent, *, first_error: BaseException | None, dead_letter_id: int | None = None
+    ) -> bool:
+        """Handle one event (commit included) until it succeeds or runs out of attempts.
+
+        Returns True if handled, False if dead-lettered. The checkpoint moves past the event
+        either way (unless the runner is stopping).
+        """
+        policy = self.config.retry
+        attempt = 1
+        error = first_error
+        fn = self.dispatch.find(recorded.event)
+        assert fn is not None and isinstance(recorded.event, Event)
+        while True:
+            if error is not None:
+                self.last_error = f"{type(error).__name__}: {error}"
+                if attempt >= policy.max_attempts:
+                    log.error(
+                        "subscription %r: dead-lettering %s after %d attempts: %s",
+                        self.group,
+                        recorded.event_id,
+                        attempt,
+                        error,
+                    )
+                    await self.commit(
+                        recorded.position,
+                        dead_letters=[self.dead_letter_record(recorded, error, attempt)],
+                    )
+                    self.dead_lettered += 1
+                    return False
+                self.retries += 1
+                await self._sleep(policy.delay(attempt))
+                attempt += 1
+            ctx = HandlerContext(self.store, recorded, self.group, attempt=attempt)
+            self.in_flight = 1
+            try:
+                await call_handler(fn, recorded.event, ctx)
+                await self.commit(recorded.position, contexts=[ctx], remove_dead_letter=dead_letter_id)
+            except CheckpointConflict:
+                raise
+            except Exception as exc:
+                error = exc
+                continue
+            finally:
+                self.in_flight = 0
+            self.handled += 1
+            return True

@@ -1,0 +1,246 @@
+"""The composition root: a service declares its handlers and projections, then runs them.
+
+::
+
+    service = Service("billing", store="sqlite:///billing.db")
+
+    @service.handles(OrderPlaced)
+    async def charge(event: OrderPlaced, ctx: HandlerContext) -> None:
+        ctx.emit(f"invoice-{event.order_id}", [InvoiceIssued(order_id=event.order_id)])
+
+    service.add_projection(Revenue())
+    await service.run()          # or: tidings run billing.app:service
+
+On the embedded default the bus is the store's global log in this process: publishing an event is
+appending it, and every handler and projection is a checkpointed subscription over the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from tidings.errors import InvalidArgument, TidingsError
+from tidings.events import Event
+from tidings.processing.handlers import Dispatch, EventHandler, HandlerFunction, handler_methods
+from tidings.processing.projections import Projection, ProjectionSubscription
+from tidings.processing.subscription import (
+    HandlerSubscription,
+    Subscription,
+    SubscriptionConfig,
+    SubscriptionStats,
+)
+from tidings.store import open_store
+from tidings.store.base import ANY, AppendResult, EventStore, ExpectedVersion
+
+__all__ = ["Service"]
+
+F = TypeVar("F", bound=HandlerFunction)
+log = logging.getLogger("tidings.service")
+
+
+class Service:
+    """Registers handlers and projections and runs each as a subscription over one store.
+
+    ``store`` is an :class:`EventStore` (opened or not) or a URL. Group names default to
+    ``"<service>.<handler>"``; a group's checkpoint, inbox and dead letters are keyed by it, so
+    keep it stable across deployments (pass ``group=`` when renaming a function).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store: EventStore | str | None = None,
+        *,
+        config: SubscriptionConfig | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"service name must be a non-empty str, got {name!r}")
+        self.name = name
+        self._store_arg = store
+        self._store: EventStore | None = store if isinstance(store, EventStore) else None
+        self.config = config or SubscriptionConfig()
+        self._handlers: dict[str, tuple[Dispatch, str | None, SubscriptionConfig]] = {}
+        self._projections: dict[str, tuple[Projection, SubscriptionConfig]] = {}
+        self._subscriptions: list[Subscription] = []
+        self._stopping = asyncio.Event()
+        self._running = False
+        self._owns_store = False
+
+    # -- declaration ------------------------------------------------------------------------------
+
+    def handles(
+        self,
+        *event_types: type[Event],
+        group: str | None = None,
+        stream_prefix: str | None = None,
+        config: SubscriptionConfig | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator: run the function for each event of these types, as its own group."""
+        if not event_types or not all(isinstance(t, type) and issubclass(t, Event) for t in event_types):
+            raise InvalidArgument("handles() takes one or more Event classes")
+
+        def decorate(fn: F) -> F:
+            name = group or f"{self.name}.{fn.__name__}"
+            self._add(name, Dispatch({t: fn for t in event_types}), stream_prefix, config)
+            return fn
+
+        return decorate
+
+    def add_handler(
+        self, handler: EventHandler, *, group: str | None = None, config: SubscriptionConfig | None = None
+    ) -> None:
+        """Register a class-based handler; its methods are dispatched by their event annotation."""
+        table = handler_methods(handler)
+        if not table:
+            raise InvalidArgument(
+                f"{type(handler).__qualname__} has no methods whose first parameter is annotated "
+                "with an Event class"
+            )
+        name = group or handler.group or f"{self.name}.{type(handler).__name__}"
+        self._add(name, Dispatch(table), handler.stream_prefix, config)
+
+    def add_projection(self, projection: Projection, *, config: SubscriptionConfig | None = None) -> None:
+        """Register a projection (a SQL read model in the store's database)."""
+        if projection.name in self._projections:
+            raise InvalidArgument(f"projection {projection.name!r} is already registered")
+        self._projections[projection.name] = (projection, config or self.config)
+
+    def _add(
+        self, group: str, dispatch: Dispatch, prefix: str | None, config: SubscriptionConfig | None
+    ) -> None:
+        if group in self._handlers:
+            raise InvalidArgument(f"subscription group {group!r} is already registered")
+        self._handlers[group] = (dispatch, prefix, config or self.config)
+
+    @property
+    def projections(self) -> Mapping[str, Projection]:
+        return {name: p for name, (p, _) in self._projections.items()}
+
+    @property
+    def groups(self) -> list[str]:
+        """The handler groups this service runs (projection groups carry their generation)."""
+        return list(self._handlers)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> EventStore:
+        if self._store is None:
+            raise TidingsError(f"service {self.name!r} has no open store; call start() or run()")
+        return self._store
+
+    async def open(self) -> EventStore:
+        """Open the store if the service was given a URL (idempotent); return it."""
+        if self._store is None:
+            url = self._store_arg if isinstance(self._store_arg, str) else "sqlite:///tidings.db"
+            self._store = open_store(url)
+            self._owns_store = True
+        if not self._store._opened:
+            await self._store.open()
+        return self._store
+
+    def subscription(self, group: str) -> Subscription:
+        """A new runner for one of this service's groups (used by tools such as ``dlq retry``)."""
+        store = self.store
+        if group in self._handlers:
+            dispatch, prefix, config = self._handlers[group]
+            return HandlerSubscription(store, group, dispatch, stream_prefix=prefix, config=config)
+        for projection, config in self._projections.values():
+            if group.startswith(projection.group_prefix + ":") or group == projection.name:
+                return ProjectionSubscription(store, projection, config=config)
+        raise InvalidArgument(f"service {self.name!r} has no subscription group {group!r}")
+
+    async def run(self) -> None:
+        """Run every subscription until :meth:`stop`; then finish in-flight work and return.
+
+        Each subscription is isolated: one group's failing handler never stops another group.
+        """
+        store = await self.open()
+        if self._running:
+            raise TidingsError(f"service {self.name!r} is already running")
+        self._running = True
+        self._stopping.clear()
+        self._subscriptions = [self.subscription(group) for group in self._handlers]
+        self._subscriptions += [
+            ProjectionSubscription(store, projection, config=config)
+            for projection, config in self._projections.values()
+        ]
+        tasks = [asyncio.create_task(s.run(), name=f"tidings:{s.group}") for s in self._subscriptions]
+        try:
+            await self._stopping.wait()
+        finally:
+            for sub in self._subscriptions:
+                sub.stop()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            self._running = False
+            errors = [
+                r
+                for r in results
+                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+            ]
+            if self._owns_store:
+                await store.close()
+                self._store = None
+            if errors:
+                raise BaseExceptionGroup(f"service {self.name!r}: subscriptions failed", errors)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop: runners finish the event in hand, commit, and return."""
+        self._stopping.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        """``async with service.running():`` runs the service in the background for the block."""
+        task = asyncio.create_task(self.run())
+        try:
+            while not self._running and not task.done():
+                await asyncio.sleep(0)
+            yield self
+        finally:
+            self.stop()
+            await task
+
+    def statistics(self) -> list[SubscriptionStats]:
+        """One :class:`SubscriptionStats` per running subscription."""
+        return [s.statistics() for s in self._subscriptions]
+
+    # -- the in-process bus -------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        stream_id: str,
+        events: Iterable[Event],
+        *,
+        expected_version: ExpectedVersion = ANY,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AppendResult:
+        """Publish events: append them to the store; every subscribed group will see them."""
+        store = await self.open()
+        return await store.append(stream_id, events, expected_version=expected_version, metadata=metadata)
+
+    async def wait_for(
+        self, position: int, *, group: str | None = None, timeout: float | None = 10.0
+    ) -> bool:
+        """Wait until ``group`` (default: every group of this service) has processed ``position``."""
+        store = self.store
+        if group is None:
+            groups = [s.group for s in self._subscriptions]
+        elif group in self._projections:  # a projection's group name carries its generation
+            groups = [
+                s.group
+                for s in self._subscriptions
+                if isinstance(s, ProjectionSubscription) and s.projection.name == group
+            ]
+        else:
+            groups = [group]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for name in groups:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            if not await store.wait_for(position, group=name, timeout=remaining):
+                return False
+        return True
