@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -187,6 +188,22 @@ class Service:
                 self._store = None
             if errors:
                 raise BaseExceptionGroup(f"service {self.name!r}: subscriptions failed", errors)
+
+    async def serve(self) -> None:
+        """Run until SIGINT or SIGTERM, then shut down gracefully (what ``tidings run`` calls).
+
+        On a signal, runners stop taking events, finish the one in hand, commit their
+        checkpoints, and this returns normally.
+        """
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.run()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop: runners finish the event in hand, commit, and return."""

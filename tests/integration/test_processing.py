@@ -165,7 +165,7 @@ async def test_retries_then_dead_letter_and_move_on(store: EventStore) -> None:
     sub.checkpoint = await store.load_checkpoint("flaky.flaky")
     attempts.clear()
     sub.dispatch = Dispatch({OrderPlaced: lambda e: attempts.update({e.order_id: 1})})
-    recorded = [e async for e in store.read_stream("order-poison")][0]
+    [recorded] = [e async for e in store.read_stream("order-poison")]
     assert await sub.handle_with_retries(recorded, first_error=None, dead_letter_id=dead.id)
     assert attempts == {"poison": 1} and await store.dead_letters() == []
     assert await store.discard_dead_letter(dead.id) is False
