@@ -49,8 +49,9 @@ The price is that appends to one schema commit one at a time. Two things make th
   version)`` and ``event_id`` reject the insert and nothing is written; the batch is then redone in
   one transaction that locks the counter *first*, so its reads cannot be stale.
 
-Writes that must share a transaction with other work (a projection's checkpoint, a saga's state)
-go through :meth:`PostgresStore.transaction` and lock the counter for the rest of that transaction.
+Appends that share a transaction with other work (a subscription step that emits events with its
+checkpoint, :meth:`~EventStore.commit_processed`) lock the counter first and hold it until that
+transaction commits; the work itself (a projection's writes) runs before the lock is taken.
 
 Live delivery: every append transaction ``pg_notify``-s a per-schema channel; one dedicated
 connection per store LISTENs and wakes :meth:`~EventStore.wait_for_append` waiters. Notifications
@@ -72,12 +73,13 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tidings.errors import (
+    CheckpointConflict,
     ConcurrencyError,
     CorruptStore,
     DuplicateEventId,
@@ -108,13 +110,18 @@ from tidings.store.postgres_schema import (
     LATEST_VERSION,
     channel_name,
     inspect_schema,
+    lock_key,
     migrate_schema,
     quote_schema,
 )
+from tidings.store.postgres_tx import PostgresTx, to_psycopg
+from tidings.store.records import DeadLetter, ProcessedBatch, Tx
 
 __all__ = ["PostgresConfig", "PostgresStore", "PostgresTransaction", "migrate"]
 
 _log = logging.getLogger("tidings.store.postgres")
+
+T = TypeVar("T")
 
 Connection: TypeAlias = "psycopg.AsyncConnection[Any]"
 
@@ -177,7 +184,9 @@ class PostgresConfig:
         )
 
 
-def _positive(url: str, options: dict[str, str], name: str, default: float, *, integer: bool = False) -> float:
+def _positive(
+    url: str, options: dict[str, str], name: str, default: float, *, integer: bool = False
+) -> float:
     raw = options.get(name)
     if raw is None:
         return default
@@ -244,24 +253,28 @@ class _Sql:
         )
         self.stream = f"SELECT {_ROW_COLUMNS} FROM {s}.tidings_events WHERE stream_id = %s AND version > %s"
         self.all = f"SELECT {_ROW_COLUMNS} FROM {s}.tidings_events WHERE position > %s"
-        # Skip scan over the (stream_id, version) index: one index probe per stream, instead of a
-        # GROUP BY over every event.
-        self.streams = (
-            "WITH RECURSIVE ids(stream_id) AS ("
-            f"  (SELECT stream_id FROM {s}.tidings_events WHERE stream_id > %(after)s "
+        # Skip scan over the (stream_id, version) index: one index probe per stream listed, instead
+        # of a GROUP BY over every event. The recursion counts its rows, so it stops at the page
+        # size; with the "C" collation, the ids starting with a prefix are contiguous.
+        streams = (
+            "WITH RECURSIVE ids(stream_id, n) AS ("
+            f"  (SELECT stream_id, 1 FROM {s}.tidings_events WHERE stream_id {{op}} %(start)s "
             "    ORDER BY stream_id LIMIT 1) "
             "  UNION ALL "
             f"  SELECT (SELECT t.stream_id FROM {s}.tidings_events AS t "
-            "          WHERE t.stream_id > ids.stream_id ORDER BY t.stream_id LIMIT 1) "
-            "  FROM ids WHERE ids.stream_id IS NOT NULL AND starts_with(ids.stream_id, %(prefix)s)"
+            "          WHERE t.stream_id > ids.stream_id ORDER BY t.stream_id LIMIT 1), ids.n + 1 "
+            "  FROM ids WHERE ids.stream_id IS NOT NULL AND ids.n < %(limit)s "
+            "  AND starts_with(ids.stream_id, %(prefix)s)"
             ") "
             "SELECT ids.stream_id, last.version, last.position FROM ids CROSS JOIN LATERAL ("
             f"  SELECT version, position FROM {s}.tidings_events AS t "
             "   WHERE t.stream_id = ids.stream_id ORDER BY version DESC LIMIT 1"
             ") AS last "
             "WHERE ids.stream_id IS NOT NULL AND starts_with(ids.stream_id, %(prefix)s) "
-            "ORDER BY ids.stream_id LIMIT %(limit)s"
+            "ORDER BY ids.stream_id"
         )
+        self.streams_after = streams.format(op=">")
+        self.streams_from = streams.format(op=">=")
         self.version = (
             f"SELECT version FROM {s}.tidings_events WHERE stream_id = %s ORDER BY version DESC LIMIT 1"
         )
@@ -273,6 +286,36 @@ class _Sql:
             "VALUES (%s, %s, %s, %s, %b) ON CONFLICT (stream_id, version) DO UPDATE SET "
             "aggregate_type = excluded.aggregate_type, schema = excluded.schema, state = excluded.state"
         )
+        self.load_checkpoint = f"SELECT position FROM {s}.tidings_checkpoints WHERE group_name = %s"
+        self.checkpoints = f"SELECT group_name, position FROM {s}.tidings_checkpoints"
+        self.save_checkpoint = (
+            f"INSERT INTO {s}.tidings_checkpoints (group_name, position, updated_at) "
+            "VALUES (%s, %s, now()) ON CONFLICT (group_name) DO UPDATE SET "
+            "position = excluded.position, updated_at = excluded.updated_at"
+        )
+        self.delete_checkpoint = f"DELETE FROM {s}.tidings_checkpoints WHERE group_name = %s"
+        self.delete_inbox = f"DELETE FROM {s}.tidings_inbox WHERE group_name = %s"
+        self.save_inbox = (
+            f"INSERT INTO {s}.tidings_inbox (group_name, event_id, position) "
+            "SELECT %s, u.event_id, u.position FROM unnest(%s::uuid[], %s::int8[]) AS u(event_id, position) "
+            "ON CONFLICT DO NOTHING"
+        )
+        self.processed_ids = (
+            f"SELECT event_id FROM {s}.tidings_inbox WHERE group_name = %s AND event_id = ANY(%s::uuid[])"
+        )
+        self.save_dead_letter = (
+            f"INSERT INTO {s}.tidings_dead_letters (group_name, position, event_id, stream_id, "
+            "event_type, error, traceback, attempts, failed_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now()) ON CONFLICT (group_name, event_id) DO UPDATE SET "
+            "position = excluded.position, stream_id = excluded.stream_id, "
+            "event_type = excluded.event_type, error = excluded.error, traceback = excluded.traceback, "
+            "attempts = excluded.attempts, failed_at = excluded.failed_at"
+        )
+        self.dead_letters = (
+            "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
+            f"attempts, failed_at FROM {s}.tidings_dead_letters WHERE true"
+        )
+        self.delete_dead_letter = f"DELETE FROM {s}.tidings_dead_letters WHERE id = %s"
         self.load_snapshot = (
             f"SELECT stream_id, version, aggregate_type, schema, state FROM {s}.tidings_snapshots "
             "WHERE stream_id = %s AND version <= %s ORDER BY version DESC LIMIT 1"
@@ -300,7 +343,9 @@ class _Batch:
 
     def results(self, base: int) -> list[AppendResult | TidingsError]:
         return [
-            AppendResult(o.version, base - o.position) if isinstance(o, AppendResult) and o.position < 0 else o
+            AppendResult(o.version, base - o.position)
+            if isinstance(o, AppendResult) and o.position < 0
+            else o
             for o in self.outcomes
         ]
 
@@ -398,7 +443,7 @@ class _Job:
 
 
 class PostgresTransaction:
-    """An open transaction on one of the store's connections (see :meth:`PostgresStore.transaction`).
+    """An open transaction on one of the store's connections (see :meth:`PostgresStore._begin`).
 
     ``connection`` runs the caller's own statements; :meth:`append` appends in the same transaction.
     """
@@ -463,14 +508,14 @@ class PostgresStore(EventStore):
             min_size=min(2, self.config.pool_size),
             max_size=self.config.pool_size,
             kwargs={"autocommit": True},
-            configure=_configure,
+            configure=self._configure,
             timeout=self.config.pool_timeout,
             name=f"tidings:{self.config.schema}",
             open=False,
         )
         try:
             await pool.open(wait=True, timeout=self.config.pool_timeout)
-        except (psycopg.Error, PoolTimeout) as exc:
+        except psycopg.Error as exc:
             await conn.close()
             await pool.close()
             raise self._translate(exc, "cannot connect to") from exc
@@ -481,6 +526,11 @@ class PostgresStore(EventStore):
             loop.create_task(self._listen(conn), name=f"tidings-pg-listener:{self.config.schema}"),
             loop.create_task(self._poll(), name=f"tidings-pg-poller:{self.config.schema}"),
         ]
+
+    async def _configure(self, conn: Connection) -> None:
+        # Timestamps come back in UTC whatever the server's TimeZone is, and unqualified names in
+        # projection and query SQL resolve in this store's schema only (never in another's).
+        await conn.execute(f"SET TIME ZONE 'UTC'; SET search_path TO {quote_schema(self.config.schema)}")
 
     async def _prepare_schema(self, conn: Connection) -> None:
         schema = self.config.schema
@@ -503,9 +553,8 @@ class PostgresStore(EventStore):
     async def _close(self) -> None:
         self._stopping = True
         self._work.set()
-        writer, *others = self._tasks or [None]
-        if writer is not None:
-            await writer  # drains the queue: every accepted append gets its outcome
+        writer, *others = self._tasks
+        await writer  # drains the queue: every accepted append gets its outcome
         for task in others:
             task.cancel()
         for task in others:
@@ -522,13 +571,13 @@ class PostgresStore(EventStore):
     # -- transactions -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PostgresTransaction]:
+    async def _begin(self) -> AsyncIterator[PostgresTransaction]:
         """A transaction on a pooled connection, committed when the block ends without error.
 
-        For work that must commit atomically with appends or with other rows of this database (a
-        projection's tables and its checkpoint, a saga's state and the events it emits)::
+        The building block of everything that must commit atomically with appends or with other
+        rows of this database (a subscription step, a projection's tables and checkpoint)::
 
-            async with store.transaction() as tx:
+            async with store._begin() as tx:
                 await tx.connection.execute("UPDATE ...")
                 await tx.append(store.prepare_append("order-1", [OrderShipped()]))
 
@@ -541,7 +590,7 @@ class PostgresStore(EventStore):
             async with self._pool.connection() as conn, conn.transaction():
                 tx = PostgresTransaction(self, conn)
                 yield tx
-        except (psycopg.Error, PoolTimeout) as exc:
+        except psycopg.Error as exc:
             raise self._translate(exc) from exc
         if tx.appended:
             self._notify_appended()
@@ -576,7 +625,12 @@ class PostgresStore(EventStore):
                 events += len(job.request.events)
             if not jobs:
                 continue
-            outcomes = await self._write([job.request for job in jobs])
+            try:
+                outcomes = await self._write([job.request for job in jobs])
+            except Exception as exc:  # a bug; report it to the callers rather than hang them
+                error = StoreError(f"{self._where}: internal error while appending: {exc!r}")
+                error.__cause__ = exc
+                outcomes = [error] * len(jobs)
             wrote = False
             for job, outcome in zip(jobs, outcomes, strict=True):
                 if job.future.done():  # cancelled while being written: the outcome stands
@@ -594,6 +648,8 @@ class PostgresStore(EventStore):
         try:
             try:
                 return await self._write_batch(requests)
+            except PoolTimeout:
+                raise
             except psycopg.OperationalError as exc:
                 # The connection broke (or the server cancelled us). Whether the commit happened
                 # is unknown, so re-send every request as an exact retry of itself: resolve()
@@ -602,8 +658,8 @@ class PostgresStore(EventStore):
                 await self._recover()
                 retry = [dataclasses.replace(r, explicit_ids=True) for r in requests]
                 return await self._write_batch(retry)
-        except (psycopg.Error, PoolTimeout) as exc:
-            if len(requests) > 1 and not isinstance(exc, psycopg.OperationalError | PoolTimeout):
+        except psycopg.Error as exc:
+            if len(requests) > 1 and not isinstance(exc, psycopg.OperationalError):
                 # Something in the batch broke the statement (it should not: requests arrive
                 # validated). Write the requests one by one so the error reaches only its own.
                 return [(await self._write([r]))[0] for r in requests]
@@ -631,27 +687,36 @@ class PostgresStore(EventStore):
 
     async def _listen(self, conn: Connection) -> None:
         """Wake waiters on every notification; reconnect (and wake them) when the connection breaks."""
+        try:
+            while True:
+                try:
+                    async for _ in conn.notifies():
+                        self._notify_appended()
+                except psycopg.Error as exc:
+                    _log.info("LISTEN connection to %s lost (%s); reconnecting", self._where, exc)
+                await conn.close()
+                conn = await self._relisten()
+        finally:
+            await conn.close()
+
+    async def _relisten(self) -> Connection:
         delay = 0.05
         while True:
+            # Whatever was appended while we were deaf is found by the waiters' own re-check.
+            self._notify_appended()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.poll_interval)
             try:
-                async for _ in conn.notifies():
-                    self._notify_appended()
-                    delay = 0.05
-            except psycopg.Error as exc:
-                _log.info("LISTEN connection lost (%s); reconnecting", exc)
-            await conn.close()
-            while True:
-                # Whatever was appended while we were deaf is found by the waiters' re-check.
-                self._notify_appended()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max(self.config.poll_interval, 1.0))
-                try:
-                    conn = await psycopg.AsyncConnection.connect(self.config.conninfo, autocommit=True)
-                    await conn.execute(f'LISTEN "{self._channel}"')
-                except psycopg.Error:
-                    continue
-                self._notify_appended()
-                break
+                conn = await psycopg.AsyncConnection.connect(self.config.conninfo, autocommit=True)
+            except psycopg.Error:
+                continue
+            try:
+                await conn.execute(f'LISTEN "{self._channel}"')
+            except psycopg.Error:
+                await conn.close()
+                continue
+            self._notify_appended()
+            return conn
 
     async def _poll(self) -> None:
         """The backstop for lost notifications: wake waiters whenever the head has moved."""
@@ -675,12 +740,15 @@ class PostgresStore(EventStore):
             try:
                 async with self._pool.connection() as conn:
                     cur = await conn.execute(sql, params, binary=True)
-                    return await cur.fetchall()
+                    rows: list[tuple[Any, ...]] = await cur.fetchall()
+                    return rows
+            except PoolTimeout as exc:
+                raise self._translate(exc) from exc
             except psycopg.OperationalError as exc:
                 if attempt == 2:
                     raise self._translate(exc) from exc
                 await self._recover()
-            except (psycopg.Error, PoolTimeout) as exc:
+            except psycopg.Error as exc:
                 raise self._translate(exc) from exc
         raise AssertionError("unreachable")
 
@@ -728,16 +796,13 @@ class PostgresStore(EventStore):
         return int(rows[0][0])
 
     async def _list_streams(self, prefix: str | None, after: str | None, limit: int) -> list[StreamInfo]:
-        # Start the skip scan just below the prefix: every id starting with it sorts after it.
-        start = after if after is not None else ""
-        if prefix and prefix > start:
-            start = prefix
-            rows = await self._fetch(
-                self._sql.streams.replace("stream_id > %(after)s", "stream_id >= %(after)s"),
-                {"after": start, "prefix": prefix, "limit": limit},
-            )
+        prefix = prefix or ""
+        if after is None or after < prefix:
+            # Every id starting with the prefix sorts at or after the prefix itself.
+            sql, start = self._sql.streams_from, prefix
         else:
-            rows = await self._fetch(self._sql.streams, {"after": start, "prefix": prefix or "", "limit": limit})
+            sql, start = self._sql.streams_after, after
+        rows = await self._fetch(sql, {"start": start, "prefix": prefix, "limit": limit})
         return [StreamInfo(r[0], int(r[1]), int(r[2])) for r in rows]
 
     async def _version_at(self, stream_id: str, micros: int) -> int:
@@ -768,17 +833,108 @@ class PostgresStore(EventStore):
                 async with self._pool.connection() as conn:
                     await conn.execute(sql, params)
                     return
+            except PoolTimeout as exc:
+                raise self._translate(exc) from exc
             except psycopg.OperationalError as exc:
                 if attempt == 2:
                     raise self._translate(exc) from exc
                 await self._recover()
-            except (psycopg.Error, PoolTimeout) as exc:
+            except psycopg.Error as exc:
                 raise self._translate(exc) from exc
 
-    async def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
-        """Run a read-only query on a pooled connection (read models, tooling); return its rows."""
-        self._check_open()
-        return await self._fetch(sql, params)
+    # -- processing records -------------------------------------------------------------------------
+
+    async def _load_checkpoint(self, group: str) -> int:
+        rows = await self._fetch(self._sql.load_checkpoint, (group,))
+        return int(rows[0][0]) if rows else 0
+
+    async def _checkpoints(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in await self._fetch(self._sql.checkpoints, ())}
+
+    async def _set_checkpoint(self, group: str, position: int | None) -> None:
+        async with self._begin() as tx:
+            conn = tx.connection
+            if position is None:
+                await conn.execute(self._sql.delete_checkpoint, (group,))
+                await conn.execute(self._sql.delete_inbox, (group,))
+            else:
+                await conn.execute(self._sql.save_checkpoint, (group, position))
+
+    async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
+        async with self._begin() as tx:
+            conn = tx.connection
+            # One runner per group at a time, across processes: the compare-and-set below must not
+            # race with another runner's, and a missing row cannot be locked with FOR UPDATE.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (lock_key(self.config.schema, batch.group),)
+            )
+            cur = await conn.execute(self._sql.load_checkpoint, (batch.group,))
+            row = await cur.fetchone()
+            actual = 0 if row is None else int(row[0])
+            if actual != batch.expected_checkpoint:
+                raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
+            if batch.work is not None:
+                await self._run_sync(conn, batch.work)
+            # Appends last among the writes that take locks: the position counter stays locked
+            # from here to the commit, and the projection work above does not hold it up.
+            results = [await tx.append(request) for request in batch.appends]
+            if batch.processed:
+                await conn.execute(
+                    self._sql.save_inbox,
+                    (batch.group, [e for e, _ in batch.processed], [p for _, p in batch.processed]),
+                )
+            for d in batch.dead_letters:
+                await conn.execute(
+                    self._sql.save_dead_letter,
+                    (
+                        batch.group,
+                        d.position,
+                        d.event_id,
+                        d.stream_id,
+                        d.event_type,
+                        d.error,
+                        d.traceback,
+                        d.attempts,
+                    ),
+                )
+            if batch.remove_dead_letter is not None:
+                await conn.execute(self._sql.delete_dead_letter, (batch.remove_dead_letter,))
+            if batch.checkpoint != actual:
+                await conn.execute(self._sql.save_checkpoint, (batch.group, batch.checkpoint))
+        return results
+
+    async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        rows = await self._fetch(self._sql.processed_ids, (group, event_ids))
+        return {r[0] for r in rows}
+
+    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
+        sql = self._sql.dead_letters
+        params: list[Any] = []
+        if group is not None:
+            sql += " AND group_name = %s"
+            params.append(group)
+        if id is not None:
+            sql += " AND id = %s"
+            params.append(id)
+        rows = await self._fetch(sql + " ORDER BY id", params)
+        return [DeadLetter(*row) for row in rows]
+
+    async def _discard_dead_letter(self, id: int) -> bool:
+        async with self._begin() as tx:
+            cur = await tx.connection.execute(self._sql.delete_dead_letter, (id,))
+            return cur.rowcount > 0
+
+    async def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        async with self._begin() as tx:
+            return await self._run_sync(tx.connection, fn)
+
+    async def _run_sync(self, conn: Connection, fn: Callable[[Tx], T]) -> T:
+        """Run synchronous transaction code in a worker thread; its statements run on ``conn``."""
+        tx = PostgresTx(conn, asyncio.get_running_loop())
+        return await asyncio.to_thread(fn, tx)
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return await self._fetch(to_psycopg(sql, params), params or ())
 
     # -- errors -----------------------------------------------------------------------------------
 
@@ -786,7 +942,7 @@ class PostgresStore(EventStore):
         """After a broken connection: have the pool test its idle connections and replace dead ones,
         so that the retry does not pick another connection that died with the same server."""
         assert self._pool is not None
-        with contextlib.suppress(psycopg.Error, PoolTimeout):
+        with contextlib.suppress(psycopg.Error):
             await self._pool.check()
 
     def _translate(self, exc: BaseException, doing: str = "error on") -> TidingsError:
@@ -801,7 +957,10 @@ def translate(exc: BaseException, where: str, schema: str, doing: str = "error o
         return StoreError(f"{where}: no connection to PostgreSQL became available in time ({exc})")
     if isinstance(
         exc,
-        pg_errors.UndefinedTable | pg_errors.UndefinedColumn | pg_errors.InvalidSchemaName | pg_errors.DatatypeMismatch,
+        pg_errors.UndefinedTable
+        | pg_errors.UndefinedColumn
+        | pg_errors.InvalidSchemaName
+        | pg_errors.DatatypeMismatch,
     ):
         return CorruptStore(
             f"{where}: the tidings tables in PostgreSQL schema {schema!r} are missing or were altered: {exc}"
@@ -809,11 +968,6 @@ def translate(exc: BaseException, where: str, schema: str, doing: str = "error o
     if isinstance(exc, psycopg.OperationalError):
         return StoreError(f"{doing} PostgreSQL at {where}: {str(exc).strip() or type(exc).__name__}")
     return StoreError(f"PostgreSQL {doing} {where}: {type(exc).__name__}: {str(exc).strip()}")
-
-
-async def _configure(conn: Connection) -> None:
-    # Timestamps come back in UTC whatever the server's or role's TimeZone setting is.
-    await conn.execute("SET TIME ZONE 'UTC'")
 
 
 async def migrate(url: str) -> list[int]:

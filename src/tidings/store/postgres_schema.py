@@ -32,6 +32,7 @@ __all__ = [
     "SchemaState",
     "channel_name",
     "inspect_schema",
+    "lock_key",
     "migrate_schema",
     "quote_schema",
 ]
@@ -49,7 +50,7 @@ class Migration:
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
         1,
-        "events, head, snapshots, checkpoints, inbox and dead letters",
+        "events, head, snapshots, checkpoints, inbox, projections and dead letters",
         """
 CREATE TABLE {schema}.tidings_events (
     position       bigint      PRIMARY KEY,
@@ -91,6 +92,11 @@ CREATE TABLE {schema}.tidings_inbox (
     position   bigint NOT NULL,
     PRIMARY KEY (group_name, event_id)
 );
+CREATE TABLE {schema}.tidings_projections (
+    name       text    COLLATE "C" PRIMARY KEY,
+    generation integer NOT NULL,
+    building   integer
+);
 CREATE TABLE {schema}.tidings_dead_letters (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     group_name  text        COLLATE "C" NOT NULL,
@@ -119,6 +125,7 @@ TABLES: Final = frozenset(
         "tidings_snapshots",
         "tidings_checkpoints",
         "tidings_inbox",
+        "tidings_projections",
         "tidings_dead_letters",
     }
 )
@@ -151,7 +158,9 @@ def quote_schema(name: str) -> str:
             f"schema name {name!r} must be 1-63 letters, digits or underscores, not starting with a digit"
         )
     if name.lower().startswith("pg_"):
-        raise InvalidArgument(f"schema name {name!r} is reserved: names starting with pg_ belong to PostgreSQL")
+        raise InvalidArgument(
+            f"schema name {name!r} is reserved: names starting with pg_ belong to PostgreSQL"
+        )
     return f'"{name}"'
 
 
@@ -165,6 +174,12 @@ def channel_name(schema: str) -> str:
     if len(readable) <= 63:
         return readable
     return "tidings#" + hashlib.sha256(schema.encode()).hexdigest()[:40]
+
+
+def lock_key(schema: str, name: str) -> int:
+    """A 64-bit advisory lock key for ``name`` within ``schema`` (e.g. a subscription group)."""
+    digest = hashlib.blake2b(f"tidings\x00{schema}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -222,10 +237,14 @@ async def inspect_schema(conn: psycopg.AsyncConnection[Any], schema: str) -> Sch
     applied: tuple[int, ...] = ()
     if "tidings_migrations" in tables:
         try:
-            cur = await conn.execute(f"SELECT version FROM {quote_schema(schema)}.tidings_migrations ORDER BY 1")
+            cur = await conn.execute(
+                f"SELECT version FROM {quote_schema(schema)}.tidings_migrations ORDER BY 1"
+            )
             applied = tuple(int(row[0]) for row in await cur.fetchall())
         except (psycopg.errors.UndefinedColumn, psycopg.errors.DataError) as exc:
-            raise CorruptStore(f"PostgreSQL schema {schema!r} has a foreign tidings_migrations table: {exc}") from exc
+            raise CorruptStore(
+                f"PostgreSQL schema {schema!r} has a foreign tidings_migrations table: {exc}"
+            ) from exc
     return SchemaState(schema, applied, tables)
 
 
