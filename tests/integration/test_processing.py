@@ -207,8 +207,8 @@ async def test_two_runners_of_one_group_never_share_an_event(store: EventStore) 
     async with first.running(), second.running():
         head = await place(store, 60)
         assert await first.wait_for(head, timeout=10)
-        states = sorted(s.state for s in first.statistics() + second.statistics())
-        assert states == ["live", "standby"]
+        states = [s.state for s in first.statistics() + second.statistics()]
+        assert states.count("standby") == 1 and set(states) - {"standby"} <= {"live", "catching up"}
     assert sorted(calls, key=int) == [str(i) for i in range(60)]
 
 

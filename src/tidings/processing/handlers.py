@@ -125,12 +125,23 @@ class Dispatch:
             names.update(sub.__event_type__ for sub in _subclasses(cls))
         return tuple(sorted(names))
 
+    cache: dict[type, HandlerFunction | None] = dataclasses.field(default_factory=dict)
+
     def find(self, event: object) -> HandlerFunction | None:
-        for cls in type(event).__mro__:
+        """The handler for ``event``'s class or its nearest base class, or None."""
+        kind = type(event)
+        try:
+            return self.cache[kind]
+        except KeyError:
+            pass
+        found: HandlerFunction | None = None
+        for cls in kind.__mro__:
             fn = self.table.get(cls)  # type: ignore[call-overload]
             if fn is not None:
-                return fn
-        return None
+                found = fn
+                break
+        self.cache[kind] = found
+        return found
 
 
 def _subclasses(cls: type) -> list[type]:

@@ -68,6 +68,7 @@ class ProjectionTx:
         self._tables = dict(tables)
         self.dialect = tx.dialect
         self.recorded: RecordedEvent | None = None
+        self._translated: dict[str, str] = {}
 
     def table(self, name: str) -> str:
         """The physical name of the declared table ``name``."""
@@ -77,9 +78,14 @@ class ProjectionTx:
             raise ProjectionError(f"table {name!r} is not declared by this projection") from None
 
     def sql(self, sql: str) -> str:
-        for name, physical in self._tables.items():
-            sql = sql.replace("{" + name + "}", physical)
-        return sql
+        """``sql`` with each ``{table}`` replaced by its physical name (memoised per statement)."""
+        done = self._translated.get(sql)
+        if done is None:
+            done = sql
+            for name, physical in self._tables.items():
+                done = done.replace("{" + name + "}", physical)
+            self._translated[sql] = done
+        return done
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
         return self._tx.execute(self.sql(sql), params)

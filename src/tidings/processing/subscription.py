@@ -100,6 +100,7 @@ class Subscription(abc.ABC):
         self.dead_lettered = 0
         self.last_error: str | None = None
         self._stopping = asyncio.Event()
+        self._prefetch: tuple[int, asyncio.Future[tuple[list[RecordedEvent], int]]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -136,6 +137,7 @@ class Subscription(abc.ABC):
         try:
             await self._run_locked()
         finally:
+            self._drop_prefetch()
             lock.release()
             self.state = "stopped"
 
@@ -163,8 +165,11 @@ class Subscription(abc.ABC):
             await self.prepare()
             self.checkpoint = await self.store.load_checkpoint(self.group)
             target = await self.store.head()
-            while self.checkpoint < target and not self.stopping:
-                await self._step()
+            try:
+                while self.checkpoint < target and not self.stopping:
+                    await self._step()
+            finally:
+                self._drop_prefetch()
             return self.checkpoint
 
     async def prepare(self) -> None:
@@ -215,30 +220,58 @@ class Subscription(abc.ABC):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _step(self) -> bool:
-        """Read one batch after the checkpoint and process it. False if there was nothing new."""
+    async def _read_batch(self, after: int) -> tuple[list[RecordedEvent], int]:
         head = await self.store.head()
-        self.head = max(self.head, head)
         events = [
             e
             async for e in self.store.read_all(
-                after=self.checkpoint,
+                after=after,
                 event_types=self.event_types,
                 stream_prefix=self.stream_prefix,
                 limit=self.config.batch_size,
                 raw_unknown=True,
             )
         ]
+        return events, head
+
+    async def _step(self) -> bool:
+        """Read one batch after the checkpoint and process it. False if there was nothing new.
+
+        While catching up, the next batch is read while this one commits (the reader and the
+        writer are different threads), which is most of the catch-up speed.
+        """
+        prefetched, self._prefetch = self._prefetch, None
+        if prefetched is not None and prefetched[0] == self.checkpoint:
+            events, head = await prefetched[1]
+        else:
+            if prefetched is not None:
+                prefetched[1].cancel()
+            events, head = await self._read_batch(self.checkpoint)
+        self.head = max(self.head, head)
+        full = len(events) == self.config.batch_size
         # A short batch means the scan reached the head read above: filtered-out events up to it
         # count as processed, so wait_for() on their positions returns too.
-        scanned = events[-1].position if len(events) == self.config.batch_size else head
-        if events:
-            scanned = max(scanned, events[-1].position)
+        scanned = events[-1].position if full else max(head, events[-1].position if events else 0)
         if scanned <= self.checkpoint:
             return False
+        if full:
+            task = asyncio.ensure_future(self._read_batch(scanned))
+            self._prefetch = (scanned, task)
         self.state = "catching up" if scanned < self.head else self.state
-        await self.process_batch(events, scanned)
+        try:
+            await self.process_batch(events, scanned)
+        except BaseException:
+            self._drop_prefetch()
+            raise
         return True
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            task = self._prefetch[1]
+            task.cancel()
+            # Retrieve its outcome so that a failed read is not reported as never retrieved.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._prefetch = None
 
     @abc.abstractmethod
     async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
