@@ -489,6 +489,9 @@ class PostgresStore(EventStore):
         self._work = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        # The highest head this store has announced to its waiters: the NOTIFY echo of our own
+        # appends, and the poller's sightings of them, are then not announced a second time.
+        self._announced = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -631,17 +634,17 @@ class PostgresStore(EventStore):
                 error = StoreError(f"{self._where}: internal error while appending: {exc!r}")
                 error.__cause__ = exc
                 outcomes = [error] * len(jobs)
-            wrote = False
+            head = 0
             for job, outcome in zip(jobs, outcomes, strict=True):
+                if isinstance(outcome, AppendResult):
+                    head = max(head, outcome.position)
                 if job.future.done():  # cancelled while being written: the outcome stands
                     continue
                 if isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)
                 else:
-                    wrote = wrote or bool(job.request.events)
                     job.future.set_result(outcome)
-            if wrote:
-                self._notify_appended()
+            self._announce(head)
 
     async def _write(self, requests: list[AppendRequest]) -> Sequence[AppendResult | TidingsError]:
         """Write one batch; never raises (errors become the outcomes of the requests they hit)."""
@@ -690,8 +693,8 @@ class PostgresStore(EventStore):
         try:
             while True:
                 try:
-                    async for _ in conn.notifies():
-                        self._notify_appended()
+                    async for notify in conn.notifies():
+                        self._announce(int(notify.payload) if notify.payload.isdigit() else None)
                 except psycopg.Error as exc:
                     _log.info("LISTEN connection to %s lost (%s); reconnecting", self._where, exc)
                 await conn.close()
@@ -720,16 +723,19 @@ class PostgresStore(EventStore):
 
     async def _poll(self) -> None:
         """The backstop for lost notifications: wake waiters whenever the head has moved."""
-        last: int | None = None
         while True:
             await asyncio.sleep(self.config.poll_interval)
             try:
                 head = await self._head()
             except StoreError:
                 continue
-            if last is not None and head != last:
-                self._notify_appended()
-            last = head
+            self._announce(head)
+
+    def _announce(self, head: int | None) -> None:
+        """Wake waiters if ``head`` is news (None: it may be, e.g. after a reconnect)."""
+        if head is None or head > self._announced:
+            self._announced = max(self._announced, head or 0)
+            self._notify_appended()
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -955,13 +961,12 @@ def translate(exc: BaseException, where: str, schema: str, doing: str = "error o
         return exc
     if isinstance(exc, PoolTimeout):
         return StoreError(f"{where}: no connection to PostgreSQL became available in time ({exc})")
-    if isinstance(
-        exc,
-        pg_errors.UndefinedTable
-        | pg_errors.UndefinedColumn
-        | pg_errors.InvalidSchemaName
-        | pg_errors.DatatypeMismatch,
-    ):
+    # Missing or altered tidings tables mean the store is damaged; the same errors about the
+    # caller's own tables (projection SQL, queries) are ordinary store errors.
+    if (
+        isinstance(exc, pg_errors.UndefinedTable | pg_errors.UndefinedColumn | pg_errors.DatatypeMismatch)
+        and "tidings_" in str(exc)
+    ) or isinstance(exc, pg_errors.InvalidSchemaName):
         return CorruptStore(
             f"{where}: the tidings tables in PostgreSQL schema {schema!r} are missing or were altered: {exc}"
         )
