@@ -1,0 +1,127 @@
+"""The ``tidings`` command's Typer app: parse, call the library, render.
+
+Commands: ``streams``, ``events`` and ``demo`` (``tidings --help`` lists them). Reading commands
+take ``--store URL`` (default: ``$TIDINGS_STORE``, then ``sqlite:///tidings.db``), never create a
+missing SQLite file, and print JSON lines with ``--json``. Exit codes: 0 on success (also when
+``--follow`` is ended by Ctrl-C), 1 on a :class:`~tidings.TidingsError`, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tidings import __version__
+from tidings.cli import reading, render
+from tidings.cli.runtime import DEFAULT_STORE, StoreOption, run
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="tidings",
+    help="Inspect and demonstrate tidings event stores.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON lines (one object per line).")]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tidings {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """tidings: typed events, an event store, event sourcing."""
+
+
+@app.command()
+def streams(
+    store: StoreOption = DEFAULT_STORE,
+    prefix: Annotated[str | None, typer.Option(help="Only streams whose id starts with this.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List the streams with their version and the position of their last event."""
+    if json_output:
+        lines = render.JsonLines()
+        run(reading.each_stream(store, prefix, lambda info: lines.add(render.stream_json(info))))
+        return
+    table = render.StreamTable(Console())
+    run(reading.each_stream(store, prefix, table.add))
+    table.finish()
+
+
+@app.command()
+def events(
+    stream: Annotated[
+        str | None, typer.Argument(metavar="STREAM", help="The stream to print (or use --all).")
+    ] = None,
+    all_streams: Annotated[bool, typer.Option("--all", help="Print the global log.")] = False,
+    after: Annotated[
+        int, typer.Option(min=0, help="Start after this position (--all) or version (STREAM).")
+    ] = 0,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="With --all: keep printing new events until Ctrl-C.")
+    ] = False,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", "-t", metavar="TYPE", help="Only events of this type (repeatable)."),
+    ] = None,
+    json_output: JsonOption = False,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Print the events of STREAM, or of the whole log with --all."""
+    if (stream is None) != all_streams:
+        raise typer.BadParameter("give either a STREAM or --all", param_hint="STREAM")
+    if follow and not all_streams:
+        raise typer.BadParameter("--follow works with --all only", param_hint="--follow")
+    type_names = tuple(types) if types else None
+    console = Console()
+    if follow:
+        emit = _event_json_printer() if json_output else render.EventLines(console).add
+        # Ctrl-C is how --follow is meant to end, so it is a clean exit, not an error.
+        with contextlib.suppress(KeyboardInterrupt):
+            run(reading.follow_events(store, after, type_names, emit))
+        return
+    query = reading.EventQuery(stream, after, type_names)
+    if json_output:
+        run(reading.each_event(store, query, _event_json_printer()))
+        return
+    table = render.EventTable(console, "Global log" if stream is None else f"Stream {stream}")
+    run(reading.each_event(store, query, table.add))
+    table.finish()
+
+
+@app.command()
+def demo(
+    store: Annotated[
+        str | None,
+        typer.Option("--store", help="Store URL to run the demo in (default: a new file in a temp dir)."),
+    ] = None,
+) -> None:
+    """Walk through a bank account: commands, invariants, a conflict, time travel, a snapshot."""
+    from tidings.demo import bank  # imported here: it registers the demo's event classes
+
+    url = store if store is not None else bank.fresh_store_url()
+    run(bank.run_demo(url, Console()))
+
+
+def _event_json_printer() -> reading.EventSink:
+    lines = render.JsonLines()
+    return lambda recorded: lines.add(render.event_json(recorded))
+
+
+def main() -> None:
+    """Entry point of the ``tidings`` script."""
+    app(prog_name="tidings")
