@@ -68,6 +68,7 @@ class Service:
         self._projections: dict[str, tuple[Projection, SubscriptionConfig]] = {}
         self._subscriptions: list[Subscription] = []
         self._stopping = asyncio.Event()
+        self._started = asyncio.Event()
         self._running = False
         self._owns_store = False
 
@@ -116,6 +117,13 @@ class Service:
         if group in self._handlers:
             raise InvalidArgument(f"subscription group {group!r} is already registered")
         self._handlers[group] = (dispatch, prefix, config or self.config)
+
+    def use_store(self, store: EventStore | str) -> None:
+        """Replace the service's store (before it runs), e.g. from ``tidings run --store``."""
+        if self._running:
+            raise TidingsError(f"service {self.name!r} is running; cannot change its store")
+        self._store_arg = store
+        self._store = store if isinstance(store, EventStore) else None
 
     @property
     def projections(self) -> Mapping[str, Projection]:
@@ -171,6 +179,7 @@ class Service:
             for projection, config in self._projections.values()
         ]
         tasks = [asyncio.create_task(s.run(), name=f"tidings:{s.group}") for s in self._subscriptions]
+        self._started.set()
         try:
             await self._stopping.wait()
         finally:
@@ -178,6 +187,7 @@ class Service:
                 sub.stop()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             self._running = False
+            self._started.clear()
             errors = [
                 r
                 for r in results
@@ -213,11 +223,15 @@ class Service:
     async def running(self) -> Any:
         """``async with service.running():`` runs the service in the background for the block."""
         task = asyncio.create_task(self.run())
+        started = asyncio.ensure_future(self._started.wait())
         try:
-            while not self._running and not task.done():
-                await asyncio.sleep(0)
+            # Wait until run() has opened the store and started the subscriptions (or failed).
+            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()
             yield self
         finally:
+            started.cancel()
             self.stop()
             await task
 

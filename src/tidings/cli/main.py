@@ -1,6 +1,7 @@
 """The ``tidings`` command's Typer app: parse, call the library, render.
 
-Commands: ``streams``, ``events`` and ``demo`` (``tidings --help`` lists them). Reading commands
+Commands: ``streams``, ``events``, ``demo``, ``run``, ``groups``, ``dlq`` and ``projections``
+(``tidings --help`` lists them). Reading commands
 take ``--store URL`` (default: ``$TIDINGS_STORE``, then ``sqlite:///tidings.db``), never create a
 missing SQLite file, and print JSON lines with ``--json``. Exit codes: 0 on success (also when
 ``--follow`` is ended by Ctrl-C), 1 on a :class:`~tidings.TidingsError`, 2 on a usage error.
@@ -15,14 +16,14 @@ import typer
 from rich.console import Console
 
 from tidings import __version__
-from tidings.cli import reading, render
+from tidings.cli import processing, reading, render
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, run
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="tidings",
-    help="Inspect and demonstrate tidings event stores.",
+    help="Run, inspect and operate tidings services and event stores.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
@@ -115,6 +116,12 @@ def demo(
 
     url = store if store is not None else bank.fresh_store_url()
     run(bank.run_demo(url, Console()))
+
+
+app.command("run")(processing.run_service)
+app.command("groups")(processing.groups)
+app.add_typer(processing.dlq_app, name="dlq")
+app.add_typer(processing.projections_app, name="projections")
 
 
 def _event_json_printer() -> reading.EventSink:

@@ -136,7 +136,7 @@ class Dispatch:
             pass
         found: HandlerFunction | None = None
         for cls in kind.__mro__:
-            fn = self.table.get(cls)  # type: ignore[call-overload]
+            fn = self.table.get(cls)
             if fn is not None:
                 found = fn
                 break
@@ -144,8 +144,8 @@ class Dispatch:
         return found
 
 
-def _subclasses(cls: type) -> list[type]:
-    out: list[type] = []
+def _subclasses(cls: type[Event]) -> list[type[Event]]:
+    out: list[type[Event]] = []
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_subclasses(sub))

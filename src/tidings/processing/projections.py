@@ -286,6 +286,18 @@ class ProjectionSubscription(Subscription):
             self.handled += 1
             return
 
+    async def reprocess(self, recorded: RecordedEvent, dead_letter_id: int) -> bool:
+        try:
+            await self.commit(self.checkpoint, work=self._work([recorded]), remove_dead_letter=dead_letter_id)
+        except _EventFailed as failed:
+            await self.commit(
+                self.checkpoint,
+                dead_letters=[self.dead_letter_record(recorded, failed.error, 1)],
+                work=self._work([]),
+            )
+            return False
+        return True
+
 
 class _EventFailed(TidingsError):
     def __init__(self, index: int, error: BaseException) -> None:

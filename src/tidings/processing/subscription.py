@@ -23,12 +23,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from tidings.errors import CheckpointConflict, TidingsError
+from tidings.errors import CheckpointConflict, InvalidArgument, TidingsError
 from tidings.events import Event, RecordedEvent
 from tidings.processing.handlers import Dispatch, HandlerContext, call_handler
 from tidings.processing.retry import RetryPolicy
 from tidings.store.base import EventStore
-from tidings.store.records import DeadLetterRecord, ProcessedBatch, Tx
+from tidings.store.records import DeadLetter, DeadLetterRecord, ProcessedBatch, Tx
 
 __all__ = ["HandlerSubscription", "Subscription", "SubscriptionConfig", "SubscriptionStats"]
 
@@ -172,7 +172,7 @@ class Subscription(abc.ABC):
                 self._drop_prefetch()
             return self.checkpoint
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Hook run once before processing (projections create their tables here)."""
 
     async def _run_locked(self) -> None:
@@ -198,7 +198,7 @@ class Subscription(abc.ABC):
                 self.state = "live"
                 await self._wait_for_events()
 
-    async def on_conflict(self) -> None:
+    async def on_conflict(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Hook: called after a checkpoint conflict, before the checkpoint is reloaded."""
 
     async def _wait_for_events(self) -> None:
@@ -272,6 +272,33 @@ class Subscription(abc.ABC):
             # Retrieve its outcome so that a failed read is not reported as never retrieved.
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             self._prefetch = None
+
+    async def retry_dead_letter(self, dead: DeadLetter) -> bool:
+        """Process a parked event of this group once more; on success remove it, atomically.
+
+        Returns True if it was handled (and removed), False if it failed again (it stays parked,
+        with the new error). Safe while the group's runner is live elsewhere: the commit is
+        guarded by the checkpoint and simply retried on a conflict.
+        """
+        await self.prepare()
+        if dead.group != self.group:
+            raise InvalidArgument(
+                f"dead letter {dead.id} belongs to group {dead.group!r}, not {self.group!r}"
+            )
+        found = [e async for e in self.store.read_all(after=dead.position - 1, limit=1)]
+        if not found or found[0].event_id != dead.event_id:
+            raise InvalidArgument(f"dead letter {dead.id}: event {dead.event_id} is no longer in the log")
+        for _ in range(10):
+            self.checkpoint = await self.store.load_checkpoint(self.group)
+            try:
+                return await self.reprocess(found[0], dead.id)
+            except CheckpointConflict:
+                continue
+        raise TidingsError(f"dead letter {dead.id}: the group's checkpoint kept moving; try again")
+
+    @abc.abstractmethod
+    async def reprocess(self, recorded: RecordedEvent, dead_letter_id: int) -> bool:
+        """Handle one parked event once (no backoff) and remove its dead letter if it succeeds."""
 
     @abc.abstractmethod
     async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
@@ -432,3 +459,16 @@ class HandlerSubscription(Subscription):
                 self.in_flight = 0
             self.handled += 1
             return True
+
+    async def reprocess(self, recorded: RecordedEvent, dead_letter_id: int) -> bool:
+        fn = self.dispatch.find(recorded.event)
+        if fn is None or not isinstance(recorded.event, Event):
+            raise InvalidArgument(f"group {self.group!r} has no handler for {recorded.event_type!r}")
+        ctx = HandlerContext(self.store, recorded, self.group, attempt=1)
+        try:
+            await call_handler(fn, recorded.event, ctx)
+        except Exception as exc:
+            await self.commit(recorded.position, dead_letters=[self.dead_letter_record(recorded, exc, 1)])
+            return False
+        await self.commit(recorded.position, contexts=[ctx], remove_dead_letter=dead_letter_id)
+        return True

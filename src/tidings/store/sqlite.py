@@ -377,9 +377,9 @@ class SQLiteStore(EventStore):
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            error = _translate(exc, self.config.path) if isinstance(exc, sqlite3.Error) else exc
+            failure = _translate(exc, self.config.path) if isinstance(exc, sqlite3.Error) else exc
             for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+                job.loop.call_soon_threadsafe(_settle, job.future, None, failure)
             return
         wrote = False
         for job, (result, error) in zip(batch, outcomes, strict=True):
@@ -395,16 +395,25 @@ class SQLiteStore(EventStore):
         Writes through this store wake waiters directly; this only covers other connections,
         so a slow interval is fine.
         """
-        last: int | None = None
-        while True:
-            await asyncio.sleep(0.05)
-            try:
-                version = await self._read(lambda c: int(c.execute("PRAGMA data_version").fetchone()[0]))
-            except TidingsError:
-                continue
-            if last is not None and version != last:
-                self._notify_appended()
-            last = version
+        # data_version counts commits by *other* connections, and per connection: the watch
+        # keeps one connection of its own (a pooled reader would compare different counters).
+        conn = await asyncio.to_thread(self._connect)
+        try:
+            last: int | None = None
+            while True:
+                await asyncio.sleep(0.05)
+                try:
+                    version = await asyncio.to_thread(
+                        lambda: int(conn.execute("PRAGMA data_version").fetchone()[0])
+                    )
+                except sqlite3.Error:
+                    continue
+                if last is not None and version != last:
+                    self._notify_appended()
+                last = version
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     # -- primitives -------------------------------------------------------------------------------
 
