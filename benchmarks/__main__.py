@@ -1,0 +1,80 @@
+"""``python -m benchmarks [--quick] [SCENARIO ...]``: run, print the table, write the results files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.harness import FULL, QUICK, Comparison, Workspace, log
+from benchmarks.scenarios_sqlite import SCENARIOS, Context
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark tidings against the eventsourcing library, side by side, on SQLite.",
+        epilog="scenarios: " + ", ".join(f"{s.name} ({s.title})" for s in SCENARIOS.values()),
+    )
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help="scenarios to run (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="directory for results.json and results.md (default: the benchmarks package)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--tmpdir", help="where to create the temporary databases (default: system temp)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    names = args.scenarios or list(SCENARIOS)
+    workspace = Workspace(args.tmpdir)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load_before is not None and load_before[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: load average {load_before[0]:.2f} before the run; other work will skew the figures")
+    started = datetime.now(UTC)
+    clock = time.perf_counter()
+    comparisons: list[Comparison] = []
+    try:
+        context = Context(sizes, workspace)
+        for name in names:
+            scenario = SCENARIOS[name]
+            log(f"{name}: {scenario.title} ...")
+            begun = time.perf_counter()
+            comparisons.extend(scenario.run(context))
+            log(f"{name}: done in {time.perf_counter() - begun:.1f} s")
+    finally:
+        workspace.cleanup()
+    run = report.Run(
+        mode="quick" if args.quick else "full",
+        sizes=sizes,
+        comparisons=comparisons,
+        started=started,
+        seconds=time.perf_counter() - clock,
+        load_before=load_before,
+    )
+    print(report.text_table(run))
+    if not args.no_write:
+        for path in report.write(run, args.out):
+            log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
