@@ -228,3 +228,24 @@ async def test_bad_declarations() -> None:
         service.add_handler(EventHandler())
     with pytest.raises(InvalidArgument):
         Service("")
+
+
+async def test_stop_finishes_the_event_in_hand_and_commits(store: EventStore) -> None:
+    service = Service("slow", store, config=FAST)
+    started, finished = asyncio.Event(), []
+
+    @service.handles(OrderPlaced)
+    async def slow(event: OrderPlaced, ctx: HandlerContext) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        ctx.emit("receipts", [InvoiceIssued(order_id=event.order_id)])
+        finished.append(event.order_id)
+
+    head = await place(store, 3)
+    task = asyncio.create_task(service.run())
+    await asyncio.wait_for(started.wait(), 10)
+    service.stop()  # while the first event is in flight
+    await asyncio.wait_for(task, 10)
+    assert finished == ["0"]
+    assert await store.load_checkpoint("slow.slow") == 1 < head
+    assert await store.stream_version("receipts") == 1

@@ -52,7 +52,7 @@ async def test_sigkill_loses_nothing_and_applies_nothing_twice(tmp_path: Path) -
             assert await store.wait_for(head, group=group, timeout=60), group
         # The projection's checkpoint sits at the head too (filtered events count as processed).
         assert await store.wait_for(head, group="projection:totals:g1", timeout=60)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop, exit code 0
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
         totals = dict(await store.query("SELECT account, n FROM totals"))
