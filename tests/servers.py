@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psycopg
-
 ENV_URL = "TIDINGS_TEST_POSTGRES_URL"
 SERVER_USER = "embedded_postgres"
 
@@ -92,6 +90,8 @@ class ExternalPostgres:
     url: str
 
     def stop(self) -> None:
+        import psycopg
+
         with psycopg.connect(libpq_url(self.url), autocommit=True) as conn:
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

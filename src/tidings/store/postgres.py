@@ -117,7 +117,7 @@ from tidings.store.postgres_schema import (
 from tidings.store.postgres_tx import PostgresTx, to_psycopg
 from tidings.store.records import DeadLetter, ProcessedBatch, Tx
 
-__all__ = ["PostgresConfig", "PostgresStore", "PostgresTransaction", "migrate"]
+__all__ = ["PostgresConfig", "PostgresStatistics", "PostgresStore", "PostgresTransaction", "migrate"]
 
 _log = logging.getLogger("tidings.store.postgres")
 
@@ -436,6 +436,24 @@ async def _append_locked(
     return batch.results(await _insert(conn, sql, batch, channel))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PostgresStatistics:
+    """Counters of one store's writer since it was opened (see :meth:`PostgresStore.statistics`).
+
+    ``batches``: group commits attempted; ``appends`` / ``events``: append calls and events they
+    carried; ``locked_redos``: batches redone under the position lock because another process had
+    appended to one of their streams in between; ``connection_retries``: operations retried on a
+    fresh connection after one broke; ``queued``: appends waiting for the next group commit now.
+    """
+
+    batches: int
+    appends: int
+    events: int
+    locked_redos: int
+    connection_retries: int
+    queued: int
+
+
 @dataclasses.dataclass(slots=True)
 class _Job:
     request: AppendRequest
@@ -492,6 +510,7 @@ class PostgresStore(EventStore):
         # The highest head this store has announced to its waiters: the NOTIFY echo of our own
         # appends, and the poller's sightings of them, are then not announced a second time.
         self._announced = 0
+        self._stats = dict.fromkeys(("batches", "appends", "events", "locked_redos", "connection_retries"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -566,6 +585,10 @@ class PostgresStore(EventStore):
         if self._pool is not None:
             await self._pool.close()
 
+    def statistics(self) -> PostgresStatistics:
+        """How the writer has been doing: batch sizes, redos, retries, queue length (for tooling)."""
+        return PostgresStatistics(**self._stats, queued=len(self._queue))
+
     @property
     def schema(self) -> str:
         """The PostgreSQL schema holding this store's tables."""
@@ -628,6 +651,9 @@ class PostgresStore(EventStore):
                 events += len(job.request.events)
             if not jobs:
                 continue
+            self._stats["batches"] += 1
+            self._stats["appends"] += len(jobs)
+            self._stats["events"] += events
             try:
                 outcomes = await self._write([job.request for job in jobs])
             except Exception as exc:  # a bug; report it to the callers rather than hang them
@@ -682,6 +708,7 @@ class PostgresStore(EventStore):
             except pg_errors.UniqueViolation:
                 # Another process appended to one of these streams (or stored one of these ids)
                 # after our read. Nothing was written; redo the batch under the counter lock.
+                self._stats["locked_redos"] += 1
                 async with conn.pipeline(), conn.transaction():
                     return await _append_locked(conn, self._sql, self._channel, requests)
             return batch.results(base)
@@ -948,6 +975,7 @@ class PostgresStore(EventStore):
         """After a broken connection: have the pool test its idle connections and replace dead ones,
         so that the retry does not pick another connection that died with the same server."""
         assert self._pool is not None
+        self._stats["connection_retries"] += 1
         with contextlib.suppress(psycopg.Error):
             await self._pool.check()
 
