@@ -507,6 +507,7 @@ class PostgresStore(EventStore):
         self._work = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._retired: set[asyncio.Task[None]] = set()  # old pools closing after _renew_pool
         # The highest head this store has announced to its waiters: the NOTIFY echo of our own
         # appends, and the poller's sightings of them, are then not announced a second time.
         self._announced = 0
@@ -525,16 +526,7 @@ class PostgresStore(EventStore):
         except BaseException:
             await conn.close()
             raise
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            self.config.conninfo,
-            min_size=min(2, self.config.pool_size),
-            max_size=self.config.pool_size,
-            kwargs={"autocommit": True},
-            configure=self._configure,
-            timeout=self.config.pool_timeout,
-            name=f"tidings:{self.config.schema}",
-            open=False,
-        )
+        pool = self._new_pool()
         try:
             await pool.open(wait=True, timeout=self.config.pool_timeout)
         except psycopg.Error as exc:
@@ -548,6 +540,35 @@ class PostgresStore(EventStore):
             loop.create_task(self._listen(conn), name=f"tidings-pg-listener:{self.config.schema}"),
             loop.create_task(self._poll(), name=f"tidings-pg-poller:{self.config.schema}"),
         ]
+
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        return AsyncConnectionPool(
+            self.config.conninfo,
+            min_size=min(2, self.config.pool_size),
+            max_size=self.config.pool_size,
+            kwargs={"autocommit": True},
+            configure=self._configure,
+            timeout=self.config.pool_timeout,
+            name=f"tidings:{self.config.schema}",
+            open=False,
+        )
+
+    async def _renew_pool(self) -> None:
+        """Replace the pool with a fresh one (the old one closes in the background).
+
+        Called when the listener has reconnected after losing its connection, i.e. when the
+        server is known to be back after an outage. psycopg's pool retries failed connection
+        attempts with exponential backoff (1 s, 2 s, 4 s, ...), so after a long outage it could
+        take as long again to notice that the server is back; a new pool connects at once.
+        Operations waiting on the old pool get ``PoolClosed`` and are retried on the new one.
+        """
+        old, new = self._pool, self._new_pool()
+        await new.open(wait=False)
+        self._pool = new
+        if old is not None:
+            closing = asyncio.get_running_loop().create_task(old.close())
+            self._retired.add(closing)
+            closing.add_done_callback(self._retired.discard)
 
     async def _configure(self, conn: Connection) -> None:
         # Timestamps come back in UTC whatever the server's TimeZone is, and unqualified names in
@@ -584,6 +605,8 @@ class PostgresStore(EventStore):
                 await task
         if self._pool is not None:
             await self._pool.close()
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
 
     def statistics(self) -> PostgresStatistics:
         """How the writer has been doing: batch sizes, redos, retries, queue length (for tooling)."""
@@ -726,6 +749,7 @@ class PostgresStore(EventStore):
                     _log.info("LISTEN connection to %s lost (%s); reconnecting", self._where, exc)
                 await conn.close()
                 conn = await self._relisten()
+                await self._renew_pool()
         finally:
             await conn.close()
 
