@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 
 import psycopg
@@ -434,6 +435,27 @@ async def test_transaction_runs_sync_code_in_the_store_schema(pg_url: str) -> No
             f"AND table_schema = '{schema_of(pg_url)}'",
         )
         assert tables == [(schema_of(pg_url),)]
+
+
+async def test_cancelled_transaction_runs_nothing_outside_it(pg_url: str) -> None:
+    async with open_store(pg_url) as store:
+        await store.transaction(lambda tx: tx.execute("CREATE TABLE rows (n int)"))
+        started, release = threading.Event(), threading.Event()
+
+        def work(tx: Tx) -> None:
+            tx.execute("INSERT INTO rows VALUES (1)")
+            started.set()
+            release.wait(30)
+            tx.execute("INSERT INTO rows VALUES (2)")  # must not run once the caller is cancelled
+
+        task = asyncio.create_task(store.transaction(work))
+        await asyncio.to_thread(started.wait, 30)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await store.query("SELECT count(*) FROM rows") == [(0,)]
 
 
 async def test_driver_errors_in_transactions_are_translated(pg_url: str) -> None:

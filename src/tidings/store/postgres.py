@@ -986,9 +986,20 @@ class PostgresStore(EventStore):
             return await self._run_sync(tx.connection, fn)
 
     async def _run_sync(self, conn: Connection, fn: Callable[[Tx], T]) -> T:
-        """Run synchronous transaction code in a worker thread; its statements run on ``conn``."""
+        """Run synchronous transaction code in a worker thread; its statements run on ``conn``.
+
+        If the caller is cancelled, the thread is told to stop (its next statement raises) and
+        waited for before the cancellation goes on: otherwise the transaction would be rolled
+        back while the thread still issues statements, which would then run outside it.
+        """
         tx = PostgresTx(conn, asyncio.get_running_loop())
-        return await asyncio.to_thread(fn, tx)
+        work = asyncio.ensure_future(asyncio.to_thread(fn, tx))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            tx.close()
+            await asyncio.wait([work])
+            raise
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await self._fetch(to_psycopg(sql, params), params or ())

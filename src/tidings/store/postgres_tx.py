@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from tidings.errors import StoreError
+
 __all__ = ["PostgresTx", "Result", "to_psycopg"]
 
 T = TypeVar("T")
@@ -121,8 +123,16 @@ class PostgresTx:
     def __init__(self, connection: psycopg.AsyncConnection[Any], loop: asyncio.AbstractEventLoop) -> None:
         self.connection = connection
         self.loop = loop
+        self.closed = False
+
+    def close(self) -> None:
+        """Refuse further statements (the transaction is being abandoned)."""
+        self.closed = True
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self.closed:
+            coro.close()
+            raise StoreError("the transaction was cancelled; no further statements run in it")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Result:
