@@ -128,6 +128,8 @@ class EventRegistry:
     def __init__(self) -> None:
         self._types: dict[str, type[Event]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        # (type name, current schema version) -> the model's JSON validator: the hot read path.
+        self.validators: dict[tuple[str, int], Callable[[bytes | str], Any]] = {}
 
     def register(self, cls: type[Event]) -> None:
         """Register ``cls`` under its type name.
@@ -144,7 +146,10 @@ class EventRegistry:
             )
             if not same:
                 raise DuplicateEventType(name, existing, cls)
+        if existing is not None:
+            self.validators.pop((name, existing.__event_version__), None)
         self._types[name] = cls
+        self.validators[(name, cls.__event_version__)] = cls.__pydantic_validator__.validate_json
 
     def get(self, event_type: str) -> type[Event] | None:
         return self._types.get(event_type)

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import os
 import queue
 import sqlite3
@@ -355,22 +356,28 @@ class SQLiteStore(EventStore):
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []
+        # Alone in its transaction, a job needs no savepoint: if it fails, the whole rolls back.
+        single = len(batch) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
-                conn.execute("SAVEPOINT job")
+                if not single:
+                    conn.execute("SAVEPOINT job")
                 try:
                     result = job.fn(conn)
                 except BaseException as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
+                    conn.execute("ROLLBACK" if single else "ROLLBACK TO job")
+                    if not single:
+                        conn.execute("RELEASE job")
                     if isinstance(exc, sqlite3.Error):
                         exc = _translate(exc, self.config.path)
                     outcomes.append((None, exc))
                 else:
-                    conn.execute("RELEASE job")
+                    if not single:
+                        conn.execute("RELEASE job")
                     outcomes.append((result, None))
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except BaseException as exc:
             # The transaction itself failed (disk full, I/O error, lock timeout): nothing of the
             # batch is committed, and every caller learns it.
@@ -595,14 +602,34 @@ def _head_of(conn: sqlite3.Connection) -> int:
     return int(row[0] or 0)
 
 
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_CHUNK = 500
+_STATE_SQL = (
+    "SELECT (SELECT max(position) FROM tidings_events), version, position FROM "
+    "(SELECT 1) LEFT JOIN (SELECT version, position FROM tidings_events WHERE stream_id = ? "
+    "ORDER BY version DESC LIMIT 1)"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(rows: int) -> str:
+    return (
+        "INSERT INTO tidings_events (position, stream_id, version, event_id, event_type, "
+        "schema_version, timestamp, data, metadata) VALUES " + ", ".join([_INSERT_ROW] * rows)
+    )
+
+
 def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult:
-    """Perform one append inside the writer's open transaction (its savepoint)."""
+    """Perform one append inside the writer's open transaction.
+
+    Statements are few and large on purpose: the sqlite3 module releases the GIL around every
+    step, and each time the writer must win it back from the event loop's thread, so one
+    multi-row INSERT beats ``executemany`` under load by a wide margin.
+    """
     stream_id = request.stream_id
-    last = conn.execute(
-        "SELECT version, position FROM tidings_events WHERE stream_id = ? ORDER BY version DESC LIMIT 1",
-        (stream_id,),
-    ).fetchone()
-    version, last_position = (0, 0) if last is None else (int(last[0]), int(last[1]))
+    head, version, last_position = conn.execute(_STATE_SQL, (stream_id,)).fetchone()
+    head = head or 0
+    version = version or 0
     existing: list[tuple[Any, ...]] = []
     if request.explicit_ids:
         ids = [e.event_id.bytes for e in request.events]
@@ -615,30 +642,31 @@ def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult
                     chunk,
                 ).fetchall()
             )
-    resolved = request.resolve(version, last_position, existing)
+    resolved = request.resolve(version, last_position or 0, existing)
     if resolved is not None:
         return resolved
-    head = _head_of(conn)
     ts = now_micros()
     meta = request.metadata
-    conn.executemany(
-        "INSERT INTO tidings_events (position, stream_id, version, event_id, event_type, "
-        "schema_version, timestamp, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                head + i,
-                stream_id,
-                version + i,
-                e.event_id.bytes,
-                e.event_type,
-                e.schema_version,
-                ts,
-                e.data,
-                meta,
+    events = request.events
+    for start in range(0, len(events), _INSERT_CHUNK):
+        chunk = events[start : start + _INSERT_CHUNK]
+        params: list[Any] = []
+        extend = params.extend
+        for i, e in enumerate(chunk, start=start + 1):
+            extend(
+                (
+                    head + i,
+                    stream_id,
+                    version + i,
+                    e.event_id.bytes,
+                    e.event_type,
+                    e.schema_version,
+                    ts,
+                    e.data,
+                    meta,
+                )
             )
-            for i, e in enumerate(request.events, start=1)
-        ],
-    )
+        conn.execute(_insert_sql(len(chunk)), params)
     n = len(request.events)
     return AppendResult(version + n, head + n)
 
