@@ -649,10 +649,10 @@ def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult
     meta = request.metadata
     events = request.events
     for start in range(0, len(events), _INSERT_CHUNK):
-        chunk = events[start : start + _INSERT_CHUNK]
+        rows = events[start : start + _INSERT_CHUNK]
         params: list[Any] = []
         extend = params.extend
-        for i, e in enumerate(chunk, start=start + 1):
+        for i, e in enumerate(rows, start=start + 1):
             extend(
                 (
                     head + i,
@@ -666,7 +666,7 @@ def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult
                     meta,
                 )
             )
-        conn.execute(_insert_sql(len(chunk)), params)
+        conn.execute(_insert_sql(len(rows)), params)
     n = len(request.events)
     return AppendResult(version + n, head + n)
 
