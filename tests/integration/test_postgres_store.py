@@ -465,3 +465,29 @@ async def test_driver_errors_in_transactions_are_translated(pg_url: str) -> None
         assert isinstance(info.value, TidingsError) and isinstance(info.value.__cause__, psycopg.Error)
         with pytest.raises(StoreError):
             await store.query("SELEC nonsense")
+
+
+# -- the hypothesis model of the store, on PostgreSQL --------------------------------------------------------
+
+
+def test_store_model_on_postgres(postgres_url: str) -> None:
+    from hypothesis import settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from tests.unit.test_store_model import StoreMachine
+
+    class PostgresMachine(StoreMachine):
+        def __init__(self) -> None:
+            self.schema = f"m_{uuid.uuid4().hex}"
+            self.url_template = servers.with_options(postgres_url, schema=self.schema)
+            super().__init__()
+
+        def teardown(self) -> None:
+            try:
+                super().teardown()
+            finally:
+                drop_schema(postgres_url, self.schema)
+
+    run_state_machine_as_test(
+        PostgresMachine, settings=settings(max_examples=20, stateful_step_count=20, deadline=None)
+    )

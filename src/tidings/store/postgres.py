@@ -49,9 +49,20 @@ The price is that appends to one schema commit one at a time. Two things make th
   version)`` and ``event_id`` reject the insert and nothing is written; the batch is then redone in
   one transaction that locks the counter *first*, so its reads cannot be stale.
 
+What this costs: across processes, appends to one schema are bounded by one commit -- one WAL
+flush -- at a time (on a 2-core test machine, CPU runs out first). Within a process, group commit
+amortises the flush over every append waiting. Turning ``synchronous_commit`` off inside the lock
+would release it before the flush, but readers could then see, and act on, events that a crash
+takes back and whose positions a later append reuses; tidings does not trade that away. Schemas are
+independent (each has its own counter), except that PostgreSQL serialises the commit step of
+NOTIFY-ing transactions database-wide.
+
 Appends that share a transaction with other work (a subscription step that emits events with its
-checkpoint, :meth:`~EventStore.commit_processed`) lock the counter first and hold it until that
+checkpoint, :meth:`~EventStore.commit_processed`) lock the counter and hold it until that
 transaction commits; the work itself (a projection's writes) runs before the lock is taken.
+Synchronous projection code (:class:`~tidings.store.records.Tx`) runs in a worker thread whose
+statements are executed on the event loop, on the transaction's connection
+(:mod:`tidings.store.postgres_tx`).
 
 Live delivery: every append transaction ``pg_notify``-s a per-schema channel; one dedicated
 connection per store LISTENs and wakes :meth:`~EventStore.wait_for_append` waiters. Notifications
@@ -62,7 +73,14 @@ listener reconnects on its own.
 Connections come from a psycopg pool. A broken connection (server restart, failover) is replaced:
 reads are retried once on a fresh connection; an append whose connection broke while it was being
 committed is re-sent as an exact retry of itself (by its event ids), so it is stored exactly once
-whether or not the first attempt reached the server.
+whether or not the first attempt reached the server. When the listener reconnects after losing
+its connection, the pool is replaced by a fresh one, so that the store does not sit out the pool's
+exponential reconnection backoff after the server is back.
+
+A client that dies while holding the counter (only possible inside a multi-statement transaction)
+blocks other appenders until the server notices the dead connection: at once when the process dies
+(its socket closes), after TCP keepalive timeouts when its machine or network does. Set
+``idle_in_transaction_session_timeout`` (and TCP keepalives) on the server to bound the latter.
 """
 
 from __future__ import annotations
