@@ -65,15 +65,13 @@ class Repository(Generic[A]):
         limit = None if target is None else target - start
         apply = aggregate.apply
         version = start
-        async for recorded in self.store.read_stream(id, after=start, limit=limit):
-            event = recorded.event
+        async for version, event in self.store.stream_events(id, after=start, limit=limit):
             if not isinstance(event, Event):
                 raise TidingsError(
-                    f"aggregate {id!r}: event type {recorded.event_type!r} at version "
-                    f"{recorded.version} is not registered; cannot apply a raw event"
+                    f"aggregate {id!r}: event type {event.event_type!r} at version "
+                    f"{version} is not registered; cannot apply a raw event"
                 )
             apply(event)
-            version = recorded.version
         aggregate.version = version
         if version == 0:
             raise AggregateNotFound(id)

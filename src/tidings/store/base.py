@@ -488,6 +488,39 @@ class EventStore(abc.ABC):
             else:
                 lower = rows[-1][2]
 
+    async def stream_events(
+        self, stream_id: str, *, after: int = 0, limit: int | None = None
+    ) -> AsyncIterator[tuple[int, Event | RawEvent]]:
+        """Yield ``(version, event)`` of a stream, without the envelope: the replay fast path.
+
+        Same order, paging and errors as :meth:`read_stream`; cheaper when only the typed events
+        matter (loading aggregates).
+        """
+        stream_id = validate_stream_id(stream_id)
+        lower = validate_position("after", after)
+        remaining = validate_position("limit", limit, allow_none=True)
+        assert lower is not None
+        self._check_open()
+        validators = self.registry.validators
+        decode = self.registry.decode
+        while remaining is None or remaining > 0:
+            page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
+            rows = await self._fetch_stream(stream_id, lower, None, False, page)
+            for row in rows:
+                validate = validators.get((row[4], row[5]))
+                if validate is not None:
+                    try:
+                        yield row[2], validate(row[7])
+                        continue
+                    except ValidationError:
+                        pass
+                yield row[2], decode(row[4], row[5], row[7], stream_id=stream_id, position=row[0])
+            if remaining is not None:
+                remaining -= len(rows)
+            if len(rows) < page:
+                return
+            lower = rows[-1][2]
+
     async def read_all(
         self,
         *,
