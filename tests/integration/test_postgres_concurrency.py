@@ -25,7 +25,7 @@ import pytest
 
 from tests import servers
 from tidings import AppendResult, ConcurrencyError, EventStore, StoreError, open_store
-from tidings.store.postgres import PostgresStore
+from tidings.store.postgres import PostgresConfig, PostgresStore
 from tidings.testing import Credited, collect
 
 pytestmark = pytest.mark.postgres
@@ -61,13 +61,16 @@ class Reader:
 
 
 async def wait_until_lock_waiters(url: str, count: int) -> None:
-    """Return once ``count`` backends of this database wait for a lock (fail after 60 s)."""
+    """Return once ``count`` backends wait for a lock in a statement on this URL's schema (fail
+    after 60 s). Statements of the store name their schema, which keeps other tests out."""
     deadline = time.monotonic() + 60
+    schema = PostgresConfig.from_url(url).schema
     async with await psycopg.AsyncConnection.connect(servers.libpq_url(url), autocommit=True) as conn:
         while True:
             cur = await conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'"
+                "AND wait_event_type = 'Lock' AND strpos(query, %s) > 0",
+                (f'"{schema}".',),
             )
             row = await cur.fetchone()
             if row is not None and row[0] >= count:
