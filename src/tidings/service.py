@@ -256,22 +256,33 @@ class Service:
     async def wait_for(
         self, position: int, *, group: str | None = None, timeout: float | None = 10.0
     ) -> bool:
-        """Wait until ``group`` (default: every group of this service) has processed ``position``."""
+        """Wait until ``group`` (default: every group of this service) has processed ``position``.
+
+        ``group`` may be a handler group or a projection's name; a projection's group is looked
+        up again while waiting, so a blue/green swap in the meantime is followed.
+        """
         store = self.store
-        if group is None:
-            groups = [s.group for s in self._subscriptions]
-        elif group in self._projections:  # a projection's group name carries its generation
-            groups = [
-                s.group
-                for s in self._subscriptions
-                if isinstance(s, ProjectionSubscription) and s.projection.name == group
-            ]
-        else:
-            groups = [group]
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        for name in groups:
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            if not await store.wait_for(position, group=name, timeout=remaining):
-                return False
+        names = [group] if group is not None else [s.group for s in self._subscriptions]
+        for name in names:
+            while True:
+                current = await self._current_group(name)
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                step = 0.2 if remaining is None else min(0.2, remaining)
+                if await store.wait_for(position, group=current, timeout=step):
+                    break
+                if remaining is not None and remaining <= step:
+                    return False
         return True
+
+    async def _current_group(self, name: str) -> str:
+        """The group to wait on now for ``name``: a projection's carries its active generation,
+        read from the database (a runner that is idle may not have noticed a swap yet)."""
+        projection = self._projections.get(name)
+        if projection is None:
+            return name
+        rows = await self.store.query(
+            "SELECT generation FROM tidings_projections WHERE name = ?", (projection[0].name,)
+        )
+        return projection[0].group(int(rows[0][0]) if rows else 1)

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from tidings import __version__
 from tidings.cli import processing, reading, render
+from tidings.cli.db import db_app
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, run
 
 __all__ = ["app", "main"]
@@ -122,6 +123,7 @@ app.command("run")(processing.run_service)
 app.command("groups")(processing.groups)
 app.add_typer(processing.dlq_app, name="dlq")
 app.add_typer(processing.projections_app, name="projections")
+app.add_typer(db_app, name="db")
 
 
 def _event_json_printer() -> reading.EventSink:

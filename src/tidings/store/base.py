@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
+from urllib.parse import urlsplit, urlunsplit
 from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
 
 import orjson
@@ -339,12 +340,21 @@ class EventStore(abc.ABC):
         self._checkpoint_changed = asyncio.Event()
         self._group_locks: dict[str, asyncio.Lock] = {}
 
+    @property
+    def safe_url(self) -> str:
+        """The store's URL with any password masked, for messages and logs."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> Self:
         """Connect and create (or check) the schema. Idempotent."""
         if self._closed:
-            raise StoreClosed(f"store {self.url} is closed")
+            raise StoreClosed(f"store {self.safe_url} is closed")
         if not self._opened:
             await self._open()
             self._opened = True
@@ -370,9 +380,9 @@ class EventStore(abc.ABC):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosed(f"store {self.url} is closed")
+            raise StoreClosed(f"store {self.safe_url} is closed")
         if not self._opened:
-            raise StoreClosed(f"store {self.url} is not open; use 'async with open_store(...)'")
+            raise StoreClosed(f"store {self.safe_url} is not open; use 'async with open_store(...)'")
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -658,13 +668,20 @@ class EventStore(abc.ABC):
         backend's change detection (a cheap poll, or LISTEN/NOTIFY), bounded by ``timeout``.
         """
         self._check_open()
-        waiter = self._head_changed
-        head = await self._head()
-        if head > position:
-            return head
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter.wait(), timeout)
-        return await self._head()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            waiter = self._head_changed
+            head = await self._head()
+            if head > position:
+                return head
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return head
+            # A wake-up may be for a write that did not move the head (a checkpoint, a
+            # snapshot): check again rather than return early.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), remaining)
 
     # -- processing records (checkpoints, inbox, dead letters) -------------------------------------
 
