@@ -19,8 +19,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, TracebackType
-from urllib.parse import urlsplit, urlunsplit
 from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from pydantic import ValidationError
