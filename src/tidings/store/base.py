@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import functools
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -267,19 +268,21 @@ def _as_uuid(value: Any) -> uuid.UUID:
     return uuid.UUID(str(value))
 
 
-_VERSION_4_MASK = ~(0xF000 << 64) & ~(0xC000 << 48)
-_VERSION_4_BITS = (0x4000 << 64) | (0x8000 << 48)
-
-
 def new_event_ids(count: int) -> list[uuid.UUID]:
-    """``count`` random (version 4) UUIDs from one ``os.urandom`` call.
+    """``count`` new event ids: time-ordered UUIDs (version 7, RFC 9562) from one system call.
 
-    ``uuid.uuid4()`` makes one system call per id, which shows in profiles of large appends.
+    Time order matters for the stores: ids that grow with time land at the right edge of the
+    unique event-id index, so a commit dirties a few pages instead of one random page per event
+    (random version 4 ids made commits several times slower on large stores). The 74 random bits
+    keep ids unguessable and collision-free.
     """
-    raw = os.urandom(16 * count)
+    raw = os.urandom(10 * count)
+    millis = time.time_ns() // 1_000_000
+    prefix = (millis & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76
     out = []
-    for offset in range(0, 16 * count, 16):
-        value = (_from_bytes(raw[offset : offset + 16]) & _VERSION_4_MASK) | _VERSION_4_BITS
+    for offset in range(0, 10 * count, 10):
+        rand = _from_bytes(raw[offset : offset + 10])  # 80 random bits; 74 are used
+        value = prefix | (rand >> 68) << 64 | 0b10 << 62 | (rand & 0x3FFF_FFFF_FFFF_FFFF)
         result = _new_object(uuid.UUID)
         _set_attribute(result, "int", value)
         _set_attribute(result, "is_safe", uuid.SafeUUID.unknown)

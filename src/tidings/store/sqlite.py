@@ -162,14 +162,19 @@ class SQLiteConfig:
 
 
 class _Job:
-    __slots__ = ("fn", "future", "loop")
+    __slots__ = ("fn", "future", "loop", "request")
 
     def __init__(
-        self, fn: WriteJob[Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop
+        self,
+        fn: WriteJob[Any],
+        future: asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+        request: AppendRequest | None = None,
     ) -> None:
         self.fn = fn
         self.future = future
         self.loop = loop
+        self.request = request  # set for appends, which the writer can merge
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -236,7 +241,7 @@ class SQLiteStore(EventStore):
 
         return await loop.run_in_executor(self._readers, run)
 
-    async def write(self, fn: WriteJob[T]) -> T:
+    async def write(self, fn: WriteJob[T], *, _request: AppendRequest | None = None) -> T:
         """Run ``fn(conn)`` on the writer thread inside a savepoint of the next group commit.
 
         The result is returned once the transaction holding it has committed. If ``fn`` raises,
@@ -246,7 +251,7 @@ class SQLiteStore(EventStore):
         self._check_open()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(fn, future, loop))
+        self._jobs.put(_Job(fn, future, loop, _request))
         return await future
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -360,22 +365,18 @@ class SQLiteStore(EventStore):
         single = len(batch) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                if not single:
-                    conn.execute("SAVEPOINT job")
-                try:
-                    result = job.fn(conn)
-                except BaseException as exc:
-                    conn.execute("ROLLBACK" if single else "ROLLBACK TO job")
-                    if not single:
-                        conn.execute("RELEASE job")
-                    if isinstance(exc, sqlite3.Error):
-                        exc = _translate(exc, self.config.path)
-                    outcomes.append((None, exc))
-                else:
-                    if not single:
-                        conn.execute("RELEASE job")
-                    outcomes.append((result, None))
+            index = 0
+            while index < len(batch):
+                end = index
+                while end < len(batch) and batch[end].request is not None:
+                    end += 1
+                if end - index > 1:
+                    # A run of appends: one state query and one INSERT for all of them.
+                    outcomes.extend(self._run_appends(conn, batch[index:end]))
+                    index = end
+                    continue
+                outcomes.append(self._run_job(conn, batch[index], single))
+                index += 1
             if conn.in_transaction:
                 conn.execute("COMMIT")
         except BaseException as exc:
@@ -395,6 +396,34 @@ class SQLiteStore(EventStore):
         if wrote and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop may be closing
                 self._loop.call_soon_threadsafe(self._notify_appended)
+
+    def _run_job(self, conn: sqlite3.Connection, job: _Job, single: bool) -> tuple[Any, BaseException | None]:
+        if not single:
+            conn.execute("SAVEPOINT job")
+        try:
+            result = job.fn(conn)
+        except BaseException as exc:
+            conn.execute("ROLLBACK" if single else "ROLLBACK TO job")
+            if not single:
+                conn.execute("RELEASE job")
+            return None, _translate(exc, self.config.path) if isinstance(exc, sqlite3.Error) else exc
+        if not single:
+            conn.execute("RELEASE job")
+        return result, None
+
+    def _run_appends(
+        self, conn: sqlite3.Connection, jobs: list[_Job]
+    ) -> list[tuple[Any, BaseException | None]]:
+        """Merge several appends; if the merged write fails unexpectedly, redo them one by one."""
+        conn.execute("SAVEPOINT appends")
+        try:
+            outcomes = _append_many_in(conn, [job.request for job in jobs if job.request is not None])
+        except sqlite3.Error:
+            conn.execute("ROLLBACK TO appends")
+            conn.execute("RELEASE appends")
+            return [self._run_job(conn, job, single=False) for job in jobs]
+        conn.execute("RELEASE appends")
+        return outcomes
 
     async def _watch_other_writers(self) -> None:
         """Notice commits made by other processes (``PRAGMA data_version``) and wake waiters.
@@ -425,7 +454,7 @@ class SQLiteStore(EventStore):
     # -- primitives -------------------------------------------------------------------------------
 
     async def _append(self, request: AppendRequest) -> AppendResult:
-        return await self.write(lambda conn: _append_in(conn, request))
+        return await self.write(lambda conn: _append_in(conn, request), _request=request)
 
     async def _fetch_stream(
         self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
@@ -617,6 +646,71 @@ def _insert_sql(rows: int) -> str:
         "INSERT INTO tidings_events (position, stream_id, version, event_id, event_type, "
         "schema_version, timestamp, data, metadata) VALUES " + ", ".join([_INSERT_ROW] * rows)
     )
+
+
+def _append_many_in(
+    conn: sqlite3.Connection, requests: list[AppendRequest]
+) -> list[tuple[AppendResult | None, BaseException | None]]:
+    """Perform several appends in the open transaction with one state query and one INSERT.
+
+    The expected-version and idempotency rules run in Python against the state read once and
+    updated as each request is accepted, so a rejected request simply contributes no rows and
+    gets its own error, exactly as if the appends had run one after another.
+    """
+    streams = list(dict.fromkeys(r.stream_id for r in requests))
+    state: dict[str, tuple[int, int]] = {}
+    for start in range(0, len(streams), 500):
+        chunk = streams[start : start + 500]
+        for stream_id, version, position in conn.execute(
+            "SELECT stream_id, max(version), max(position) FROM tidings_events "
+            f"WHERE stream_id IN ({', '.join('?' * len(chunk))}) GROUP BY stream_id",
+            chunk,
+        ):
+            state[stream_id] = (int(version), int(position))
+    head = _head_of(conn)
+    known: dict[bytes, tuple[Any, ...]] = {}
+    explicit = [e.event_id.bytes for r in requests if r.explicit_ids for e in r.events]
+    for start in range(0, len(explicit), 500):
+        ids = explicit[start : start + 500]
+        for row in conn.execute(
+            "SELECT event_id, stream_id, version, position FROM tidings_events "
+            f"WHERE event_id IN ({', '.join('?' * len(ids))})",
+            ids,
+        ):
+            known[bytes(row[0])] = row
+    ts = now_micros()
+    rows: list[tuple[Any, ...]] = []
+    outcomes: list[tuple[AppendResult | None, BaseException | None]] = []
+    for request in requests:
+        stream_id = request.stream_id
+        version, last_position = state.get(stream_id, (0, 0))
+        existing = []
+        if request.explicit_ids:
+            existing = [known[key] for e in request.events if (key := e.event_id.bytes) in known]
+        try:
+            resolved = request.resolve(version, last_position, existing)
+        except TidingsError as exc:
+            outcomes.append((None, exc))
+            continue
+        if resolved is not None:
+            outcomes.append((resolved, None))
+            continue
+        meta = request.metadata
+        for i, e in enumerate(request.events, start=1):
+            key = e.event_id.bytes
+            rows.append(
+                (head + i, stream_id, version + i, key, e.event_type, e.schema_version, ts, e.data, meta)
+            )
+            if request.explicit_ids:
+                known[key] = (key, stream_id, version + i, head + i)
+        n = len(request.events)
+        head += n
+        state[stream_id] = (version + n, head)
+        outcomes.append((AppendResult(version + n, head), None))
+    for start in range(0, len(rows), _INSERT_CHUNK):
+        chunk_rows = rows[start : start + _INSERT_CHUNK]
+        conn.execute(_insert_sql(len(chunk_rows)), [value for row in chunk_rows for value in row])
+    return outcomes
 
 
 def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult:
