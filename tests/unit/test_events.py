@@ -92,3 +92,22 @@ def test_encode_decode_roundtrip_and_upcast_chain() -> None:
     assert registry.decode("tests.Moved", 3, data) == Moved(to="Paris", floor=2)
     with pytest.raises(EventTypeError):
         registry.add_upcaster("tests.Moved", 1, lambda d: d)  # a second, different upcaster
+
+
+def test_generated_event_ids_are_time_ordered_uuid7() -> None:
+    import time
+    import uuid
+
+    from tidings.store.base import new_event_ids
+
+    before = time.time_ns() // 1_000_000
+    ids = new_event_ids(2000)
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 2000
+    for value in ids:
+        assert value.version == 7 and value.variant == uuid.RFC_4122
+        assert uuid.UUID(str(value)) == value and uuid.UUID(bytes=value.bytes) == value
+        assert before <= value.int >> 80 <= after  # the millisecond timestamp prefix
+    later = new_event_ids(1)[0]
+    time.sleep(0.002)
+    assert new_event_ids(1)[0] > later  # later ids sort after earlier ones
