@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import time
 from datetime import UTC, datetime
@@ -43,12 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    faulthandler.enable()  # a crash in a driver thread should leave a traceback, not just a signal
     sizes = QUICK if args.quick else FULL
     names = args.scenarios or list(SCENARIOS)
     workspace = Workspace(args.tmpdir)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     if load_before is not None and load_before[0] > 0.5 * (os.cpu_count() or 1):
         log(f"warning: load average {load_before[0]:.2f} before the run; other work will skew the figures")
+    environment = report.environment()  # before the run: the revision measured, not one written after
     started = datetime.now(UTC)
     clock = time.perf_counter()
     comparisons: list[Comparison] = []
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         comparisons=comparisons,
         started=started,
         seconds=time.perf_counter() - clock,
+        environment=environment,
         load_before=load_before,
     )
     print(report.text_table(run))
