@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterable
-from typing import Any, ClassVar, Self, get_origin, get_type_hints
+from typing import Any, ClassVar, Self, cast, get_origin, get_type_hints
 
 import orjson
 from pydantic import BaseModel, ValidationError, create_model
@@ -36,6 +36,7 @@ from tidings.events import Event, RecordedEvent
 __all__ = ["Aggregate"]
 
 _INTERNAL = frozenset({"id", "version", "_pending"})
+_IMMUTABLE = (int, float, str, bytes, bool, type(None), frozenset)
 
 
 class Aggregate:
@@ -67,12 +68,16 @@ class Aggregate:
         self.version = 0
         self._pending: list[Event] = []
         for name, value in self._state_defaults().items():
-            setattr(self, name, copy.deepcopy(value))
+            # Immutable defaults are shared safely; only containers need their own copy.
+            setattr(self, name, value if isinstance(value, _IMMUTABLE) else copy.deepcopy(value))
 
     @classmethod
     def _state_fields(cls) -> dict[str, Any]:
+        cached = cls.__dict__.get("_state_fields_cache")
+        if cached is not None:
+            return cast(dict[str, Any], cached)
         hints = get_type_hints(cls)
-        return {
+        fields = {
             name: hint
             for name, hint in hints.items()
             if name not in _INTERNAL
@@ -80,15 +85,21 @@ class Aggregate:
             and get_origin(hint) is not ClassVar
             and hint is not ClassVar
         }
+        cls._state_fields_cache = fields  # type: ignore[attr-defined]
+        return fields
 
     @classmethod
     def _state_defaults(cls) -> dict[str, Any]:
+        cached = cls.__dict__.get("_state_defaults_cache")
+        if cached is not None:
+            return cast(dict[str, Any], cached)
         out: dict[str, Any] = {}
         for name in cls._state_fields():
             for klass in cls.__mro__:
                 if name in klass.__dict__:
                     out[name] = klass.__dict__[name]
                     break
+        cls._state_defaults_cache = out  # type: ignore[attr-defined]
         return out
 
     # -- commands -------------------------------------------------------------------------------

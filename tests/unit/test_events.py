@@ -111,3 +111,24 @@ def test_generated_event_ids_are_time_ordered_uuid7() -> None:
     later = new_event_ids(1)[0]
     time.sleep(0.002)
     assert new_event_ids(1)[0] > later  # later ids sort after earlier ones
+
+
+def test_recorded_event_is_immutable_and_builds_id_and_time_lazily() -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    from tidings import RecordedEvent
+
+    event_id = uuid.uuid4()
+    recorded = RecordedEvent(
+        event_id.bytes, "ParcelShipped", "p-1", 1, 7, 1_000_000, ParcelShipped(parcel="p", weight_g=1), {}
+    )
+    assert recorded.event_id == event_id
+    assert recorded.timestamp == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+    with pytest.raises(AttributeError):
+        recorded.version = 2  # type: ignore[misc]
+    same = RecordedEvent(
+        event_id, "ParcelShipped", "p-1", 1, 7, recorded.timestamp, ParcelShipped(parcel="p", weight_g=1), {}
+    )
+    assert same == recorded and hash(same) == hash(recorded)
+    assert "p-1" in repr(recorded)

@@ -13,12 +13,11 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import functools
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -33,7 +32,15 @@ from tidings.errors import (
     InvalidStreamId,
     StoreClosed,
 )
-from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry
+from tidings.events import (
+    Event,
+    EventRegistry,
+    RawEvent,
+    RecordedEvent,
+    datetime_from_micros,
+    default_registry,
+    uuid_from_bytes,
+)
 
 if TYPE_CHECKING:
     from tidings.store.records import DeadLetter, ProcessedBatch, Tx
@@ -253,21 +260,6 @@ _set_attribute = object.__setattr__
 _from_bytes = int.from_bytes
 
 
-def _as_uuid(value: Any) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, bytes) and len(value) == 16:
-        # The UUID constructor validates its many input forms and costs ~2 us; stored ids are
-        # exactly 16 bytes, so build the immutable object directly (what UUID.__init__ ends with).
-        result = _new_object(uuid.UUID)
-        _set_attribute(result, "int", _from_bytes(value))
-        _set_attribute(result, "is_safe", uuid.SafeUUID.unknown)
-        return result
-    if isinstance(value, bytearray | memoryview):
-        return uuid.UUID(bytes=bytes(value))
-    return uuid.UUID(str(value))
-
-
 def new_event_ids(count: int) -> list[uuid.UUID]:
     """``count`` new event ids: time-ordered UUIDs (version 7, RFC 9562) from one system call.
 
@@ -290,16 +282,8 @@ def new_event_ids(count: int) -> list[uuid.UUID]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _micros_to_datetime(value: int) -> datetime:
-    # Events appended together share a timestamp: a small cache spares most conversions.
-    return _EPOCH + timedelta(microseconds=value)
-
-
-def _as_datetime(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value
-    return _micros_to_datetime(value)
+_as_uuid = uuid_from_bytes
+_as_datetime = datetime_from_micros
 
 
 def now_micros() -> int:
@@ -597,12 +581,12 @@ class EventStore(abc.ABC):
                 )
             append(
                 RecordedEvent(
-                    _as_uuid(event_id),
+                    event_id,
                     event_type,
                     stream_id,
                     version,
                     position,
-                    _as_datetime(ts),
+                    ts,
                     event,
                     _EMPTY if meta is None else _load_metadata(meta),
                     schema_version,

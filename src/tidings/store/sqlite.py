@@ -203,7 +203,8 @@ class SQLiteStore(EventStore):
         self._reader_conns: list[sqlite3.Connection] = []
         self._local = threading.local()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
         self._conns_lock = threading.Lock()
 
     # -- connections ------------------------------------------------------------------------------
@@ -224,6 +225,9 @@ class SQLiteStore(EventStore):
         if conn is None:
             conn = self._connect()
             conn.execute("PRAGMA query_only = 1")
+            # Pages live in the OS cache anyway; a big private cache per reader would hold the
+            # same pages twice and make a long scan's RSS grow to twice that size.
+            conn.execute("PRAGMA cache_size = -8192")
             self._local.conn = conn
             with self._conns_lock:
                 self._reader_conns.append(conn)
@@ -273,13 +277,15 @@ class SQLiteStore(EventStore):
         self._readers = concurrent.futures.ThreadPoolExecutor(
             max_workers=_READERS, thread_name_prefix="tidings-sqlite-reader"
         )
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch_other_writers())
+        self._watcher = threading.Thread(
+            target=self._watch_other_writers, name="tidings-sqlite-watch", daemon=True
+        )
+        self._watcher.start()
 
     async def _close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+        self._watch_stop.set()
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.join)
         self._jobs.put(None)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
@@ -414,42 +420,50 @@ class SQLiteStore(EventStore):
     def _run_appends(
         self, conn: sqlite3.Connection, jobs: list[_Job]
     ) -> list[tuple[Any, BaseException | None]]:
-        """Merge several appends; if the merged write fails unexpectedly, redo them one by one."""
-        conn.execute("SAVEPOINT appends")
+        """Merge several appends; if the merged write fails unexpectedly, redo them one by one.
+
+        A savepoint guards the merge only when it takes several INSERT statements: one
+        statement is atomic by itself, and every SQLite call costs a GIL round trip here.
+        """
+        requests = [job.request for job in jobs if job.request is not None]
+        guarded = sum(len(r.events) for r in requests) > _INSERT_CHUNK
+        if guarded:
+            conn.execute("SAVEPOINT appends")
         try:
-            outcomes = _append_many_in(conn, [job.request for job in jobs if job.request is not None])
+            outcomes = _append_many_in(conn, requests)
         except sqlite3.Error:
-            conn.execute("ROLLBACK TO appends")
-            conn.execute("RELEASE appends")
+            if guarded:
+                conn.execute("ROLLBACK TO appends")
+                conn.execute("RELEASE appends")
             return [self._run_job(conn, job, single=False) for job in jobs]
-        conn.execute("RELEASE appends")
+        if guarded:
+            conn.execute("RELEASE appends")
         return outcomes
 
-    async def _watch_other_writers(self) -> None:
-        """Notice commits made by other processes (``PRAGMA data_version``) and wake waiters.
+    def _watch_other_writers(self) -> None:
+        """Thread: notice commits made by other processes (``PRAGMA data_version``), wake waiters.
 
-        Writes through this store wake waiters directly; this only covers other connections,
-        so a slow interval is fine.
+        Writes through this store wake waiters directly; this only covers other connections, so
+        a slow interval is fine. data_version counts commits by *other* connections, per
+        connection, so the watch keeps one connection of its own, used by this thread alone.
         """
-        # data_version counts commits by *other* connections, and per connection: the watch
-        # keeps one connection of its own (a pooled reader would compare different counters).
-        conn = await asyncio.to_thread(self._connect)
+        try:
+            conn = self._connect()
+        except TidingsError:
+            return  # the store could not open either; its own error is what the caller sees
         try:
             last: int | None = None
-            while True:
-                await asyncio.sleep(0.05)
+            while not self._watch_stop.wait(0.05):
                 try:
-                    version = await asyncio.to_thread(
-                        lambda: int(conn.execute("PRAGMA data_version").fetchone()[0])
-                    )
+                    version = int(conn.execute("PRAGMA data_version").fetchone()[0])
                 except sqlite3.Error:
                     continue
-                if last is not None and version != last:
-                    self._notify_appended()
+                if last is not None and version != last and self._loop is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop may be closing
+                        self._loop.call_soon_threadsafe(self._notify_appended)
                 last = version
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+            conn.close()
 
     # -- primitives -------------------------------------------------------------------------------
 
@@ -659,15 +673,20 @@ def _append_many_in(
     """
     streams = list(dict.fromkeys(r.stream_id for r in requests))
     state: dict[str, tuple[int, int]] = {}
+    head = 0
     for start in range(0, len(streams), 500):
         chunk = streams[start : start + 500]
+        # The head rides along as a row with a NULL stream id: one statement, not two.
         for stream_id, version, position in conn.execute(
+            "SELECT NULL, 0, max(position) FROM tidings_events UNION ALL "
             "SELECT stream_id, max(version), max(position) FROM tidings_events "
             f"WHERE stream_id IN ({', '.join('?' * len(chunk))}) GROUP BY stream_id",
             chunk,
         ):
-            state[stream_id] = (int(version), int(position))
-    head = _head_of(conn)
+            if stream_id is None:
+                head = int(position or 0)
+            else:
+                state[stream_id] = (int(version), int(position))
     known: dict[bytes, tuple[Any, ...]] = {}
     explicit = [e.event_id.bytes for r in requests if r.explicit_ids for e in r.events]
     for start in range(0, len(explicit), 500):
