@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -120,9 +120,12 @@ class Snapshot:
     state: bytes
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class EncodedEvent:
-    """An event ready to be written: id, type name, schema version and JSON bytes."""
+class EncodedEvent(NamedTuple):
+    """An event ready to be written: id, type name, schema version and JSON bytes.
+
+    A named tuple rather than a frozen dataclass: an append builds one per event, and a tuple
+    is built in C several times faster.
+    """
 
     event_id: uuid.UUID
     event_type: str
