@@ -29,6 +29,14 @@ class Sizes:
     read_all_events: int
     memory_events: int
     memory_append_size: int
+    projection_events: int
+    projection_peer_events: int
+    latency_appends: int
+    latency_warmup: int
+    pg_writers: int
+    pg_saves_per_writer: int
+    pg_read_all_events: int
+    pg_bulk_events: int
     repeats: int
 
 
@@ -42,6 +50,14 @@ FULL: Sizes = Sizes(
     read_all_events=100_000,
     memory_events=1_000_000,
     memory_append_size=10_000,
+    projection_events=100_000,
+    projection_peer_events=20_000,
+    latency_appends=1_000,
+    latency_warmup=100,
+    pg_writers=8,
+    pg_saves_per_writer=150,
+    pg_read_all_events=100_000,
+    pg_bulk_events=10_000,
     repeats=5,
 )
 
@@ -51,6 +67,12 @@ QUICK: Sizes = dataclasses.replace(
     saves_per_writer=25,
     read_all_events=20_000,
     memory_events=200_000,
+    projection_events=20_000,
+    projection_peer_events=5_000,
+    latency_appends=300,
+    latency_warmup=50,
+    pg_saves_per_writer=40,
+    pg_read_all_events=20_000,
     repeats=3,
 )
 

@@ -38,6 +38,7 @@ from benchmarks.harness import (
     sqlite_url,
     stopwatch,
 )
+from benchmarks.pg_server import PostgresProvider
 from tidings import NO_STREAM, Event, EventStore, Repository, open_store
 
 PEER = f"eventsourcing {version('eventsourcing')}"
@@ -48,6 +49,7 @@ RAW = "raw sqlite3.executemany"
 class Context:
     sizes: Sizes
     workspace: Workspace
+    postgres: PostgresProvider = dataclasses.field(default_factory=PostgresProvider)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
