@@ -11,13 +11,20 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.harness import FULL, QUICK, Comparison, Workspace, log
-from benchmarks.scenarios_sqlite import SCENARIOS, Context
+from benchmarks.scenarios_postgres import SCENARIOS as POSTGRES_SCENARIOS
+from benchmarks.scenarios_processing import SCENARIOS as PROCESSING_SCENARIOS
+from benchmarks.scenarios_sqlite import SCENARIOS as SQLITE_SCENARIOS
+from benchmarks.scenarios_sqlite import Context, Scenario
+
+SCENARIOS: dict[str, Scenario] = {**SQLITE_SCENARIOS, **PROCESSING_SCENARIOS, **POSTGRES_SCENARIOS}
+"""Every scenario by name, in the order ``make bench`` runs them."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark tidings against the eventsourcing library, side by side, on SQLite.",
+        description="Benchmark tidings against the eventsourcing library, side by side, on SQLite "
+        "and PostgreSQL.",
         epilog="scenarios: " + ", ".join(f"{s.name} ({s.title})" for s in SCENARIOS.values()),
     )
     parser.add_argument(
@@ -55,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.now(UTC)
     clock = time.perf_counter()
     comparisons: list[Comparison] = []
+    context = Context(sizes, workspace)
     try:
-        context = Context(sizes, workspace)
         for name in names:
             scenario = SCENARIOS[name]
             log(f"{name}: {scenario.title} ...")
@@ -64,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             comparisons.extend(scenario.run(context))
             log(f"{name}: done in {time.perf_counter() - begun:.1f} s")
     finally:
+        context.postgres.close()
         workspace.cleanup()
     run = report.Run(
         mode="quick" if args.quick else "full",
@@ -73,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         seconds=time.perf_counter() - clock,
         environment=environment,
         load_before=load_before,
+        postgres={**context.postgres.settings, "source": context.postgres.source}
+        if context.postgres.settings
+        else None,
     )
     print(report.text_table(run))
     if not args.no_write:

@@ -18,6 +18,7 @@ from typing import Any
 from benchmarks.harness import Comparison, Sizes
 from benchmarks.peer_eventsourcing import PEER_CONFIG
 from benchmarks.raw_sqlite import PRAGMAS
+from benchmarks.scenarios_postgres import PEER_PG_CONFIG
 
 _COLUMNS = ("scenario", "unit", "tidings", "reference", "reference value", "ratio", "aim", "met")
 
@@ -33,6 +34,8 @@ class Run:
     seconds: float
     environment: dict[str, Any]
     load_before: tuple[float, float, float] | None = None
+    postgres: dict[str, str] | None = None
+    """The PostgreSQL server's version and durability settings, if a scenario used it."""
 
 
 def _revision() -> str | None:
@@ -61,6 +64,7 @@ def environment() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "tidings": version("tidings"),
         "eventsourcing": version("eventsourcing"),
+        "psycopg": version("psycopg"),
     }
 
 
@@ -78,11 +82,30 @@ def fairness() -> dict[str, Any]:
             "verified": "journal_mode and synchronous read back from its pooled connection on every open",
         },
         "raw_sqlite3": {"pragmas": list(PRAGMAS), "table": "tidings_events, created by tidings"},
+        "processing": {
+            "tidings": "Service.add_projection / @service.handles on the SQLite store above; default "
+            "SubscriptionConfig (batch_size 500)",
+            "eventsourcing_projection": "eventsourcing.projection.ProjectionRunner + Projection with a "
+            "SQLiteTrackingRecorder view (one transaction per event); APPLICATION_RECORDER_TOPIC = "
+            "benchmarks.peer_processing:SubscribableSQLiteRecorder (adds subscribe(), which the SQLite "
+            "recorder lacks, using eventsourcing's own ListenNotifySubscription pull thread)",
+            "eventsourcing_follower": "eventsourcing.system.MultiThreadedRunner, Leader -> "
+            "ProcessApplication, each application in its own SQLite file",
+        },
+        "postgresql": {
+            "server": "one server for both libraries; fsync, synchronous_commit and full_page_writes "
+            "at their defaults (on), read back before the run",
+            "tidings": "postgresql://<server>?schema=<fresh schema per repetition>, defaults otherwise "
+            "(pool_size 10)",
+            "eventsourcing": PEER_PG_CONFIG,
+            "raw_copy": "psycopg COPY ... FROM STDIN (FORMAT BINARY) into an empty tidings_events "
+            "table created by tidings, one transaction",
+        },
     }
 
 
 def _number(value: float, unit: str) -> str:
-    if unit.startswith("MiB"):
+    if unit.startswith(("MiB", "ms")):
         return f"{value:,.2f}"
     return f"{value:,.0f}"
 
@@ -132,7 +155,13 @@ def text_table(run: Run) -> str:
     out.append("")
     out.append(f"aims met: {sum(met)} of {len(met)}   ({run.mode} run, {run.seconds:.0f} s){_load_note(run)}")
     out.extend(f"  {note}" for note in _notes(run.comparisons))
+    if run.postgres:
+        out.append(f"  PostgreSQL: {_postgres_line(run.postgres)}")
     return "\n".join(out)
+
+
+def _postgres_line(settings: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items() if k != "source")
 
 
 def markdown(run: Run) -> str:
@@ -149,8 +178,9 @@ def markdown(run: Run) -> str:
         f"SQLite {env['sqlite']}, {env['cpus']} CPUs, {env['platform']}; tidings {env['tidings']} "
         f"(revision {env['revision']}) against eventsourcing {env['eventsourcing']}.{_load_note(run)}",
         "",
-        "Ratios are tidings / reference (medians of the repeats); throughput rows aim high, memory rows"
-        " aim low. Aims met: " + f"{sum(met)} of {len(met)}.",
+        "Ratios are tidings / reference (medians of the repeats); throughput rows aim high, latency and"
+        " memory rows aim low; a reference named `aim: ...` is the issue's absolute target. Aims met: "
+        + f"{sum(met)} of {len(met)}.",
         "",
         header,
         align,
@@ -164,8 +194,40 @@ def markdown(run: Run) -> str:
         "back from their own connections every time a database is opened, and a run stops if either "
         "is not WAL + FULL.",
         "",
+        *_markdown_processing(run),
+        *_markdown_postgres(run),
     ]
     return "\n".join(lines)
+
+
+def _markdown_processing(run: Run) -> list[str]:
+    if not any(c.scenario in ("projection_catchup", "live_latency") for c in run.comparisons):
+        return []
+    return [
+        "Processing peers: eventsourcing's `ProjectionRunner` with a `Projection` writing through a "
+        "`SQLiteTrackingRecorder` view (the upsert and the tracking record in one transaction per "
+        "event -- its API is per event), on an application recorder that adds the `subscribe()` the "
+        "SQLite recorder lacks by returning eventsourcing's own `ListenNotifySubscription` "
+        "(`APPLICATION_RECORDER_TOPIC`); and, for latency, its `system.MultiThreadedRunner` (a leader "
+        "prompting a `ProcessApplication` follower in its own thread, each application in its own "
+        "file). tidings runs the same SQL through `Service.add_projection` and `@service.handles` "
+        "with default settings.",
+        "",
+    ]
+
+
+def _markdown_postgres(run: Run) -> list[str]:
+    if not run.postgres:
+        return []
+    return [
+        f"PostgreSQL: {_postgres_line(run.postgres)}; {run.postgres.get('source', '')}. Both libraries "
+        "use the same server; every repetition of each library runs in a fresh schema, dropped after. "
+        "eventsourcing is configured with "
+        + ", ".join(f"`{k}={v}`" for k, v in PEER_PG_CONFIG.items())
+        + " and its defaults otherwise (pool 5 + 10 overflow, table lock per insert, no database "
+        "functions); tidings with `postgresql://...?schema=...` and its defaults.",
+        "",
+    ]
 
 
 def as_json(run: Run) -> str:
@@ -175,6 +237,7 @@ def as_json(run: Run) -> str:
         "seconds": round(run.seconds, 1),
         "load_average_before": run.load_before,
         "environment": run.environment,
+        "postgresql": run.postgres,
         "configuration": fairness(),
         "sizes": dataclasses.asdict(run.sizes),
         "results": [

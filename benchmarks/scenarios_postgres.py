@@ -1,0 +1,264 @@
+"""PostgreSQL (issue 4): tidings' store against eventsourcing's PostgreSQL module on one server.
+
+Both libraries talk to the same server (:mod:`benchmarks.pg_server`: a throwaway durable one, or
+``TIDINGS_BENCH_POSTGRES_URL``), each repetition of each library in a schema of its own that is
+dropped afterwards. The peer is configured with :func:`peer_env`: eventsourcing's
+``PERSISTENCE_MODULE=eventsourcing.postgres``, the ``POSTGRES_*`` connection settings of that
+server and schema, no snapshots, and its defaults otherwise (pool of 5 + 10 overflow, JSON
+transcoder, ``LOCK TABLE ... IN EXCLUSIVE MODE`` per insert to keep notification ids in commit order,
+no database functions).
+
+``pg_append_concurrent``
+    8 writers saving one new aggregate of 10 events per call: 8 asyncio tasks awaiting one tidings
+    store (``open_store("postgresql://...")``, ``Repository.save``), against 8 threads saving through
+    one eventsourcing application (``Application.save``). Timed until every save has returned.
+
+``pg_read_all``
+    The whole log read from the start and decoded to typed events: tidings' ``read_all()`` against
+    the peer's ``select_notifications`` pages of 1000 with ``mapper.to_domain_event`` (as in the
+    SQLite ``read_all`` scenario). Each repetition writes a fresh log in fresh schemas first.
+
+``pg_copy_limit``
+    tidings' bulk append of 10,000 events in one call, against the limit: the very rows it stored
+    (same ids, timestamps and bytes), read back and written by a raw psycopg binary ``COPY`` into an
+    empty ``tidings_events`` table made by tidings (same columns, constraints and indexes), in one
+    transaction. The peer's one-call save of an aggregate of 10,000 events is shown beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib.metadata import version
+from typing import Any, Final
+
+from benchmarks import domain, peer_eventsourcing
+from benchmarks.domain import Account
+from benchmarks.harness import Aim, Comparison, compare, stopwatch
+from benchmarks.peer_eventsourcing import BenchApplication
+from benchmarks.pg_server import PostgresProvider
+from benchmarks.scenarios_sqlite import Context, Scenario
+from tidings import NO_STREAM, Event, EventStore, Repository, open_store
+
+PEER: Final = f"eventsourcing {version('eventsourcing')} (postgres)"
+RAW: Final = "raw psycopg COPY (binary)"
+
+PEER_PG_CONFIG: Final[dict[str, str]] = {
+    "PERSISTENCE_MODULE": "eventsourcing.postgres",
+    "POSTGRES_DBNAME/HOST/PORT/USER/PASSWORD": "<the benchmark's server>",
+    "POSTGRES_SCHEMA": "<fresh schema per repetition>",
+    "IS_SNAPSHOTTING_ENABLED": "no",
+}
+"""The peer's PostgreSQL configuration as reported in ``results.json`` (filled in per repetition)."""
+
+_COLUMNS: Final = (
+    "position, stream_id, version, event_id, event_type, schema_version, timestamp, data, metadata"
+)
+_COPY_TYPES: Final = ["int8", "text", "int8", "uuid", "text", "int4", "timestamptz", "bytea", "bytea"]
+_STREAM_SIZE: Final = 1000
+
+
+def peer_env(pg: PostgresProvider, schema: str) -> dict[str, str]:
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        **pg.eventsourcing_env(schema),
+        "IS_SNAPSHOTTING_ENABLED": "no",
+    }
+
+
+def open_peer(pg: PostgresProvider, schema: str) -> BenchApplication:
+    return BenchApplication(env=peer_env(pg, schema))
+
+
+# -- 8 concurrent writers -------------------------------------------------------------------------------
+
+
+async def _tidings_concurrent(url: str, batches: list[list[Account]]) -> float:
+    async with open_store(url) as store:
+        repo = Repository(store, Account)
+
+        async def writer(batch: list[Account]) -> None:
+            for account in batch:
+                await repo.save(account)
+
+        with stopwatch() as elapsed:
+            async with asyncio.TaskGroup() as group:
+                for batch in batches:
+                    group.create_task(writer(batch))
+        seconds = elapsed()
+        expected = sum(len(b) for b in batches) * batches[0][0].version
+        if await store.head() != expected:
+            raise AssertionError(f"tidings stored {await store.head()} events, expected {expected}")
+        return seconds
+
+
+def pg_append_concurrent(ctx: Context) -> list[Comparison]:
+    pg = ctx.postgres
+    writers, per_writer = ctx.sizes.pg_writers, ctx.sizes.pg_saves_per_writer
+    k = ctx.sizes.events_per_aggregate
+    total = writers * per_writer * k
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(ctx.sizes.repeats):
+        batches = [
+            [domain.new_account(f"account-{w}-{i}", k) for i in range(per_writer)] for w in range(writers)
+        ]
+        with pg.fresh_schema("conc_tidings") as schema:
+            ours.append(total / asyncio.run(_tidings_concurrent(pg.tidings_url(schema), batches)))
+        peer_batches = [
+            [peer_eventsourcing.new_account(k) for _ in range(per_writer)] for _ in range(writers)
+        ]
+        with pg.fresh_schema("conc_peer", create=True) as schema:
+            app = open_peer(pg, schema)
+            try:
+                theirs.append(total / peer_eventsourcing.save_concurrently(app, peer_batches))
+                stored = app.recorder.max_notification_id()
+                if stored != total:
+                    raise AssertionError(f"eventsourcing stored {stored} events, expected {total}")
+            finally:
+                app.close()
+    title = (
+        f"PostgreSQL append: {writers} concurrent writers x {per_writer} saves of one aggregate of {k} "
+        "events (tidings: asyncio tasks on one store; eventsourcing: threads on one application)"
+    )
+    return [compare("pg_append_concurrent", title, "events/s", ours, PEER, theirs, Aim(">=", 3.0))]
+
+
+# -- read_all -------------------------------------------------------------------------------------------
+
+
+async def _tidings_fill(store: EventStore, n: int) -> None:
+    events = domain.deposits(_STREAM_SIZE)
+    for i in range(n // _STREAM_SIZE):
+        await store.append(f"account-{i}", events, expected_version=NO_STREAM)
+
+
+async def _tidings_read_all(url: str, n: int) -> float:
+    async with open_store(url) as store:
+        await _tidings_fill(store, n)
+        last = [r.event async for r in store.read_all(after=n - 1)]  # warm-up: pool, validators
+        assert isinstance(last[0], domain.Deposited)
+        count = 0
+        with stopwatch() as elapsed:
+            async for _ in store.read_all():
+                count += 1
+        assert count == n, count
+        return count / elapsed()
+
+
+def _peer_read_all(app: BenchApplication, n: int) -> float:
+    for _ in range(n // _STREAM_SIZE):
+        app.save(peer_eventsourcing.new_account(_STREAM_SIZE))
+    [last] = app.recorder.select_notifications(n, 1)  # warm-up, as for tidings
+    assert isinstance(app.mapper.to_domain_event(last), peer_eventsourcing.DEPOSITED)
+    count = 0
+    with stopwatch() as elapsed:
+        for _ in peer_eventsourcing.read_all(app):
+            count += 1
+    assert count == n, count
+    return count / elapsed()
+
+
+def pg_read_all(ctx: Context) -> list[Comparison]:
+    pg = ctx.postgres
+    n = ctx.sizes.pg_read_all_events
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(ctx.sizes.repeats):
+        with pg.fresh_schema("read_tidings") as schema:
+            ours.append(asyncio.run(_tidings_read_all(pg.tidings_url(schema), n)))
+        with pg.fresh_schema("read_peer", create=True) as schema:
+            app = open_peer(pg, schema)
+            try:
+                theirs.append(_peer_read_all(app, n))
+            finally:
+                app.close()
+    title = (
+        f"PostgreSQL read_all: {n:,} events decoded to typed events ({n // _STREAM_SIZE} streams), "
+        "catch-up from the start"
+    )
+    return [compare("pg_read_all", title, "events/s", ours, PEER, theirs, Aim(">=", 2.0))]
+
+
+# -- bulk append against COPY ------------------------------------------------------------------------------
+
+
+async def _tidings_bulk(url: str, events: list[Event]) -> float:
+    async with open_store(url) as store:
+        with stopwatch() as elapsed:
+            await store.append("bulk-1", events, expected_version=NO_STREAM)
+        return elapsed()
+
+
+async def _create_tables(url: str) -> None:
+    async with open_store(url):
+        pass
+
+
+def _stored_rows(pg: PostgresProvider, schema: str) -> list[tuple[Any, ...]]:
+    with pg.connect() as conn:
+        return conn.execute(f'SELECT {_COLUMNS} FROM "{schema}".tidings_events ORDER BY position').fetchall()
+
+
+def _copy(pg: PostgresProvider, schema: str, rows: list[tuple[Any, ...]]) -> float:
+    """COPY ``rows`` into the empty ``tidings_events`` of ``schema`` in one transaction; seconds."""
+    statement = f'COPY "{schema}".tidings_events ({_COLUMNS}) FROM STDIN (FORMAT BINARY)'
+    with pg.connect() as conn:
+        with stopwatch() as elapsed, conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
+            copy.set_types(_COPY_TYPES)
+            for row in rows:
+                copy.write_row(row)
+        seconds = elapsed()
+        [(count,)] = conn.execute(f'SELECT count(*) FROM "{schema}".tidings_events').fetchall()
+        assert count == len(rows), count
+        return seconds
+
+
+def pg_copy_limit(ctx: Context) -> list[Comparison]:
+    pg = ctx.postgres
+    n = ctx.sizes.pg_bulk_events
+    events = domain.deposits(n)
+    ours: list[float] = []
+    raw: list[float] = []
+    theirs: list[float] = []
+    for _ in range(ctx.sizes.repeats):
+        with pg.fresh_schema("bulk_tidings") as schema:
+            ours.append(n / asyncio.run(_tidings_bulk(pg.tidings_url(schema), events)))
+            rows = _stored_rows(pg, schema)
+        assert len(rows) == n
+        with pg.fresh_schema("bulk_copy") as schema:
+            asyncio.run(_create_tables(pg.tidings_url(schema)))
+            raw.append(n / _copy(pg, schema, rows))
+        account = peer_eventsourcing.new_account(n)
+        with pg.fresh_schema("bulk_peer", create=True) as schema:
+            app = open_peer(pg, schema)
+            try:
+                with stopwatch() as elapsed:
+                    app.save(account)
+                theirs.append(n / elapsed())
+            finally:
+                app.close()
+    title = f"PostgreSQL append: {n:,} events in one call, against COPY of the same rows"
+    return [
+        compare(
+            "pg_copy_limit",
+            title,
+            "events/s",
+            ours,
+            RAW,
+            raw,
+            None,
+            note="the rows tidings stored, read back and COPYed (binary) into an empty tidings_events "
+            "table created by tidings (same constraints and indexes), one transaction: the limit",
+        ),
+        compare("pg_copy_limit", title, "events/s", ours, PEER, theirs, None),
+    ]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("pg_append_concurrent", "PostgreSQL append, 8 concurrent writers", pg_append_concurrent),
+        Scenario("pg_read_all", "PostgreSQL read_all decoded to typed events", pg_read_all),
+        Scenario("pg_copy_limit", "PostgreSQL bulk append against raw COPY", pg_copy_limit),
+    )
+}
