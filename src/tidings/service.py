@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from tidings.errors import InvalidArgument, TidingsError
@@ -67,10 +67,14 @@ class Service:
         self._handlers: dict[str, tuple[Dispatch, str | None, SubscriptionConfig]] = {}
         self._projections: dict[str, tuple[Projection, SubscriptionConfig]] = {}
         self._subscriptions: list[Subscription] = []
+        self._running = False
+        self._stop_requested = False
+        self._owns_store = False
+        # Created per event loop (see _events): a module-level service may be run by several
+        # asyncio.run() calls, and an asyncio.Event belongs to the loop that first waits on it.
+        self._events_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()
-        self._running = False
-        self._owns_store = False
 
     # -- declaration ------------------------------------------------------------------------------
 
@@ -163,41 +167,54 @@ class Service:
                 return ProjectionSubscription(store, projection, config=config)
         raise InvalidArgument(f"service {self.name!r} has no subscription group {group!r}")
 
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        loop = asyncio.get_running_loop()
+        if self._events_loop is not loop:
+            self._events_loop = loop
+            self._stopping, self._started = asyncio.Event(), asyncio.Event()
+        return self._stopping, self._started
+
     async def run(self) -> None:
         """Run every subscription until :meth:`stop`; then finish in-flight work and return.
 
         Each subscription is isolated: one group's failing handler never stops another group.
+        A stop requested while the store is still opening is honoured once it is open. The
+        store is closed on return if the service opened it.
         """
-        store = await self.open()
         if self._running:
             raise TidingsError(f"service {self.name!r} is already running")
         self._running = True
-        self._stopping.clear()
-        self._subscriptions = [self.subscription(group) for group in self._handlers]
-        self._subscriptions += [
-            ProjectionSubscription(store, projection, config=config)
-            for projection, config in self._projections.values()
-        ]
-        tasks = [asyncio.create_task(s.run(), name=f"tidings:{s.group}") for s in self._subscriptions]
-        self._started.set()
+        stopping, started = self._events()
+        tasks: list[asyncio.Task[None]] = []
+        close_store = self._store is None or not self._store._opened
         try:
-            await self._stopping.wait()
+            store = await self.open()
+            if self._stop_requested:
+                return
+            self._subscriptions = [self.subscription(group) for group in self._handlers]
+            self._subscriptions += [
+                ProjectionSubscription(store, projection, config=config)
+                for projection, config in self._projections.values()
+            ]
+            tasks = [asyncio.create_task(s.run(), name=f"tidings:{s.group}") for s in self._subscriptions]
+            started.set()
+            await stopping.wait()
         finally:
             for sub in self._subscriptions:
                 sub.stop()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             self._running = False
-            self._started.clear()
-            errors = [
-                r
-                for r in results
-                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
-            ]
-            if self._owns_store:
-                await store.close()
-                self._store = None
-            if errors:
-                raise BaseExceptionGroup(f"service {self.name!r}: subscriptions failed", errors)
+            self._stop_requested = False
+            stopping.clear()
+            started.clear()
+            if close_store and self._store is not None:
+                await self._store.close()
+                self._store = None if self._owns_store else self._store
+        errors = [
+            r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+        ]
+        if errors:
+            raise BaseExceptionGroup(f"service {self.name!r}: subscriptions failed", errors)
 
     async def serve(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully (what ``tidings run`` calls).
@@ -216,22 +233,31 @@ class Service:
                 loop.remove_signal_handler(sig)
 
     def stop(self) -> None:
-        """Ask :meth:`run` to stop: runners finish the event in hand, commit, and return."""
-        self._stopping.set()
+        """Ask :meth:`run` to stop: runners finish the event in hand, commit, and return.
+
+        Does nothing if the service is not running.
+        """
+        if self._running:
+            self._stop_requested = True
+            self._stopping.set()
 
     @contextlib.asynccontextmanager
-    async def running(self) -> Any:
-        """``async with service.running():`` runs the service in the background for the block."""
+    async def running(self) -> AsyncIterator[Service]:
+        """``async with service.running():`` runs the service in the background for the block.
+
+        Entering waits until the subscriptions have started (or raises what stopped ``run``).
+        """
         task = asyncio.create_task(self.run())
-        started = asyncio.ensure_future(self._started.wait())
+        _, started = self._events()
+        ready = asyncio.ensure_future(started.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            task.result()  # failed to start (already running, store error): raise that
+            raise TidingsError(f"service {self.name!r} stopped while starting")
         try:
-            # Wait until run() has opened the store and started the subscriptions (or failed).
-            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                task.result()
             yield self
         finally:
-            started.cancel()
             self.stop()
             await task
 
@@ -264,7 +290,7 @@ class Service:
         store = self.store
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        names = [group] if group is not None else [s.group for s in self._subscriptions]
+        names = [group] if group is not None else [*self._handlers, *self._projections]
         for name in names:
             while True:
                 current = await self._current_group(name)

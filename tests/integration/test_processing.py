@@ -19,8 +19,6 @@ from tidings import (
     SubscriptionConfig,
     open_store,
 )
-from tidings.processing import HandlerSubscription
-from tidings.processing.handlers import Dispatch
 
 FAST = SubscriptionConfig(
     batch_size=50, poll_interval=0.05, retry=RetryPolicy(max_attempts=3, initial_delay=0.001, max_delay=0.01)
@@ -131,12 +129,13 @@ async def test_class_handler_and_emitted_events_carry_causation(store: EventStor
 async def test_retries_then_dead_letter_and_move_on(store: EventStore) -> None:
     service = Service("flaky", store, config=FAST)
     attempts: dict[str, int] = {}
+    broken = {"poison"}
     healthy: list[str] = []
 
     @service.handles(OrderPlaced)
     async def flaky(event: OrderPlaced) -> None:
         attempts[event.order_id] = attempts.get(event.order_id, 0) + 1
-        if event.order_id == "poison":
+        if event.order_id in broken:
             raise ValueError("cannot handle poison")
         if event.order_id == "twice" and attempts["twice"] < 3:
             raise RuntimeError("transient")
@@ -159,16 +158,22 @@ async def test_retries_then_dead_letter_and_move_on(store: EventStore) -> None:
     assert await store.dead_letter(dead.id) == dead
     assert await store.dead_letters("flaky.other") == []
 
-    # Retrying a dead letter after the bug is fixed handles it once and removes it.
+    # Retrying while the bug is still there: it stays parked, with its id.
+    checkpoint = await store.load_checkpoint("flaky.flaky")
     sub = service.subscription("flaky.flaky")
-    assert isinstance(sub, HandlerSubscription)
-    sub.checkpoint = await store.load_checkpoint("flaky.flaky")
+    assert not await sub.retry_dead_letter(dead)
+    [still] = await store.dead_letters()
+    assert still.id == dead.id and still.attempts == dead.attempts + 1
+    # After the fix it is handled once and removed; the checkpoint does not move.
+    broken.clear()
     attempts.clear()
-    sub.dispatch = Dispatch({OrderPlaced: lambda e: attempts.update({e.order_id: 1})})
-    [recorded] = [e async for e in store.read_stream("order-poison")]
-    assert await sub.handle_with_retries(recorded, first_error=None, dead_letter_id=dead.id)
+    assert await sub.retry_dead_letter(still)
     assert attempts == {"poison": 1} and await store.dead_letters() == []
+    assert await store.load_checkpoint("flaky.flaky") == checkpoint
     assert await store.discard_dead_letter(dead.id) is False
+    # A replay requested by hand is not cut short by a dead-letter retry.
+    await store.set_checkpoint("flaky.flaky", None)
+    assert await store.load_checkpoint("flaky.flaky") == 0
 
 
 async def test_duplicate_deliveries_are_skipped_by_the_inbox(store: EventStore) -> None:

@@ -59,7 +59,6 @@ class Balances(Projection):
         self._add(tx, -event.amount)
 
     def _add(self, tx: ProjectionTx, delta: int) -> None:
-        assert tx.recorded is not None
         tx.execute(
             "INSERT INTO {balances} (account, amount, events) VALUES (?, ?, 1) "
             "ON CONFLICT (account) DO UPDATE SET amount = {balances}.amount + excluded.amount, "

@@ -42,7 +42,6 @@ class Totals(Projection):
     tables = {"totals": "CREATE TABLE {totals} (account TEXT PRIMARY KEY, n INTEGER NOT NULL)"}
 
     def deposited(self, event: Deposited, tx: ProjectionTx) -> None:
-        assert tx.recorded is not None
         tx.execute(
             "INSERT INTO {totals} VALUES (?, 1) ON CONFLICT (account) DO UPDATE SET n = {totals}.n + 1",
             (tx.recorded.stream_id,),
@@ -65,7 +64,7 @@ async def main(url: str, effects: str, redeliver: bool) -> None:
             db.execute("CREATE TABLE IF NOT EXISTS effects (event_id TEXT NOT NULL)")
             db.execute("INSERT INTO effects VALUES (?)", (str(ctx.recorded.event_id),))
 
-        await inbox.once(ctx.recorded.event_id, effect)
+        await inbox.once(ctx.recorded.event_id, effect, scope=ctx.group)
 
     if redeliver:
         for group in ("crash.audit", "crash.external"):

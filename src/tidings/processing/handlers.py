@@ -34,7 +34,7 @@ class HandlerContext:
         self.group = group
         self.attempt = attempt
         self.appends: list[AppendRequest] = []
-        self.statements: list[tuple[str, Sequence[Any]]] = []
+        self.statements: list[tuple[str, Sequence[Any] | Mapping[str, Any]]] = []
 
     def emit(
         self,
@@ -65,9 +65,18 @@ class HandlerContext:
             )
         )
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """Run a write statement (``?`` placeholders) in the commit of this event's processing."""
-        self.statements.append((sql, tuple(params)))
+    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> None:
+        """Run a write statement in the commit of this event's processing.
+
+        ``params`` is a sequence for ``?`` placeholders or a mapping for named ones (``:name``
+        on SQLite); it is copied now, so later changes to it do not leak into the statement.
+        """
+        if isinstance(params, Mapping):
+            self.statements.append((sql, dict(params)))
+        elif isinstance(params, Sequence) and not isinstance(params, str | bytes):
+            self.statements.append((sql, tuple(params)))
+        else:
+            raise InvalidArgument(f"execute() params must be a sequence or a mapping, got {params!r:.60}")
 
 
 def _derived_id(recorded: RecordedEvent, group: str, call: int, index: int) -> uuid.UUID:

@@ -9,7 +9,7 @@ effect. :class:`SQLiteInbox` does that for a SQLite database the consumer owns::
     @service.handles(OrderPlaced)
     async def remember(event: OrderPlaced, ctx: HandlerContext) -> None:
         await inbox.once(ctx.recorded.event_id, lambda db: db.execute(
-            "INSERT INTO sent (order_id) VALUES (?)", (event.order_id,)))
+            "INSERT INTO sent (order_id) VALUES (?)", (event.order_id,)), scope=ctx.group)
 
 A redelivered event (after a crash between the effect and the subscription's checkpoint, or a
 duplicate from a broker) finds its id in the inbox and the effect is skipped.
@@ -50,19 +50,22 @@ class SQLiteInbox:
             conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
             conn.execute(f"PRAGMA busy_timeout = {self.config.busy_timeout}")
             conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.table} "
-                "(message_id TEXT PRIMARY KEY, received_at TEXT DEFAULT CURRENT_TIMESTAMP)"
+                f"CREATE TABLE IF NOT EXISTS {self.table} (scope TEXT NOT NULL, message_id TEXT NOT NULL, "
+                "received_at TEXT DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (scope, message_id))"
             )
             self._conn = conn
         return self._conn
 
-    def _once(self, message_id: str, effect: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+    def _once(
+        self, scope: str, message_id: str, effect: Callable[[sqlite3.Connection], T]
+    ) -> tuple[bool, T | None]:
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 inserted = conn.execute(
-                    f"INSERT OR IGNORE INTO {self.table} (message_id) VALUES (?)", (message_id,)
+                    f"INSERT OR IGNORE INTO {self.table} (scope, message_id) VALUES (?, ?)",
+                    (scope, message_id),
                 ).rowcount
                 if not inserted:
                     conn.execute("ROLLBACK")
@@ -75,21 +78,32 @@ class SQLiteInbox:
                 raise
 
     async def once(
-        self, message_id: uuid.UUID | str, effect: Callable[[sqlite3.Connection], T]
+        self,
+        message_id: uuid.UUID | str,
+        effect: Callable[[sqlite3.Connection], T],
+        *,
+        scope: str = "",
     ) -> tuple[bool, T | None]:
         """Run ``effect(conn)`` and record ``message_id`` in one transaction, unless already recorded.
 
-        Returns ``(True, result)`` when the effect ran, ``(False, None)`` for a duplicate. If the
-        effect raises, neither it nor the record is kept.
+        ``scope`` separates consumers sharing one inbox (pass the handler's group, ``ctx.group``):
+        the same message is processed once per scope. Returns ``(True, result)`` when the effect
+        ran, ``(False, None)`` for a duplicate. If the effect raises, neither it nor the record is
+        kept.
         """
-        return await asyncio.to_thread(self._once, str(message_id), effect)
+        return await asyncio.to_thread(self._once, scope, str(message_id), effect)
 
-    async def seen(self, message_id: uuid.UUID | str) -> bool:
+    async def seen(self, message_id: uuid.UUID | str, *, scope: str = "") -> bool:
+        """Whether ``message_id`` was processed in ``scope``."""
+
         def check() -> bool:
             with self._lock:
                 row = (
                     self._connection()
-                    .execute(f"SELECT 1 FROM {self.table} WHERE message_id = ?", (str(message_id),))
+                    .execute(
+                        f"SELECT 1 FROM {self.table} WHERE scope = ? AND message_id = ?",
+                        (scope, str(message_id)),
+                    )
                     .fetchone()
                 )
                 return row is not None

@@ -26,6 +26,7 @@ the swap at its next commit and carries on with N+1 from the rebuild's checkpoin
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -67,8 +68,15 @@ class ProjectionTx:
         self._tx = tx
         self._tables = dict(tables)
         self.dialect = tx.dialect
-        self.recorded: RecordedEvent | None = None
+        self._recorded: RecordedEvent | None = None
         self._translated: dict[str, str] = {}
+
+    @property
+    def recorded(self) -> RecordedEvent:
+        """The envelope of the event being applied (stream id, position, metadata ...)."""
+        if self._recorded is None:
+            raise ProjectionError("tx.recorded is only available while an event is being applied")
+        return self._recorded
 
     def table(self, name: str) -> str:
         """The physical name of the declared table ``name``."""
@@ -127,12 +135,18 @@ class Projection:
         self.dispatch = Dispatch(handler_methods(self))
         if not self.dispatch.table:
             raise ProjectionError(f"projection {name!r} has no handler methods")
+        for fn in self.dispatch.table.values():
+            if inspect.iscoroutinefunction(fn):
+                raise ProjectionError(
+                    f"projection {name!r}: {fn.__qualname__} is async; projection handlers are "
+                    "synchronous (they run inside the store's transaction)"
+                )
 
     def apply(self, tx: ProjectionTx, recorded: RecordedEvent) -> None:
         """Apply one recorded event (dispatches by type; unknown types are ignored)."""
         fn = self.dispatch.find(recorded.event)
         if fn is not None:
-            tx.recorded = recorded
+            tx._recorded = recorded
             fn(recorded.event, tx)
 
     def physical(self, generation: int) -> dict[str, str]:
@@ -256,13 +270,16 @@ class ProjectionSubscription(Subscription):
                         events[failed.index - 1].position, work=self._work(events[: failed.index])
                     )
                     self.handled += failed.index
-                await self._retry_one(bad, failed.error)
+                if not await self._retry_one(bad, failed.error):
+                    return
                 events = events[failed.index + 1 :]
                 continue
             self.handled += len(events)
             return
 
-    async def _retry_one(self, recorded: RecordedEvent, error: BaseException) -> None:
+    async def _retry_one(self, recorded: RecordedEvent, error: BaseException) -> bool:
+        """Retry one failing event with backoff, then dead-letter it. False if asked to stop
+        while waiting (nothing committed: the event is applied after the restart)."""
         policy = self.config.retry
         attempt = 1
         while True:
@@ -274,9 +291,11 @@ class ProjectionSubscription(Subscription):
                     work=self._work([]),
                 )
                 self.dead_lettered += 1
-                return
+                return True
             self.retries += 1
             await self._sleep(policy.delay(attempt))
+            if self.stopping:
+                return False
             attempt += 1
             try:
                 await self.commit(recorded.position, work=self._work([recorded]))
@@ -284,7 +303,10 @@ class ProjectionSubscription(Subscription):
                 error = failed.error
                 continue
             self.handled += 1
-            return
+            return True
+
+    def park_work(self) -> Callable[[Tx], None]:
+        return self._work([])
 
     async def reprocess(self, recorded: RecordedEvent, dead_letter_id: int) -> bool:
         try:
@@ -310,7 +332,11 @@ class _EventFailed(TidingsError):
 
 
 async def rebuild_projection(
-    store: EventStore, projection: Projection, *, config: SubscriptionConfig | None = None
+    store: EventStore,
+    projection: Projection,
+    *,
+    config: SubscriptionConfig | None = None,
+    force: bool = False,
 ) -> int:
     """Rebuild ``projection`` from the whole log, blue/green; return the new generation.
 
@@ -321,6 +347,12 @@ async def rebuild_projection(
 
     def begin(tx: Tx) -> tuple[int, int]:
         current = _ensure(tx, projection)
+        row = _generation_row(tx, projection.name)
+        if row is not None and row[1] is not None and not force:
+            raise ProjectionError(
+                f"projection {projection.name!r} is already being rebuilt (generation {row[1]}); "
+                "if that rebuild was abandoned, rebuild with force=True (--force) to take over"
+            )
         new = current + 1
         _create_tables(tx, projection, new)
         tx.execute("UPDATE tidings_projections SET building = ? WHERE name = ?", (new, projection.name))
@@ -349,6 +381,10 @@ async def rebuild_projection(
             (new, projection.name),
         )
         tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(old),))
+        # The old generation's parked events were replayed into the new one (and parked again
+        # there if they still fail), so its dead letters and inbox are moot.
+        tx.execute("DELETE FROM tidings_dead_letters WHERE group_name = ?", (projection.group(old),))
+        tx.execute("DELETE FROM tidings_inbox WHERE group_name = ?", (projection.group(old),))
 
     await store.transaction(swap)
     return new

@@ -23,8 +23,16 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from tidings.errors import CheckpointConflict, InvalidArgument, TidingsError
-from tidings.events import Event, RecordedEvent
+from tidings.errors import (
+    CheckpointConflict,
+    ConcurrencyError,
+    DuplicateEventId,
+    EventTypeError,
+    InvalidArgument,
+    SerializationError,
+    TidingsError,
+)
+from tidings.events import Event, RecordedEvent, uuid_from_bytes
 from tidings.processing.handlers import Dispatch, HandlerContext, call_handler
 from tidings.processing.retry import RetryPolicy
 from tidings.store.base import EventStore
@@ -50,6 +58,16 @@ class SubscriptionConfig:
     batch_size: int = 500
     poll_interval: float = 0.5
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 100_000:
+            raise InvalidArgument(f"batch_size must be an int in [1, 100000], got {self.batch_size!r}")
+        if not isinstance(self.poll_interval, int | float) or not 0.001 <= self.poll_interval <= 3600:
+            raise InvalidArgument(
+                f"poll_interval must be in [0.001, 3600] seconds, got {self.poll_interval!r}"
+            )
+        if not isinstance(self.retry, RetryPolicy):
+            raise InvalidArgument(f"retry must be a RetryPolicy, got {self.retry!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,6 +118,7 @@ class Subscription(abc.ABC):
         self.dead_lettered = 0
         self.last_error: str | None = None
         self._stopping = asyncio.Event()
+        self._poisoned = False
         self._prefetch: tuple[int, asyncio.Future[tuple[list[RecordedEvent], int]]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -128,7 +147,11 @@ class Subscription(abc.ABC):
         )
 
     async def run(self) -> None:
-        """Process events until stopped. Returns after the last commit; raises only on bugs."""
+        """Process events until stopped; returns after the last commit.
+
+        Store errors and bugs do not end the runner: they are logged, shown in
+        :meth:`statistics` (``last_error``; ``state="failed"`` for bugs), and retried.
+        """
         self.state = "standby"
         lock = self.store.group_lock(self.group)
         if not await self._acquire_unless_stopped(lock):
@@ -189,10 +212,20 @@ class Subscription(abc.ABC):
                 self.checkpoint = await self.store.load_checkpoint(self.group)
                 continue
             except TidingsError as exc:
-                # The store is unreachable or an event cannot be decoded: report, back off, retry.
+                # The store is unreachable (a restart, a lock held too long): report, back off,
+                # retry; the checkpoint still marks what is done.
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("subscription %r: %s", self.group, exc)
                 await self._sleep(self.config.poll_interval)
+                continue
+            except Exception as exc:
+                # A bug (in a hook, or here): never die silently. Report it in statistics() and
+                # the log, and retry after a pause rather than leave the group stopped.
+                self.state = "failed"
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("subscription %r failed; retrying in %.1fs", self.group, 5.0)
+                self._drop_prefetch()
+                await self._sleep(5.0)
                 continue
             if not progressed:
                 self.state = "live"
@@ -222,17 +255,71 @@ class Subscription(abc.ABC):
 
     async def _read_batch(self, after: int) -> tuple[list[RecordedEvent], int]:
         head = await self.store.head()
-        events = [
+        try:
+            events = await self._read(after, self.config.batch_size)
+        except (EventTypeError, SerializationError):
+            self._poisoned = True
+            # Some stored event no longer decodes (a bad upcaster, data that no longer
+            # validates). Read up to it one by one; it will be dead-lettered when reached.
+            events = []
+            position = after
+            while len(events) < self.config.batch_size:
+                try:
+                    one = await self._read(position, 1)
+                except (EventTypeError, SerializationError):
+                    break
+                if not one:
+                    break
+                events.extend(one)
+                position = one[0].position
+            return events, min(head, position) if len(events) < self.config.batch_size else head
+        return events, head
+
+    async def _read(self, after: int, limit: int) -> list[RecordedEvent]:
+        return [
             e
             async for e in self.store.read_all(
                 after=after,
                 event_types=self.event_types,
                 stream_prefix=self.stream_prefix,
-                limit=self.config.batch_size,
+                limit=limit,
                 raw_unknown=True,
             )
         ]
-        return events, head
+
+    async def _park_undecodable(self) -> bool:
+        """Dead-letter the event right after the checkpoint if it cannot be decoded.
+
+        Returns True if one was parked (the checkpoint moved past it).
+        """
+        try:
+            await self._read(self.checkpoint, 1)
+        except (EventTypeError, SerializationError) as exc:
+            rows, _ = await self.store._fetch_all(self.checkpoint, self.event_types, self.stream_prefix, 1)
+            if not rows:
+                return False
+            position, stream_id, _version, event_id, event_type = rows[0][:5]
+            record = DeadLetterRecord(
+                position,
+                uuid_from_bytes(event_id),
+                stream_id,
+                event_type,
+                f"{type(exc).__name__}: {exc}",
+                "".join(traceback.format_exception(exc)),
+                1,
+            )
+            self.last_error = record.error
+            log.error(
+                "subscription %r: dead-lettering undecodable event at %d: %s", self.group, position, exc
+            )
+            await self.commit(position, dead_letters=[record], work=self.park_work())
+            self.dead_lettered += 1
+            return True
+        return False
+
+    def park_work(self) -> WorkFn | None:
+        """Work to run with a commit that only parks an event (projections check their generation)."""
+        return None
 
     async def _step(self) -> bool:
         """Read one batch after the checkpoint and process it. False if there was nothing new.
@@ -253,6 +340,9 @@ class Subscription(abc.ABC):
         # count as processed, so wait_for() on their positions returns too.
         scanned = events[-1].position if full else max(head, events[-1].position if events else 0)
         if scanned <= self.checkpoint:
+            if self._poisoned:
+                self._poisoned = False
+                return await self._park_undecodable()
             return False
         if full:
             task = asyncio.ensure_future(self._read_batch(scanned))
@@ -352,6 +442,10 @@ class Subscription(abc.ABC):
         )
 
 
+_REJECTED_EFFECTS = (ConcurrencyError, DuplicateEventId)
+"""Errors of a commit that mean the handler's effects were refused, not that the store failed."""
+
+
 class HandlerSubscription(Subscription):
     """Runs async handlers one event at a time; effects commit with the checkpoint per batch.
 
@@ -395,30 +489,33 @@ class HandlerSubscription(Subscription):
                 if done:
                     await self.commit(events[index - 1].position, contexts=done)
                     done = []
-                await self.handle_with_retries(recorded, first_error=exc)
+                if await self.handle_with_retries(recorded, first_error=exc) is None:
+                    return  # stopping: the event is delivered again after the restart
                 continue
             self.in_flight = 0
             self.handled += 1
             done.append(ctx)
         try:
             await self.commit(scanned_to, contexts=done)
-        except CheckpointConflict:
-            raise
-        except TidingsError as exc:
+        except _REJECTED_EFFECTS as exc:
             # An emitted append was rejected (say, a ConcurrencyError): redo these events one
             # at a time so the failing one is retried and, if need be, dead-lettered alone.
             log.warning("subscription %r: batch commit failed (%s); retrying one by one", self.group, exc)
             for ctx in done:
-                await self.handle_with_retries(ctx.recorded, first_error=None)
+                if await self.handle_with_retries(ctx.recorded, first_error=None) is None:
+                    return
             await self.commit(scanned_to)
 
     async def handle_with_retries(
-        self, recorded: RecordedEvent, *, first_error: BaseException | None, dead_letter_id: int | None = None
-    ) -> bool:
+        self, recorded: RecordedEvent, *, first_error: BaseException | None
+    ) -> bool | None:
         """Handle one event (commit included) until it succeeds or runs out of attempts.
 
-        Returns True if handled, False if dead-lettered. The checkpoint moves past the event
-        either way (unless the runner is stopping).
+        Returns True if handled, False if dead-lettered (the checkpoint moves past the event
+        either way), None if the runner was asked to stop while waiting to retry: then nothing
+        is committed and the event is delivered again after the restart. Only the handler's
+        failures, and an emitted append the store rejects, count as attempts; other store errors
+        propagate to the runner, which backs off without spending the event's attempts.
         """
         policy = self.config.retry
         attempt = 1
@@ -444,17 +541,22 @@ class HandlerSubscription(Subscription):
                     return False
                 self.retries += 1
                 await self._sleep(policy.delay(attempt))
+                if self.stopping:
+                    return None
                 attempt += 1
             ctx = HandlerContext(self.store, recorded, self.group, attempt=attempt)
             self.in_flight = 1
             try:
-                await call_handler(fn, recorded.event, ctx)
-                await self.commit(recorded.position, contexts=[ctx], remove_dead_letter=dead_letter_id)
-            except CheckpointConflict:
-                raise
-            except Exception as exc:
-                error = exc
-                continue
+                try:
+                    await call_handler(fn, recorded.event, ctx)
+                except Exception as exc:
+                    error = exc
+                    continue
+                try:
+                    await self.commit(recorded.position, contexts=[ctx])
+                except _REJECTED_EFFECTS as exc:
+                    error = exc
+                    continue
             finally:
                 self.in_flight = 0
             self.handled += 1
@@ -465,10 +567,12 @@ class HandlerSubscription(Subscription):
         if fn is None or not isinstance(recorded.event, Event):
             raise InvalidArgument(f"group {self.group!r} has no handler for {recorded.event_type!r}")
         ctx = HandlerContext(self.store, recorded, self.group, attempt=1)
+        # The checkpoint stays where it is: a parked event is behind it (or, after a replay
+        # was requested, ahead of it, and moving the checkpoint would skip the events between).
         try:
             await call_handler(fn, recorded.event, ctx)
         except Exception as exc:
-            await self.commit(recorded.position, dead_letters=[self.dead_letter_record(recorded, exc, 1)])
+            await self.commit(self.checkpoint, dead_letters=[self.dead_letter_record(recorded, exc, 1)])
             return False
-        await self.commit(recorded.position, contexts=[ctx], remove_dead_letter=dead_letter_id)
+        await self.commit(self.checkpoint, contexts=[ctx], remove_dead_letter=dead_letter_id)
         return True

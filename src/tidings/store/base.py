@@ -16,6 +16,7 @@ import enum
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
@@ -328,7 +329,6 @@ class EventStore(abc.ABC):
         self._closed = False
         self._head_changed = asyncio.Event()
         self._checkpoint_changed = asyncio.Event()
-        self._group_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def safe_url(self) -> str:
@@ -743,11 +743,23 @@ class EventStore(abc.ABC):
         return await self._query(sql, params)
 
     def group_lock(self, group: str) -> asyncio.Lock:
-        """The lock that lets one runner per subscription group work in this process at a time."""
-        lock = self._group_locks.get(group)
+        """The lock that lets one runner per subscription group work in this process at a time.
+
+        Shared by every store object of this process that opens the same database (two services
+        built from the same URL), so their runners of one group take turns instead of both
+        handling every event. Across processes the checkpoint's compare-and-set keeps commits
+        exactly-once.
+        """
+        key = (self.database_identity(), group)
+        lock = _GROUP_LOCKS.get(key)
         if lock is None:
-            lock = self._group_locks[group] = asyncio.Lock()
+            lock = asyncio.Lock()
+            _GROUP_LOCKS[key] = lock
         return lock
+
+    def database_identity(self) -> str:
+        """A key naming the database behind this store (same database -> same key)."""
+        return f"{type(self).__name__}:{id(self)}"
 
     def _notify_checkpoint(self) -> None:
         event = self._checkpoint_changed
@@ -870,3 +882,6 @@ def _load_metadata(meta: Any) -> Mapping[str, Any]:
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+# Weak values: a group's lock lives as long as some runner holds or waits for it.
+_GROUP_LOCKS: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()

@@ -22,7 +22,6 @@ from tidings.store.base import (
     Row,
     Snapshot,
     StreamInfo,
-    check_expected,
     now_micros,
 )
 from tidings.store.records import DeadLetter, ProcessedBatch, Tx
@@ -168,19 +167,42 @@ class MemoryStore(EventStore):
             raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
         if batch.work is not None:
             raise ProjectionError(_NO_SQL)
-        # Check every append before doing any, so that the batch stays all-or-nothing.
-        planned: list[AppendRequest] = []
-        versions: dict[str, int] = {}
+        # Resolve every append against the state as it would be, before changing anything, so
+        # the batch stays all-or-nothing and follows the same rules (exact retries included).
+        versions: dict[str, tuple[int, int]] = {}
+        planned_ids: dict[uuid.UUID, tuple[Any, ...]] = {}
+        results: list[AppendResult | None] = []
+        head = len(self._log)
         for request in batch.appends:
-            current = versions.get(request.stream_id, len(self._streams.get(request.stream_id, ())))
-            check_expected(request.stream_id, request.expected, current)
-            versions[request.stream_id] = current + len(request.events)
-            planned.append(request)
-        results = [await self._append(request) for request in planned]
+            stream = self._streams.get(request.stream_id, [])
+            version, last = versions.get(request.stream_id, (len(stream), stream[-1][0] if stream else 0))
+            existing = []
+            for e in request.events:
+                row = self._ids.get(e.event_id)
+                if row is not None:
+                    existing.append((row[3], row[1], row[2], row[0]))
+                elif e.event_id in planned_ids:
+                    existing.append(planned_ids[e.event_id])
+            resolved = request.resolve(version, last, existing)
+            results.append(resolved)
+            if resolved is None:
+                for i, e in enumerate(request.events, start=1):
+                    planned_ids[e.event_id] = (e.event_id, request.stream_id, version + i, head + i)
+                head += len(request.events)
+                versions[request.stream_id] = (version + len(request.events), head)
+        out = [
+            resolved if resolved is not None else await self._append(request)
+            for request, resolved in zip(batch.appends, results, strict=True)
+        ]
         self._inbox.setdefault(batch.group, set()).update(e for e, _ in batch.processed)
         for d in batch.dead_letters:
-            self._parked[self._next_dead_letter] = DeadLetter(
-                self._next_dead_letter,
+            parked = next(
+                (p for p in self._parked.values() if p.group == batch.group and p.event_id == d.event_id),
+                None,
+            )
+            number = parked.id if parked is not None else self._next_dead_letter
+            self._parked[number] = DeadLetter(
+                number,
                 batch.group,
                 d.position,
                 d.event_id,
@@ -188,14 +210,15 @@ class MemoryStore(EventStore):
                 d.event_type,
                 d.error,
                 d.traceback,
-                d.attempts,
+                d.attempts + (parked.attempts if parked is not None else 0),
                 datetime.now(UTC),
             )
-            self._next_dead_letter += 1
+            if parked is None:
+                self._next_dead_letter += 1
         if batch.remove_dead_letter is not None:
             self._parked.pop(batch.remove_dead_letter, None)
         self._checkpoints_by_group[batch.group] = batch.checkpoint
-        return results
+        return out
 
     async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         return self._inbox.get(group, set()).intersection(event_ids)

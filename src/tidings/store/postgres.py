@@ -327,7 +327,7 @@ class _Sql:
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now()) ON CONFLICT (group_name, event_id) DO UPDATE SET "
             "position = excluded.position, stream_id = excluded.stream_id, "
             "event_type = excluded.event_type, error = excluded.error, traceback = excluded.traceback, "
-            "attempts = excluded.attempts, failed_at = excluded.failed_at"
+            "attempts = tidings_dead_letters.attempts + excluded.attempts, failed_at = excluded.failed_at"
         )
         self.dead_letters = (
             "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
@@ -532,6 +532,9 @@ class PostgresStore(EventStore):
         self._stats = dict.fromkeys(("batches", "appends", "events", "locked_redos", "connection_retries"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def database_identity(self) -> str:
+        return f"postgresql:{self.config.conninfo}#{self.config.schema}"
 
     async def _open(self) -> None:
         try:

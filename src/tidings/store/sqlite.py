@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tidings.errors import CheckpointConflict, CorruptStore, InvalidArgument, StoreError, TidingsError
+from tidings.errors import (
+    CheckpointConflict,
+    CorruptStore,
+    InvalidArgument,
+    StoreClosed,
+    StoreError,
+    TidingsError,
+)
 from tidings.events import EventRegistry
 from tidings.store.base import (
     AppendRequest,
@@ -243,7 +250,12 @@ class SQLiteStore(EventStore):
             except sqlite3.Error as exc:
                 raise _translate(exc, self.config.path) from exc
 
-        return await loop.run_in_executor(self._readers, run)
+        try:
+            return await loop.run_in_executor(self._readers, run)
+        except RuntimeError as exc:  # the executor was shut down: the store closed meanwhile
+            if self._closed:
+                raise StoreClosed(f"store {self.safe_url} is closed") from exc
+            raise
 
     async def write(self, fn: WriteJob[T], *, _request: AppendRequest | None = None) -> T:
         """Run ``fn(conn)`` on the writer thread inside a savepoint of the next group commit.
@@ -290,7 +302,7 @@ class SQLiteStore(EventStore):
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
         if self._readers is not None:
-            self._readers.shutdown(wait=True)
+            await asyncio.to_thread(self._readers.shutdown, wait=True)
         with self._conns_lock:
             for conn in self._reader_conns:
                 conn.close()
@@ -555,6 +567,9 @@ class SQLiteStore(EventStore):
             return None if row is None else Snapshot(row[0], row[1], row[2], row[3], bytes(row[4]))
 
         return await self._read(load)
+
+    def database_identity(self) -> str:
+        return f"sqlite:{os.path.realpath(self.config.path)}"
 
     # -- processing records ----------------------------------------------------------------------
 
@@ -826,9 +841,6 @@ class SQLiteTx:
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.conn.execute(self._sql(sql), params).fetchall()
 
-    def with_tables(self, tables: Mapping[str, str]) -> SQLiteTx:
-        return SQLiteTx(self.conn, tables)
-
 
 def _commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch) -> list[AppendResult]:
     row = conn.execute(
@@ -848,8 +860,12 @@ def _commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch) -> lis
     now = now_micros()
     if batch.dead_letters:
         conn.executemany(
-            "INSERT OR REPLACE INTO tidings_dead_letters (group_name, position, event_id, stream_id, "
-            "event_type, error, traceback, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            # One entry per (group, event): a failed retry updates it and keeps its id.
+            "INSERT INTO tidings_dead_letters (group_name, position, event_id, stream_id, "
+            "event_type, error, traceback, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (group_name, event_id) DO UPDATE SET position = excluded.position, "
+            "error = excluded.error, traceback = excluded.traceback, "
+            "attempts = tidings_dead_letters.attempts + excluded.attempts, failed_at = excluded.failed_at",
             [
                 (
                     batch.group,
