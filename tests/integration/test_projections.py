@@ -90,10 +90,12 @@ async def test_projection_rows_and_read_your_writes(store: EventStore) -> None:
     assert await balances(store) == {"acc-0": (93, 51), **{f"acc-{i}": (100, 50) for i in range(1, 5)}}
     [status] = await projection_status(store)
     assert (status.name, status.generation, status.checkpoint, status.lag) == ("balances", 1, 251, 0)
-    # Restart: nothing is applied twice.
+    # Restart (and one more event): nothing is applied twice.
     async with service.running():
-        await asyncio.sleep(0.1)
+        result = await store.append("acc-1", [Deposited(amount=1)])
+        assert await service.wait_for(result.position, group="balances", timeout=10)
     assert (await balances(store))["acc-0"] == (93, 51)
+    assert (await balances(store))["acc-1"] == (101, 51)
 
 
 async def test_failing_event_is_dead_lettered_and_others_commit(store: EventStore) -> None:

@@ -43,6 +43,17 @@ async def test_durability_pragmas(tmp_path: Path) -> None:
             assert level == expected
 
 
+async def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/g.db")
+    assert isinstance(store, SQLiteStore)
+    async with store:
+        await asyncio.gather(*(store.append(f"s-{i}", [Credited(amount=i)] * 10) for i in range(64)))
+        stats = store.statistics()
+        assert (stats.appends, stats.events) == (64, 640)
+        assert stats.transactions < 64  # group commit: several appends per transaction
+        assert [e.position async for e in store.read_all()] == list(range(1, 641))
+
+
 async def test_not_a_database_file(tmp_path: Path) -> None:
     path = tmp_path / "junk.db"
     path.write_bytes(b"this is not sqlite at all" * 100)

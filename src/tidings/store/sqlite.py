@@ -56,7 +56,7 @@ from tidings.store.base import (
 )
 from tidings.store.records import DeadLetter, ProcessedBatch, Tx
 
-__all__ = ["SQLiteConfig", "SQLiteStore", "WriteJob"]
+__all__ = ["SQLiteConfig", "SQLiteStatistics", "SQLiteStore", "WriteJob"]
 
 SCHEMA_VERSION: Final = 1
 """Version of the on-disk schema, stored in ``tidings_meta``; bumped by migrations."""
@@ -168,6 +168,22 @@ class SQLiteConfig:
         return cls(path=path, synchronous=sync, busy_timeout=busy)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SQLiteStatistics:
+    """Counters of one store's writer thread since it was opened (``SQLiteStore.statistics()``).
+
+    ``transactions``: group commits; ``jobs``: writes they carried (appends, checkpoints ...);
+    ``appends`` / ``events``: append calls and their events; ``queued``: writes waiting now.
+    ``jobs / transactions`` is the group-commit factor.
+    """
+
+    transactions: int
+    jobs: int
+    appends: int
+    events: int
+    queued: int
+
+
 class _Job:
     __slots__ = ("fn", "future", "loop", "request")
 
@@ -213,6 +229,10 @@ class SQLiteStore(EventStore):
         self._watcher: threading.Thread | None = None
         self._watch_stop = threading.Event()
         self._conns_lock = threading.Lock()
+        self._transactions = 0
+        self._jobs_done = 0
+        self._appends = 0
+        self._events = 0
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -381,6 +401,12 @@ class SQLiteStore(EventStore):
         outcomes: list[tuple[Any, BaseException | None]] = []
         # Alone in its transaction, a job needs no savepoint: if it fails, the whole rolls back.
         single = len(batch) == 1
+        self._transactions += 1
+        self._jobs_done += len(batch)
+        for job in batch:
+            if job.request is not None:
+                self._appends += 1
+                self._events += len(job.request.events)
         try:
             conn.execute("BEGIN IMMEDIATE")
             index = 0
@@ -567,6 +593,12 @@ class SQLiteStore(EventStore):
             return None if row is None else Snapshot(row[0], row[1], row[2], row[3], bytes(row[4]))
 
         return await self._read(load)
+
+    def statistics(self) -> SQLiteStatistics:
+        """The writer's counters (read without locking: a snapshot, possibly a little stale)."""
+        return SQLiteStatistics(
+            self._transactions, self._jobs_done, self._appends, self._events, self._jobs.qsize()
+        )
 
     def database_identity(self) -> str:
         return f"sqlite:{os.path.realpath(self.config.path)}"
