@@ -45,7 +45,7 @@ async def test_sigkill_loses_nothing_and_applies_nothing_twice(tmp_path: Path) -
             behind = [g for g in ("crash.audit", "crash.external") if checkpoints.get(g, 0) < head]
             mid_work_kills += bool(behind)
         # The faults must really have hit work in progress, or the test proves nothing.
-        assert mid_work_kills >= 3
+        assert mid_work_kills >= 2
         # A last run, to completion, with every event delivered again.
         proc = await start(url, effects, redeliver=True)
         for group in ("crash.audit", "crash.external"):
