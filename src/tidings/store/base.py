@@ -390,7 +390,9 @@ class EventStore(abc.ABC):
         ``expected_version`` is ``ANY``, ``NO_STREAM``, ``STREAM_EXISTS`` or the version of the
         stream's last event (0 = empty). ``metadata`` is stored with every event of the call.
         ``event_ids`` (one per event) make the call safely retryable: an exact retry returns the
-        original result even if the stream has moved on since.
+        original result even if the stream has moved on since. A retry is recognised by its ids
+        alone (the same ids, in the same order, stored consecutively in this stream, after the
+        same expected version if an int was given); the payloads are not compared.
 
         Raises :class:`ConcurrencyError`, :class:`DuplicateEventId`, :class:`InvalidStreamId`,
         :class:`InvalidArgument`, :class:`SerializationError`; in every case nothing is written.
