@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         context.postgres.close()
         workspace.cleanup()
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load_after is not None and load_after[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: load average {load_after[0]:.2f} after the run; other work may have skewed it")
     run = report.Run(
         mode="quick" if args.quick else "full",
         sizes=sizes,
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds=time.perf_counter() - clock,
         environment=environment,
         load_before=load_before,
+        load_after=load_after,
         postgres={**context.postgres.settings, "source": context.postgres.source}
         if context.postgres.settings
         else None,

@@ -34,6 +34,7 @@ class Run:
     seconds: float
     environment: dict[str, Any]
     load_before: tuple[float, float, float] | None = None
+    load_after: tuple[float, float, float] | None = None
     postgres: dict[str, str] | None = None
     """The PostgreSQL server's version and durability settings, if a scenario used it."""
 
@@ -137,7 +138,11 @@ def _notes(comparisons: Sequence[Comparison]) -> list[str]:
 def _load_note(run: Run) -> str:
     if run.load_before is None:
         return ""
-    return f" Load average before the run: {run.load_before[0]:.2f} (1 min)."
+    note = f" Load average before the run: {run.load_before[0]:.2f} (1 min)"
+    if run.load_after is not None:
+        # The 1-minute average at the end covers the last scenarios, the 5-minute one most of a run.
+        note += f"; after it: {run.load_after[0]:.2f} (1 min), {run.load_after[1]:.2f} (5 min)"
+    return note + "."
 
 
 def text_table(run: Run) -> str:
@@ -236,6 +241,7 @@ def as_json(run: Run) -> str:
         "started": run.started.astimezone(UTC).isoformat(),
         "seconds": round(run.seconds, 1),
         "load_average_before": run.load_before,
+        "load_average_after": run.load_after,
         "environment": run.environment,
         "postgresql": run.postgres,
         "configuration": fairness(),
