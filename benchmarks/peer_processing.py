@@ -46,6 +46,7 @@ from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteTrackingRecord
 from eventsourcing.system import MultiThreadedRunner, ProcessApplication, System
 from eventsourcing.utils import Environment, get_topic
 
+from benchmarks.harness import settle
 from benchmarks.peer_eventsourcing import (
     DEPOSITED,
     PEER_CONFIG,
@@ -168,6 +169,7 @@ def run_projection(db_path: str, head: int, timeout: float = 600.0) -> tuple[flo
     the moment the last event's transaction has committed.
     """
     cls = projection_class(head)
+    settle()
     started = perf_counter()
     runner = ProjectionRunner(
         application_class=BenchApplication,
@@ -195,6 +197,7 @@ def run_batched_view(db_path: str, head: int) -> tuple[float, tuple[int, int]]:
     topics = BalancesProjection.topics
     try:
         check_durability(app)
+        settle()
         started = perf_counter()
         last = view.max_tracking_id(name) or 0
         while last < head:

@@ -31,7 +31,7 @@ from time import perf_counter
 
 from benchmarks import peer_eventsourcing, peer_processing
 from benchmarks.domain import AccountOpened, Deposited
-from benchmarks.harness import Aim, Comparison, compare, log
+from benchmarks.harness import Aim, Comparison, compare, log, settle
 from benchmarks.scenarios_sqlite import PEER, Context, Scenario, open_tidings
 from tidings import NO_STREAM, Event, Projection, ProjectionTx, Service
 
@@ -112,6 +112,7 @@ async def _tidings_catchup(path: Path, head: int) -> tuple[float, tuple[int, int
     async with open_tidings(path) as store:
         service = Service("bench", store)
         service.add_projection(Balances())
+        settle()
         started = perf_counter()
         async with service.running():
             if not await service.wait_for(head, group=Balances.name, timeout=600):
