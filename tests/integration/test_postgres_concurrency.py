@@ -504,14 +504,9 @@ async def test_reader_resumes_after_server_restart(private_postgres: servers.Pos
             assert (stats[EVERY].last_error or "").startswith("StoreError"), stats[EVERY]
 
 
-# -- known bugs ---------------------------------------------------------------------------------------------
+# -- runners meeting an outage while they load their state ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Subscription._run_locked loads the checkpoint (and runs prepare()/on_conflict()) outside "
-    "its error handling: a store error there ends run() instead of being logged and retried",
-)
 async def test_subscription_started_while_the_server_is_down_waits_for_it(
     private_postgres: servers.PostgresServer,
 ) -> None:
@@ -534,19 +529,14 @@ async def test_subscription_started_while_the_server_is_down_waits_for_it(
             async with followers.service.running():
                 await asyncio.sleep(1)  # the runners start, and meet the outage
                 await asyncio.to_thread(server.start)
-                # Bug: both runners already ended with the StoreError of their first
-                # load_checkpoint (state "stopped"); nothing will ever process the log.
+                # The runners met the outage while loading their checkpoints: they must be
+                # waiting for the server, not ended.
                 assert [s.state for s in followers.service.statistics()] != ["stopped", "stopped"]
                 await followers.check(outage=True)
         finally:
             await asyncio.to_thread(server.start)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Subscription._run_locked reloads the checkpoint after a CheckpointConflict outside its "
-    "error handling: a store error at that moment ends run() instead of being logged and retried",
-)
 async def test_subscription_survives_the_server_going_away_after_a_checkpoint_conflict(
     private_postgres: servers.PostgresServer,
 ) -> None:
@@ -584,7 +574,7 @@ async def test_subscription_survives_the_server_going_away_after_a_checkpoint_co
             await writer.set_checkpoint("conflicted", 1)  # another runner committed position 1
             gate.set()
             await asyncio.sleep(1)  # the conflict, the outage, and the reload that fails
-            # Bug: run() already ended with the StoreError of load_checkpoint.
+            # The reload after the conflict fails: the runner must wait, not end.
             assert not task.done(), task.exception()
             await asyncio.to_thread(server.start)
             assert await subscribing.wait_for(2, group="conflicted", timeout=60)

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
 from tidings.errors import (
@@ -199,23 +199,32 @@ class Subscription(abc.ABC):
         """Hook run once before processing (projections create their tables here)."""
 
     async def _run_locked(self) -> None:
-        await self.prepare()
-        self.checkpoint = await self.store.load_checkpoint(self.group)
-        self.state = "catching up"
+        # Loading state is inside the guarded loop: a store that is away at start-up, or after a
+        # conflict, is waited for like any other store error instead of ending the runner.
+        hook: Callable[[], Awaitable[None]] | None = self.prepare
+        reload = True
         while not self.stopping:
             try:
+                if hook is not None:
+                    await hook()
+                    hook = None
+                if reload:
+                    self.checkpoint = await self.store.load_checkpoint(self.group)
+                    reload = False
+                    self.state = "catching up"
                 progressed = await self._step()
             except CheckpointConflict as exc:
                 # Another process's runner of this group committed first: resume after it.
                 log.info("%s", exc)
-                await self.on_conflict()
-                self.checkpoint = await self.store.load_checkpoint(self.group)
+                self._drop_prefetch()
+                hook, reload = self.on_conflict, True
                 continue
             except TidingsError as exc:
                 # The store is unreachable (a restart, a lock held too long): report, back off,
                 # retry; the checkpoint still marks what is done.
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("subscription %r: %s", self.group, exc)
+                self._drop_prefetch()
                 await self._sleep(self.config.poll_interval)
                 continue
             except Exception as exc:
