@@ -11,6 +11,7 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.harness import FULL, QUICK, Comparison, Workspace, log
+from benchmarks.quiet import CpuAccount
 from benchmarks.scenarios_postgres import SCENARIOS as POSTGRES_SCENARIOS
 from benchmarks.scenarios_processing import SCENARIOS as PROCESSING_SCENARIOS
 from benchmarks.scenarios_sqlite import SCENARIOS as SQLITE_SCENARIOS
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.perf_counter()
     comparisons: list[Comparison] = []
     context = Context(sizes, workspace)
+    account = CpuAccount.start(context.postgres.postmaster_pid)
+    others: float | None = None
     try:
         for name in names:
             scenario = SCENARIOS[name]
@@ -70,21 +73,27 @@ def main(argv: list[str] | None = None) -> None:
             begun = time.perf_counter()
             comparisons.extend(scenario.run(context))
             log(f"{name}: done in {time.perf_counter() - begun:.1f} s")
+        others = None if account is None else account.others()  # while our server still runs
     finally:
         context.postgres.close()
         workspace.cleanup()
+    seconds = time.perf_counter() - clock
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    if load_after is not None and load_after[0] > 0.5 * (os.cpu_count() or 1):
-        log(f"warning: load average {load_after[0]:.2f} after the run; other work may have skewed it")
+    if others is not None and others > 0.1 * seconds:
+        log(
+            f"warning: other processes used {others:.0f} CPU-seconds during the {seconds:.0f} s run "
+            "(more than 10% of one CPU); they competed with the benchmark for the CPUs"
+        )
     run = report.Run(
         mode="quick" if args.quick else "full",
         sizes=sizes,
         comparisons=comparisons,
         started=started,
-        seconds=time.perf_counter() - clock,
+        seconds=seconds,
         environment=environment,
         load_before=load_before,
         load_after=load_after,
+        others_cpu=others,
         postgres={**context.postgres.settings, "source": context.postgres.source}
         if context.postgres.settings
         else None,

@@ -105,6 +105,15 @@ class PostgresProvider:
         url = self.url()
         return f"{url}{'&' if '?' in url else '?'}schema={schema}"
 
+    def postmaster_pid(self) -> int | None:
+        """The process id of the server this provider started (None for an external one)."""
+        if self._server is None:
+            return None
+        try:
+            return int((self._server.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
     @property
     def started(self) -> bool:
         return self._url is not None

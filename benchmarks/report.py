@@ -35,6 +35,8 @@ class Run:
     environment: dict[str, Any]
     load_before: tuple[float, float, float] | None = None
     load_after: tuple[float, float, float] | None = None
+    others_cpu: float | None = None
+    """CPU seconds used during the run by processes other than the benchmark (see quiet.py)."""
     postgres: dict[str, str] | None = None
     """The PostgreSQL server's version and durability settings, if a scenario used it."""
 
@@ -139,9 +141,10 @@ def _load_note(run: Run) -> str:
     if run.load_before is None:
         return ""
     note = f" Load average before the run: {run.load_before[0]:.2f} (1 min)"
-    if run.load_after is not None:
-        # The 1-minute average at the end covers the last scenarios, the 5-minute one most of a run.
-        note += f"; after it: {run.load_after[0]:.2f} (1 min), {run.load_after[1]:.2f} (5 min)"
+    if run.others_cpu is not None:
+        # Not the load average after the run: the benchmark itself keeps the CPUs busy.
+        share = 100 * run.others_cpu / run.seconds if run.seconds else 0.0
+        note += f"; other processes used {run.others_cpu:.1f} CPU-seconds during it ({share:.0f}% of one CPU)"
     return note + "."
 
 
@@ -242,6 +245,7 @@ def as_json(run: Run) -> str:
         "seconds": round(run.seconds, 1),
         "load_average_before": run.load_before,
         "load_average_after": run.load_after,
+        "other_processes_cpu_seconds": None if run.others_cpu is None else round(run.others_cpu, 1),
         "environment": run.environment,
         "postgresql": run.postgres,
         "configuration": fairness(),

@@ -1,0 +1,96 @@
+"""Was the machine quiet? CPU time used during a run by processes other than the benchmark's own.
+
+The load average cannot tell: the benchmark itself keeps both cores of a small machine busy (its
+writer and reader threads, its PostgreSQL server). Instead :class:`CpuAccount` reads the machine's
+busy CPU time from ``/proc/stat`` at the start and at the end of the run and subtracts what this
+process (all its threads, and the children it waited for) and the PostgreSQL server it started (the
+postmaster, its live backends, and the backends it reaped) used in between. What remains was used
+by other work -- another test suite, a compiler -- and skews the figures by competing for the CPUs.
+
+Linux only; elsewhere the account is ``None`` and the report says nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _ticks_per_second() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all CPUs), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    # cpu  user nice system idle iowait irq softirq steal guest guest_nice
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / _ticks_per_second()
+
+
+def _process_cpu(pid: int, *, reaped_children: bool) -> float:
+    """utime + stime (+ cutime + cstime) of ``pid`` in seconds; 0 if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = raw.rsplit(")", 1)[1].split()  # the command name may contain spaces
+    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+    total = utime + stime + (cutime + cstime if reaped_children else 0)
+    return total / _ticks_per_second()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def server_cpu(postmaster: int) -> float:
+    """CPU seconds of a PostgreSQL server: the postmaster, reaped backends, and live ones."""
+    return _process_cpu(postmaster, reaped_children=True) + sum(
+        _process_cpu(child, reaped_children=True) for child in _children(postmaster)
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class CpuAccount:
+    """Start with :meth:`start`; :meth:`others` gives the CPU seconds other processes used since."""
+
+    machine: float
+    own: float
+    server_pid: Callable[[], int | None]
+    server_before: float = 0.0
+    server_seen: int | None = None
+
+    @classmethod
+    def start(cls, server_pid: Callable[[], int | None]) -> CpuAccount | None:
+        machine = _machine_busy()
+        if machine is None:
+            return None
+        return cls(machine, _process_cpu(os.getpid(), reaped_children=True), server_pid)
+
+    def others(self) -> float:
+        """CPU seconds used since :meth:`start` by processes that are not this benchmark's.
+
+        Call while the benchmark's PostgreSQL server (if any) still runs: a stopped server's CPU
+        time can no longer be read and would count as someone else's.
+        """
+        machine = _machine_busy() or self.machine
+        own = _process_cpu(os.getpid(), reaped_children=True)
+        pid = self.server_pid()
+        server = server_cpu(pid) if pid is not None else 0.0
+        return max(0.0, (machine - self.machine) - (own - self.own) - server)
