@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.harness import FULL, QUICK, Comparison, Workspace, log
+from benchmarks.harness import FULL, QUICK, Comparison, Workspace, cpu_probe, log
 from benchmarks.quiet import CpuAccount
 from benchmarks.scenarios_postgres import SCENARIOS as POSTGRES_SCENARIOS
 from benchmarks.scenarios_processing import SCENARIOS as PROCESSING_SCENARIOS
@@ -66,13 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     context = Context(sizes, workspace)
     account = CpuAccount.start(context.postgres.postmaster_pid)
     others: float | None = None
+    probes: dict[str, tuple[float, float]] = {}
     try:
         for name in names:
             scenario = SCENARIOS[name]
             log(f"{name}: {scenario.title} ...")
+            probe = cpu_probe()
             begun = time.perf_counter()
             comparisons.extend(scenario.run(context))
             log(f"{name}: done in {time.perf_counter() - begun:.1f} s")
+            probes[name] = (probe, cpu_probe())
         others = None if account is None else account.others()  # while our server still runs
     finally:
         context.postgres.close()
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         load_before=load_before,
         load_after=load_after,
         others_cpu=others,
+        cpu_probes=probes,
         postgres={**context.postgres.settings, "source": context.postgres.source}
         if context.postgres.settings
         else None,

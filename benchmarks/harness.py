@@ -197,6 +197,19 @@ def current_rss() -> int | None:
         return None
 
 
+def cpu_probe() -> float:
+    """Milliseconds a fixed pure-Python loop takes now: a gauge of the CPU speed the host gives us.
+
+    On a shared or frequency-scaled host the same loop can take twice as long from one second to
+    the next; the report shows the spread so that a reader can tell host noise from a regression.
+    """
+    started = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i & 7
+    return (time.perf_counter() - started) * 1000
+
+
 def log(message: str) -> None:
     """Progress goes to stderr so that stdout carries only the report."""
     print(message, file=sys.stderr, flush=True)

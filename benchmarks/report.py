@@ -36,17 +36,18 @@ class Run:
     load_before: tuple[float, float, float] | None = None
     load_after: tuple[float, float, float] | None = None
     others_cpu: float | None = None
+    cpu_probes: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    """Per scenario, :func:`~benchmarks.harness.cpu_probe` before and after it (milliseconds)."""
     """CPU seconds used during the run by processes other than the benchmark (see quiet.py)."""
     postgres: dict[str, str] | None = None
     """The PostgreSQL server's version and durability settings, if a scenario used it."""
 
 
-def _revision() -> str | None:
-    """The commit the run measured (with ``-dirty`` if the working tree had changes), if in git."""
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).resolve().parent,
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,
             timeout=10,
@@ -54,7 +55,25 @@ def _revision() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip()
+
+
+def _revision() -> str | None:
+    """The commit the run measured, if in git; ``-dirty`` if files other than the results (which
+    every run rewrites) had uncommitted changes, since those changes were measured too."""
+    commit = _git("describe", "--always")
+    if not commit:
+        return None
+    changed = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)benchmarks/results.json",
+        ":(exclude)benchmarks/results.md",
+    )
+    return f"{commit}-dirty" if changed else commit
 
 
 def environment() -> dict[str, Any]:
@@ -145,6 +164,12 @@ def _load_note(run: Run) -> str:
         # Not the load average after the run: the benchmark itself keeps the CPUs busy.
         share = 100 * run.others_cpu / run.seconds if run.seconds else 0.0
         note += f"; other processes used {run.others_cpu:.1f} CPU-seconds during it ({share:.0f}% of one CPU)"
+    if run.cpu_probes:
+        values = [v for pair in run.cpu_probes.values() for v in pair]
+        note += (
+            f"; a fixed CPU probe loop took {min(values):.0f}-{max(values):.0f} ms across the run "
+            "(the spread is the host's speed varying)"
+        )
     return note + "."
 
 
@@ -246,6 +271,7 @@ def as_json(run: Run) -> str:
         "load_average_before": run.load_before,
         "load_average_after": run.load_after,
         "other_processes_cpu_seconds": None if run.others_cpu is None else round(run.others_cpu, 1),
+        "cpu_probe_ms_before_after": {k: [round(v, 1) for v in pair] for k, pair in run.cpu_probes.items()},
         "environment": run.environment,
         "postgresql": run.postgres,
         "configuration": fairness(),
