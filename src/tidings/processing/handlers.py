@@ -11,6 +11,7 @@ idempotency key there, or an :class:`~tidings.processing.inbox.Inbox` in that ot
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -169,10 +170,9 @@ async def call_handler(fn: HandlerFunction, event: Event, ctx: HandlerContext) -
         await result
 
 
+@functools.lru_cache(maxsize=1024)
 def _arity(fn: Callable[..., Any]) -> int:
-    cached = getattr(fn, "__tidings_arity__", None)
-    if cached is not None:
-        return int(cached)
+    # inspect.signature costs tens of microseconds; handlers are few and called per event.
     params = [
         p
         for p in inspect.signature(fn).parameters.values()
