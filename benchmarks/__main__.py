@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         load_after=load_after,
         others_cpu=others,
         cpu_probes=probes,
+        kernel_cpu=None if account is None else account.kernel_used,
         postgres={**context.postgres.settings, "source": context.postgres.source}
         if context.postgres.settings
         else None,

@@ -4,8 +4,10 @@ The load average cannot tell: the benchmark itself keeps both cores of a small m
 writer and reader threads, its PostgreSQL server). Instead :class:`CpuAccount` reads the machine's
 busy CPU time from ``/proc/stat`` at the start and at the end of the run and subtracts what this
 process (all its threads, and the children it waited for) and the PostgreSQL server it started (the
-postmaster, its live backends, and the backends it reaped) used in between. What remains was used
-by other work -- another test suite, a compiler -- and skews the figures by competing for the CPUs.
+postmaster, its live backends, and the backends it reaped) and the kernel's own threads (which do
+the write-back and journalling of what the benchmark fsyncs) used in between. What remains was
+used by other work -- another test suite, a compiler -- and skews the figures by competing for the
+CPUs.
 
 Linux only; elsewhere the account is ``None`` and the report says nothing.
 """
@@ -59,6 +61,15 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _kernel_threads() -> dict[int, float]:
+    """CPU seconds of every kernel thread (children of kthreadd, pid 2), by pid.
+
+    The kernel writes back and journals the files the benchmark fsyncs in threads of its own
+    (``kworker``, ``jbd2``): that time is the benchmark's doing, not another process's.
+    """
+    return {pid: _process_cpu(pid, reaped_children=False) for pid in [2, *_children(2)]}
+
+
 def server_cpu(postmaster: int) -> float:
     """CPU seconds of a PostgreSQL server: the postmaster, reaped backends, and live ones."""
     return _process_cpu(postmaster, reaped_children=True) + sum(
@@ -73,15 +84,16 @@ class CpuAccount:
     machine: float
     own: float
     server_pid: Callable[[], int | None]
-    server_before: float = 0.0
-    server_seen: int | None = None
+    kernel: dict[int, float]
+    kernel_used: float = 0.0
 
     @classmethod
     def start(cls, server_pid: Callable[[], int | None]) -> CpuAccount | None:
         machine = _machine_busy()
         if machine is None:
             return None
-        return cls(machine, _process_cpu(os.getpid(), reaped_children=True), server_pid)
+        own = _process_cpu(os.getpid(), reaped_children=True)
+        return cls(machine, own, server_pid, _kernel_threads())
 
     def others(self) -> float:
         """CPU seconds used since :meth:`start` by processes that are not this benchmark's.
@@ -93,4 +105,6 @@ class CpuAccount:
         own = _process_cpu(os.getpid(), reaped_children=True)
         pid = self.server_pid()
         server = server_cpu(pid) if pid is not None else 0.0
-        return max(0.0, (machine - self.machine) - (own - self.own) - server)
+        kernel = _kernel_threads()
+        self.kernel_used = sum(max(0.0, cpu - self.kernel.get(k, 0.0)) for k, cpu in kernel.items())
+        return max(0.0, (machine - self.machine) - (own - self.own) - server - self.kernel_used)

@@ -36,6 +36,8 @@ class Run:
     load_before: tuple[float, float, float] | None = None
     load_after: tuple[float, float, float] | None = None
     others_cpu: float | None = None
+    kernel_cpu: float | None = None
+    """CPU seconds the kernel's threads used meanwhile (write-back of what the benchmark fsyncs)."""
     cpu_probes: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     """Per scenario, :func:`~benchmarks.harness.cpu_probe` before and after it (milliseconds)."""
     """CPU seconds used during the run by processes other than the benchmark (see quiet.py)."""
@@ -271,6 +273,7 @@ def as_json(run: Run) -> str:
         "load_average_before": run.load_before,
         "load_average_after": run.load_after,
         "other_processes_cpu_seconds": None if run.others_cpu is None else round(run.others_cpu, 1),
+        "kernel_threads_cpu_seconds": None if run.kernel_cpu is None else round(run.kernel_cpu, 1),
         "cpu_probe_ms_before_after": {k: [round(v, 1) for v in pair] for k, pair in run.cpu_probes.items()},
         "environment": run.environment,
         "postgresql": run.postgres,
