@@ -55,7 +55,7 @@ class SubscriptionConfig:
     lost (another process's append) can delay delivery.
     """
 
-    batch_size: int = 500
+    batch_size: int = 1000
     poll_interval: float = 0.5
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
 

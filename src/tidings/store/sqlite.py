@@ -200,6 +200,15 @@ class _Job:
         self.request = request  # set for appends, which the writer can merge
 
 
+def _settle_all(
+    settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]], notify: Callable[[], None] | None
+) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)
+    if notify is not None:
+        notify()
+
+
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():  # the caller was cancelled; the job's outcome stands regardless
         return
@@ -433,13 +442,19 @@ class SQLiteStore(EventStore):
             for job in batch:
                 job.loop.call_soon_threadsafe(_settle, job.future, None, failure)
             return
+        # One wake-up per event loop for the whole batch, not one per job: waking the loop costs
+        # the writer a system call and a GIL hand-off each time.
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        ] = {}
         wrote = False
         for job, (result, error) in zip(batch, outcomes, strict=True):
             wrote = wrote or error is None
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-        if wrote and self._loop is not None:
+            by_loop.setdefault(job.loop, []).append((job.future, result, error))
+        for loop, settled in by_loop.items():
+            notify = self._notify_appended if wrote and loop is self._loop else None
             with contextlib.suppress(RuntimeError):  # the loop may be closing
-                self._loop.call_soon_threadsafe(self._notify_appended)
+                loop.call_soon_threadsafe(_settle_all, settled, notify)
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job, single: bool) -> tuple[Any, BaseException | None]:
         if not single:
