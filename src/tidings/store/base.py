@@ -38,7 +38,6 @@ from tidings.events import (
     EventRegistry,
     RawEvent,
     RecordedEvent,
-    datetime_from_micros,
     default_registry,
     uuid_from_bytes,
 )
@@ -164,7 +163,7 @@ class AppendRequest:
         return None
 
     def _match_retry(self, existing: Sequence[tuple[Any, ...]]) -> AppendResult | None:
-        found = {_as_uuid(row[0]): row for row in existing}
+        found = {uuid_from_bytes(row[0]): row for row in existing}
         first = found.get(self.events[0].event_id)
         if len(found) == len(self.events) and first is not None and first[1] == self.stream_id:
             start = int(first[2])
@@ -284,10 +283,6 @@ def new_event_ids(count: int) -> list[uuid.UUID]:
         _set_attribute(result, "is_safe", uuid.SafeUUID.unknown)
         out.append(result)
     return out
-
-
-_as_uuid = uuid_from_bytes
-_as_datetime = datetime_from_micros
 
 
 def now_micros() -> int:
@@ -554,10 +549,6 @@ class EventStore(abc.ABC):
             if scanned_to is None:
                 return
             lower = scanned_to
-
-    def decode_row(self, row: Row, raw_unknown: bool = False) -> RecordedEvent:
-        """Turn a stored row into a :class:`RecordedEvent` (decoding and upcasting its data)."""
-        return self.decode_rows([row], raw_unknown)[0]
 
     def decode_rows(self, rows: Sequence[Row], raw_unknown: bool = False) -> list[RecordedEvent]:
         """Decode a page of stored rows. The common case (a registered type at its current schema

@@ -43,7 +43,7 @@ from tidings.errors import (
     StoreError,
     TidingsError,
 )
-from tidings.events import EventRegistry
+from tidings.events import EventRegistry, datetime_from_micros
 from tidings.store.base import (
     AppendRequest,
     AppendResult,
@@ -51,7 +51,6 @@ from tidings.store.base import (
     Row,
     Snapshot,
     StreamInfo,
-    _as_datetime,
     now_micros,
 )
 from tidings.store.records import DeadLetter, ProcessedBatch, Tx
@@ -709,11 +708,6 @@ def _head_of(conn: sqlite3.Connection) -> int:
 
 _INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_CHUNK = 500
-_STATE_SQL = (
-    "SELECT (SELECT max(position) FROM tidings_events), version, position FROM "
-    "(SELECT 1) LEFT JOIN (SELECT version, position FROM tidings_events WHERE stream_id = ? "
-    "ORDER BY version DESC LIMIT 1)"
-)
 
 
 @functools.lru_cache(maxsize=64)
@@ -795,55 +789,12 @@ def _append_many_in(
 
 
 def _append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult:
-    """Perform one append inside the writer's open transaction.
-
-    Statements are few and large on purpose: the sqlite3 module releases the GIL around every
-    step, and each time the writer must win it back from the event loop's thread, so one
-    multi-row INSERT beats ``executemany`` under load by a wide margin.
-    """
-    stream_id = request.stream_id
-    head, version, last_position = conn.execute(_STATE_SQL, (stream_id,)).fetchone()
-    head = head or 0
-    version = version or 0
-    existing: list[tuple[Any, ...]] = []
-    if request.explicit_ids:
-        ids = [e.event_id.bytes for e in request.events]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            existing.extend(
-                conn.execute(
-                    "SELECT event_id, stream_id, version, position FROM tidings_events "
-                    f"WHERE event_id IN ({', '.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-            )
-    resolved = request.resolve(version, last_position or 0, existing)
-    if resolved is not None:
-        return resolved
-    ts = now_micros()
-    meta = request.metadata
-    events = request.events
-    for start in range(0, len(events), _INSERT_CHUNK):
-        rows = events[start : start + _INSERT_CHUNK]
-        params: list[Any] = []
-        extend = params.extend
-        for i, e in enumerate(rows, start=start + 1):
-            extend(
-                (
-                    head + i,
-                    stream_id,
-                    version + i,
-                    e.event_id.bytes,
-                    e.event_type,
-                    e.schema_version,
-                    ts,
-                    e.data,
-                    meta,
-                )
-            )
-        conn.execute(_insert_sql(len(rows)), params)
-    n = len(request.events)
-    return AppendResult(version + n, head + n)
+    """Perform one append inside the writer's open transaction (a merge of one)."""
+    [(result, error)] = _append_many_in(conn, [request])
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
 
 
 def _translate(exc: BaseException, path: str) -> TidingsError:
@@ -866,27 +817,21 @@ class SQLiteTx:
 
     dialect = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection, tables: Mapping[str, str] | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.tables = dict(tables or {})
-
-    def _sql(self, sql: str) -> str:
-        for name, physical in self.tables.items():
-            sql = sql.replace("{" + name + "}", physical)
-        return sql
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(self._sql(sql), params)
+        return self.conn.execute(sql, params)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> sqlite3.Cursor:
-        return self.conn.executemany(self._sql(sql), rows)
+        return self.conn.executemany(sql, rows)
 
     def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self.conn.execute(self._sql(sql), params).fetchone()
+        row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
         return row
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.conn.execute(self._sql(sql), params).fetchall()
+        return self.conn.execute(sql, params).fetchall()
 
 
 def _commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch) -> list[AppendResult]:
@@ -951,5 +896,5 @@ def _dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
         error=row[6],
         traceback=row[7],
         attempts=row[8],
-        failed_at=_as_datetime(row[9]),
+        failed_at=datetime_from_micros(row[9]),
     )
