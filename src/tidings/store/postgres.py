@@ -133,7 +133,7 @@ from tidings.store.postgres_schema import (
     quote_schema,
 )
 from tidings.store.postgres_tx import PostgresTx, to_psycopg
-from tidings.store.records import DeadLetter, ProcessedBatch, Tx
+from tidings.store.records import DeadLetter, ProcessedBatch, Tx, dead_letter_filter
 
 __all__ = ["PostgresConfig", "PostgresStatistics", "PostgresStore", "PostgresTransaction", "migrate"]
 
@@ -986,15 +986,8 @@ class PostgresStore(EventStore):
         return {r[0] for r in rows}
 
     async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
-        sql = self._sql.dead_letters
-        params: list[Any] = []
-        if group is not None:
-            sql += " AND group_name = %s"
-            params.append(group)
-        if id is not None:
-            sql += " AND id = %s"
-            params.append(id)
-        rows = await self._fetch(sql + " ORDER BY id", params)
+        conditions, params = dead_letter_filter(group, id, "%s")
+        rows = await self._fetch(self._sql.dead_letters + conditions + " ORDER BY id", params)
         return [DeadLetter(*row) for row in rows]
 
     async def _discard_dead_letter(self, id: int) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from tidings.store.base import AppendRequest
 
-__all__ = ["DeadLetter", "DeadLetterRecord", "ProcessedBatch", "Tx"]
+__all__ = ["DeadLetter", "DeadLetterRecord", "ProcessedBatch", "Tx", "dead_letter_filter"]
 
 
 class Tx(Protocol):
@@ -62,6 +62,20 @@ class DeadLetter:
     traceback: str
     attempts: int
     failed_at: datetime
+
+
+def dead_letter_filter(group: str | None, id: int | None, mark: str) -> tuple[str, list[Any]]:
+    """The ``AND ...`` conditions (with ``mark`` as the placeholder) and parameters selecting
+    dead letters by group and/or id, for each backend's query."""
+    sql = ""
+    params: list[Any] = []
+    if group is not None:
+        sql += f" AND group_name = {mark}"
+        params.append(group)
+    if id is not None:
+        sql += f" AND id = {mark}"
+        params.append(id)
+    return sql, params
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ from tidings.store.base import (
     StreamInfo,
     now_micros,
 )
-from tidings.store.records import DeadLetter, ProcessedBatch, Tx
+from tidings.store.records import DeadLetter, ProcessedBatch, Tx, dead_letter_filter
 
 __all__ = ["SQLiteConfig", "SQLiteStatistics", "SQLiteStore", "WriteJob"]
 
@@ -671,14 +671,9 @@ class SQLiteStore(EventStore):
             "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
             "attempts, failed_at FROM tidings_dead_letters WHERE 1"
         )
-        params: list[Any] = []
-        if group is not None:
-            sql += " AND group_name = ?"
-            params.append(group)
-        if id is not None:
-            sql += " AND id = ?"
-            params.append(id)
-        rows = await self._read(lambda c: c.execute(sql + " ORDER BY id", params).fetchall())
+        conditions, params = dead_letter_filter(group, id, "?")
+        sql += conditions + " ORDER BY id"
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [_dead_letter_from_row(r) for r in rows]
 
     async def _discard_dead_letter(self, id: int) -> bool:
