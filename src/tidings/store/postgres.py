@@ -91,7 +91,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -811,15 +811,16 @@ class PostgresStore(EventStore):
 
     # -- reading ----------------------------------------------------------------------------------
 
-    async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[tuple[Any, ...]]:
-        """Run a read on a pooled connection; retried once on a fresh one if the connection broke."""
+    async def _on_connection(self, op: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection; retried once on a fresh one if the connection broke.
+
+        Only for reads and idempotent writes: a retry may repeat work the server already did.
+        """
         assert self._pool is not None
         for attempt in (1, 2):
             try:
                 async with self._pool.connection() as conn:
-                    cur = await conn.execute(sql, params, binary=True)
-                    rows: list[tuple[Any, ...]] = await cur.fetchall()
-                    return rows
+                    return await op(conn)
             except PoolTimeout as exc:
                 raise self._translate(exc) from exc
             except psycopg.OperationalError as exc:
@@ -829,6 +830,16 @@ class PostgresStore(EventStore):
             except psycopg.Error as exc:
                 raise self._translate(exc) from exc
         raise AssertionError("unreachable")
+
+    async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a read (see :meth:`_on_connection`) and return its rows."""
+
+        async def fetch(conn: Connection) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(sql, params, binary=True)
+            rows: list[tuple[Any, ...]] = await cur.fetchall()
+            return rows
+
+        return await self._on_connection(fetch)
 
     async def _fetch_stream(
         self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
@@ -904,21 +915,12 @@ class PostgresStore(EventStore):
         return Snapshot(r[0], int(r[1]), r[2], r[3], bytes(r[4]))
 
     async def _fetch_none(self, sql: str, params: Sequence[Any]) -> None:
-        """Run an idempotent write in its own transaction; retried once if the connection broke."""
-        assert self._pool is not None
-        for attempt in (1, 2):
-            try:
-                async with self._pool.connection() as conn:
-                    await conn.execute(sql, params)
-                    return
-            except PoolTimeout as exc:
-                raise self._translate(exc) from exc
-            except psycopg.OperationalError as exc:
-                if attempt == 2:
-                    raise self._translate(exc) from exc
-                await self._recover()
-            except psycopg.Error as exc:
-                raise self._translate(exc) from exc
+        """Run an idempotent write in its own transaction (see :meth:`_on_connection`)."""
+
+        async def execute(conn: Connection) -> None:
+            await conn.execute(sql, params)
+
+        await self._on_connection(execute)
 
     # -- processing records -------------------------------------------------------------------------
 
