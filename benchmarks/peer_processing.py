@@ -181,7 +181,7 @@ def run_projection(db_path: str, head: int, timeout: float = 600.0) -> tuple[flo
         if not cls.done.wait(timeout):
             raise TimeoutError(f"eventsourcing's projection did not reach {head} in {timeout} s")
         elapsed = cls.finished[0] - started
-        check_durability(runner.app)  # type: ignore[arg-type]
+        check_durability(runner.app)
         totals = runner.projection.view.totals()
     return elapsed, totals
 

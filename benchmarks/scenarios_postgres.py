@@ -36,8 +36,8 @@ from benchmarks.domain import Account
 from benchmarks.harness import Aim, Comparison, compare, stopwatch
 from benchmarks.peer_eventsourcing import BenchApplication
 from benchmarks.pg_server import PostgresProvider
-from benchmarks.scenarios_sqlite import Context, Scenario
-from tidings import NO_STREAM, Event, EventStore, Repository, open_store
+from benchmarks.scenarios_sqlite import Context, Scenario, timed_bulk_append, timed_concurrent_saves
+from tidings import NO_STREAM, Event, EventStore, open_store
 
 PEER: Final = f"eventsourcing {version('eventsourcing')} (postgres)"
 RAW: Final = "raw psycopg COPY (binary)"
@@ -74,17 +74,7 @@ def open_peer(pg: PostgresProvider, schema: str) -> BenchApplication:
 
 async def _tidings_concurrent(url: str, batches: list[list[Account]]) -> float:
     async with open_store(url) as store:
-        repo = Repository(store, Account)
-
-        async def writer(batch: list[Account]) -> None:
-            for account in batch:
-                await repo.save(account)
-
-        with stopwatch() as elapsed:
-            async with asyncio.TaskGroup() as group:
-                for batch in batches:
-                    group.create_task(writer(batch))
-        seconds = elapsed()
+        seconds = await timed_concurrent_saves(store, batches)
         expected = sum(len(b) for b in batches) * batches[0][0].version
         if await store.head() != expected:
             raise AssertionError(f"tidings stored {await store.head()} events, expected {expected}")
@@ -184,9 +174,7 @@ def pg_read_all(ctx: Context) -> list[Comparison]:
 
 async def _tidings_bulk(url: str, events: list[Event]) -> float:
     async with open_store(url) as store:
-        with stopwatch() as elapsed:
-            await store.append("bulk-1", events, expected_version=NO_STREAM)
-        return elapsed()
+        return await timed_bulk_append(store, events)
 
 
 async def _create_tables(url: str) -> None:

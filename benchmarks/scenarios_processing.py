@@ -96,7 +96,7 @@ def _peer_fill(path: Path, accounts: int) -> int:
             for _ in range(start, min(start + _FILL_CHUNK, accounts)):
                 batch.append(peer_eventsourcing.new_account(_ACCOUNT_EVENTS))
             app.save(*batch)
-        return int(app.recorder.max_notification_id())
+        return int(app.recorder.max_notification_id() or 0)
     finally:
         app.close()
 

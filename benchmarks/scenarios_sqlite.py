@@ -125,19 +125,34 @@ def append_sequential(ctx: Context) -> list[Comparison]:
 # -- append: 16 concurrent writers, one aggregate per call ---------------------------------------------
 
 
+async def timed_concurrent_saves(store: EventStore, batches: list[list[Account]]) -> float:
+    """Seconds for one asyncio task per batch to save its accounts through one repository.
+
+    Shared with the PostgreSQL scenarios, which open their store differently.
+    """
+    repo = Repository(store, Account)
+
+    async def writer(batch: list[Account]) -> None:
+        for account in batch:
+            await repo.save(account)
+
+    with stopwatch() as elapsed:
+        async with asyncio.TaskGroup() as group:
+            for batch in batches:
+                group.create_task(writer(batch))
+    return elapsed()
+
+
+async def timed_bulk_append(store: EventStore, events: list[Event]) -> float:
+    """Seconds to append ``events`` to a new stream in one call (shared with PostgreSQL)."""
+    with stopwatch() as elapsed:
+        await store.append("bulk-1", events, expected_version=NO_STREAM)
+    return elapsed()
+
+
 async def _tidings_save_concurrently(path: Path, batches: list[list[Account]]) -> float:
     async with open_tidings(path) as store:
-        repo = Repository(store, Account)
-
-        async def writer(batch: list[Account]) -> None:
-            for account in batch:
-                await repo.save(account)
-
-        with stopwatch() as elapsed:
-            async with asyncio.TaskGroup() as group:
-                for batch in batches:
-                    group.create_task(writer(batch))
-        return elapsed()
+        return await timed_concurrent_saves(store, batches)
 
 
 def append_concurrent(ctx: Context) -> list[Comparison]:
@@ -173,9 +188,7 @@ def append_concurrent(ctx: Context) -> list[Comparison]:
 
 async def _tidings_append_bulk(path: Path, events: list[Event]) -> float:
     async with open_tidings(path) as store:
-        with stopwatch() as elapsed:
-            await store.append("bulk-1", events, expected_version=NO_STREAM)
-        return elapsed()
+        return await timed_bulk_append(store, events)
 
 
 def append_bulk(ctx: Context) -> list[Comparison]:
