@@ -6,6 +6,18 @@ line is enough to know what went wrong. Errors from drivers (sqlite3, psycopg, n
 into this family and chained (``raise ... from exc``), never leaked raw.
 
 An operation that raises one of these errors has changed nothing.
+
+Every error also says whether trying again can help, which is what the subscription runners act on:
+
+* :attr:`TidingsError.transient` -- the failure is in the surroundings (the database is locked, a
+  connection dropped, a pool timed out, the server restarts): wait and try the same thing again.
+  Runners back off without spending a message's attempts. Only :class:`StoreUnavailable` is transient.
+* :attr:`TidingsError.permanent` -- the same call can never succeed (an invalid argument, a value that
+  cannot be serialised, SQL that does not parse or names an unknown table): a message that fails this
+  way is dead-lettered at its first attempt.
+* neither -- the failure may depend on state (a concurrency conflict, a constraint violation, a
+  handler's own exception): retried per the subscription's :class:`~tidings.RetryPolicy`, then
+  dead-lettered.
 """
 
 from __future__ import annotations
@@ -17,9 +29,27 @@ from uuid import UUID
 class TidingsError(Exception):
     """Root of every error raised by tidings."""
 
+    transient: bool = False
+    """True if the same operation may succeed later unchanged (an outage): wait, don't give up."""
+
+    permanent: bool = False
+    """True if the same operation can never succeed: retrying it is pointless."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if ``exc`` is a failure of the surroundings that waiting may cure (an outage)."""
+    return isinstance(exc, TidingsError) and exc.transient
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True if ``exc`` says the same operation can never succeed, so retrying it is pointless."""
+    return isinstance(exc, TidingsError) and exc.permanent
+
 
 class InvalidArgument(TidingsError, ValueError):
     """A caller passed a value the operation cannot accept (a negative ``after``, an empty stream id)."""
+
+    permanent = True
 
 
 class InvalidStreamId(InvalidArgument):
@@ -60,6 +90,8 @@ class DuplicateEventId(TidingsError):
 
 class EventTypeError(TidingsError):
     """Problems with event classes, their registry and their schema versions."""
+
+    permanent = True
 
 
 class UnknownEventType(EventTypeError):
@@ -105,17 +137,47 @@ class UpcastError(EventTypeError):
 class SerializationError(TidingsError):
     """An event or its metadata could not be turned into (or back from) the stored form."""
 
+    permanent = True
+
 
 class StoreError(TidingsError):
-    """The store itself failed: I/O, a driver error, a closed store."""
+    """The store itself failed: I/O, a driver error, a closed store.
+
+    Backends raise one of the specific subclasses where they can tell: :class:`StoreUnavailable`
+    (transient), :class:`StatementError` and :class:`IntegrityError` (the request was refused).
+    """
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot serve the request right now, through no fault of the request: the database
+    is locked or busy, the connection was lost, no pooled connection came free in time, the server is
+    starting or shutting down. Transient: wait and retry the same operation."""
+
+    transient = True
+
+
+class StatementError(StoreError):
+    """The database refused a statement as written: a syntax error, an unknown table or column, a
+    wrong type, a read-only database. Permanent: the same statement fails again."""
+
+    permanent = True
+
+
+class IntegrityError(StoreError):
+    """A statement broke a constraint (unique, not null, foreign key, check). Not permanent: it may
+    depend on data that another writer can change, so handlers get their retries."""
 
 
 class StoreClosed(StoreError):
     """The store was used after ``close()``."""
 
+    permanent = True
+
 
 class CorruptStore(StoreError):
     """The database is not a tidings store (a foreign or damaged file) or has an unknown schema."""
+
+    permanent = True
 
 
 class CheckpointConflict(TidingsError):
