@@ -33,6 +33,7 @@ from tidings.errors import (
     StoreUnavailable,
     TidingsError,
     UnknownEventType,
+    UnsupportedOperation,
     UpcastError,
 )
 from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry, upcaster
@@ -106,6 +107,7 @@ __all__ = [
     "SubscriptionStats",
     "TidingsError",
     "UnknownEventType",
+    "UnsupportedOperation",
     "UpcastError",
     "__version__",
     "default_registry",

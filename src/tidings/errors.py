@@ -193,6 +193,12 @@ class CheckpointConflict(TidingsError):
         self.actual = actual
 
 
+class UnsupportedOperation(TidingsError):
+    """The backend lacks a capability the operation needs (SQL on ``memory://``, say)."""
+
+    permanent = True
+
+
 class ProjectionError(TidingsError):
     """A projection is misdeclared, or its tables cannot be managed on this backend."""
 

@@ -39,13 +39,28 @@ class Repository(Generic[A]):
         self.snapshot_every = snapshot_every
         self._background: set[asyncio.Task[None]] = set()
 
-    async def get(self, id: str, *, at_version: int | None = None, at_time: datetime | None = None) -> A:
+    async def get(
+        self,
+        id: str,
+        *,
+        at_version: int | None = None,
+        at_time: datetime | None = None,
+        create: bool = False,
+    ) -> A:
         """The aggregate as of now, as of ``at_version``, or as of the instant ``at_time``.
 
-        Raises :class:`AggregateNotFound` when the stream has no events (at that version or time).
+        Raises :class:`AggregateNotFound` when the stream has no events (at that version or time),
+        unless ``create`` is true: then a new, empty aggregate (version 0) is returned, ready to
+        record its first events and be saved (get-or-create; only for the current state).
         """
         if at_version is not None and at_time is not None:
             raise InvalidArgument("pass at_version or at_time, not both")
+        if at_time is not None and not isinstance(at_time, datetime):
+            raise InvalidArgument(f"at_time must be an aware datetime, got {type(at_time).__qualname__}")
+        if create and (at_version is not None or at_time is not None):
+            raise InvalidArgument(
+                "create=True loads the current state; it cannot be combined with time travel"
+            )
         target = validate_position("at_version", at_version, allow_none=True)
         if at_version == 0:
             raise InvalidArgument("at_version must be >= 1 (version 0 is the empty aggregate)")
@@ -74,6 +89,8 @@ class Repository(Generic[A]):
             apply(event)
         aggregate.version = version
         if version == 0:
+            if create:
+                return aggregate
             raise AggregateNotFound(id)
         if target is not None and version < target:
             raise AggregateNotFound(id, f"it has version {version}, not {target}")

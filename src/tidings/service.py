@@ -21,15 +21,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from tidings.errors import InvalidArgument, TidingsError
+from tidings.errors import InvalidArgument, TidingsError, UnsupportedOperation
 from tidings.events import Event
 from tidings.processing.handlers import Dispatch, EventHandler, HandlerFunction, handler_methods
+from tidings.processing.handling import HandlerSubscription
 from tidings.processing.projections import Projection, ProjectionSubscription
 from tidings.processing.subscription import (
-    HandlerSubscription,
     Subscription,
     SubscriptionConfig,
     SubscriptionStats,
@@ -75,6 +75,8 @@ class Service:
         self._events_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # -- declaration ------------------------------------------------------------------------------
 
@@ -140,28 +142,66 @@ class Service:
 
     # -- running ----------------------------------------------------------------------------------
 
+    def on_start(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Decorator: await ``fn()`` once the store is open and every subscription has started."""
+        self._on_start.append(fn)
+        return fn
+
+    def on_stop(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Decorator: await ``fn()`` after the subscriptions have stopped, before the store closes."""
+        self._on_stop.append(fn)
+        return fn
+
     @property
     def store(self) -> EventStore:
+        """The service's store; raises :class:`TidingsError` before :meth:`open` (or ``async with``)."""
         if self._store is None:
-            raise TidingsError(f"service {self.name!r} has no open store; call start() or run()")
+            raise TidingsError(
+                f"service {self.name!r} has no open store; use 'async with service:', "
+                "await service.open() or service.run()"
+            )
         return self._store
 
     async def open(self) -> EventStore:
-        """Open the store if the service was given a URL (idempotent); return it."""
+        """Open the store if the service was given a URL (idempotent); return it.
+
+        Raises :class:`TidingsError` if the service was given no store at all: a service never
+        invents a database file of its own.
+        """
         if self._store is None:
-            url = self._store_arg if isinstance(self._store_arg, str) else "sqlite:///tidings.db"
-            self._store = open_store(url)
+            if not isinstance(self._store_arg, str):
+                raise TidingsError(
+                    f"service {self.name!r} has no store: pass Service(..., store=URL), call "
+                    "use_store(), or run it with 'tidings run --store URL' (or TIDINGS_STORE)"
+                )
+            self._store = open_store(self._store_arg)
             self._owns_store = True
-        if not self._store._opened:
+        if not self._store.is_open:
             await self._store.open()
         return self._store
+
+    async def close(self) -> None:
+        """Stop the service if it runs and close the store if the service opened it. Idempotent."""
+        self.stop()
+        if self._owns_store and self._store is not None and not self._running:
+            await self._store.close()
+            self._store = None
+
+    async def __aenter__(self) -> Service:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     def subscription(self, group: str) -> Subscription:
         """A new runner for one of this service's groups (used by tools such as ``dlq retry``)."""
         store = self.store
         if group in self._handlers:
             dispatch, prefix, config = self._handlers[group]
-            return HandlerSubscription(store, group, dispatch, stream_prefix=prefix, config=config)
+            return HandlerSubscription(
+                store, group, dispatch, stream_prefix=prefix, config=config, sql=_has_sql(store)
+            )
         for projection, config in self._projections.values():
             if group.startswith(projection.group_prefix + ":") or group == projection.name:
                 return ProjectionSubscription(store, projection, config=config)
@@ -186,23 +226,38 @@ class Service:
         self._running = True
         stopping, started = self._events()
         tasks: list[asyncio.Task[None]] = []
-        close_store = self._store is None or not self._store._opened
+        close_store = self._store is None or not self._store.is_open
         try:
             store = await self.open()
             if self._stop_requested:
                 return
+            if self._projections and not _has_sql(store):
+                raise UnsupportedOperation(
+                    f"service {self.name!r}: projections need a SQL database, and {store.safe_url} "
+                    "has none; use a sqlite:/// or postgresql:// store"
+                )
             self._subscriptions = [self.subscription(group) for group in self._handlers]
             self._subscriptions += [
                 ProjectionSubscription(store, projection, config=config)
                 for projection, config in self._projections.values()
             ]
-            tasks = [asyncio.create_task(s.run(), name=f"tidings:{s.group}") for s in self._subscriptions]
+            tasks = [
+                asyncio.create_task(self._supervise(s), name=f"tidings:{s.group}")
+                for s in self._subscriptions
+            ]
             started.set()
+            for hook in self._on_start:
+                await hook()
             await stopping.wait()
         finally:
             for sub in self._subscriptions:
                 sub.stop()
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            for hook in self._on_stop:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("service %r: an on_stop hook failed", self.name)
             self._running = False
             self._stop_requested = False
             stopping.clear()
@@ -215,6 +270,36 @@ class Service:
         ]
         if errors:
             raise BaseExceptionGroup(f"service {self.name!r}: subscriptions failed", errors)
+
+    async def _supervise(self, subscription: Subscription) -> None:
+        """Run one subscription; if it ever ends or dies while the service runs, log it loudly and
+        start it again after a growing pause. A runner never stops silently."""
+        failures = 0
+        while True:
+            try:
+                await subscription.run()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                failures += 1
+                subscription.state = "failed"
+                subscription.last_error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "service %r: the runner of %r died; restarting it",
+                    self.name,
+                    subscription.group,
+                    exc_info=exc,
+                )
+            if subscription.stopping:
+                return
+            if failures == 0:
+                failures = 1
+                log.error(
+                    "service %r: the runner of %r returned unexpectedly; restarting it",
+                    self.name,
+                    subscription.group,
+                )
+            await subscription.pause(min(subscription.config.failure_backoff, 0.1 * 2 ** min(failures, 10)))
 
     async def serve(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully (what ``tidings run`` calls).
@@ -312,3 +397,10 @@ class Service:
             "SELECT generation FROM tidings_projections WHERE name = ?", (projection[0].name,)
         )
         return projection[0].group(int(rows[0][0]) if rows else 1)
+
+
+def _has_sql(store: EventStore) -> bool:
+    """Whether handlers of this store can write SQL with their effects (``ctx.execute``)."""
+    from tidings.store.memory import MemoryStore
+
+    return not isinstance(store, MemoryStore)

@@ -39,7 +39,7 @@ from tidings import (
     open_store,
 )
 from tidings.processing.handlers import Dispatch
-from tidings.processing.subscription import HandlerSubscription
+from tidings.processing.handling import HandlerSubscription
 from tidings.store.postgres import PostgresConfig, PostgresStore
 from tidings.testing import Credited, Debited, collect
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration import test_processing as processing
 from tests.integration import test_projections as projections
+from tests.integration import test_runner_faults as runner
 from tidings import EventStore, Service, open_store, rebuild_projection
 from tidings.processing import projection_status
 
@@ -34,7 +35,7 @@ test_class_handler_and_emitted_events_carry_causation = (
 )
 test_retries_then_dead_letter_and_move_on = processing.test_retries_then_dead_letter_and_move_on
 test_duplicate_deliveries_are_skipped_by_the_inbox = (
-    processing.test_duplicate_deliveries_are_skipped_by_the_inbox
+    processing.test_a_rewound_checkpoint_replays_and_the_inbox_stays_empty
 )
 test_two_runners_of_one_group_never_share_an_event = (
     processing.test_two_runners_of_one_group_never_share_an_event
@@ -72,3 +73,10 @@ async def test_blue_green_rebuild_on_postgres(store: EventStore) -> None:
     [status] = await projection_status(store)
     assert (status.generation, status.building, status.lag) == (2, None, 0)
     assert "projection:balances:g1" not in await store.checkpoints()
+
+
+# Runners that never stop silently, resets that always take effect, transient errors.
+test_cancelled_error_escape = runner.test_a_handler_that_lets_cancelled_error_escape_does_not_stop_its_group
+test_transient_error_spends_no_attempts = runner.test_a_transient_error_spends_no_attempts
+test_reset_on_idle_group = runner.test_a_reset_takes_effect_on_an_idle_group_without_a_new_append
+test_reset_on_busy_group = runner.test_a_reset_on_a_busy_group_is_never_lost

@@ -1,6 +1,8 @@
 """Reacting to events: subscriptions, handlers, projections, retries, dead letters, inboxes."""
 
-from tidings.processing.handlers import EventHandler, HandlerContext
+from tidings.processing.context import HandlerContext
+from tidings.processing.handlers import EventHandler
+from tidings.processing.handling import HandlerSubscription
 from tidings.processing.inbox import SQLiteInbox
 from tidings.processing.projections import (
     Projection,
@@ -13,7 +15,6 @@ from tidings.processing.projections import (
 )
 from tidings.processing.retry import RetryPolicy
 from tidings.processing.subscription import (
-    HandlerSubscription,
     Subscription,
     SubscriptionConfig,
     SubscriptionStats,

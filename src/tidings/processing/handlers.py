@@ -1,11 +1,11 @@
-"""Event handlers: functions and classes that react to events, and the context they get.
+"""Event handlers: functions and classes that react to events, and how they are dispatched.
 
 A handler is ``async def handler(event, ctx)`` (or ``(event)``), where ``event`` is the typed
-event and ``ctx`` a :class:`HandlerContext`. Effects that go through ``ctx`` — events emitted with
-:meth:`HandlerContext.emit` and SQL with :meth:`HandlerContext.execute` — commit in the same
-transaction as the subscription's checkpoint and its inbox record: they happen exactly once.
-Effects elsewhere (an e-mail, an HTTP call) happen at least once; use the event id as the
-idempotency key there, or an :class:`~tidings.processing.inbox.Inbox` in that other database.
+event and ``ctx`` a :class:`~tidings.processing.context.HandlerContext`. Effects that go through
+``ctx`` -- aggregates saved with ``ctx.save``, events emitted with ``ctx.emit``, SQL with
+``ctx.execute`` -- commit in the same transaction as the subscription's checkpoint: they happen
+exactly once. Effects elsewhere (an e-mail, an HTTP call) happen once per delivery attempt; use
+the event id as the idempotency key there, or an inbox in that other database.
 """
 
 from __future__ import annotations
@@ -13,75 +13,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, get_type_hints
 
 from tidings.errors import InvalidArgument
-from tidings.events import Event, RecordedEvent
-from tidings.store.base import ANY, AppendRequest, EventStore, ExpectedVersion
+from tidings.events import Event
+from tidings.processing.context import HandlerContext
 
-__all__ = ["EventHandler", "HandlerContext", "HandlerFunction", "handler_methods"]
+__all__ = ["EventHandler", "HandlerFunction", "handler_methods"]
 
 HandlerFunction = Callable[..., Awaitable[None] | None]
-
-
-class HandlerContext:
-    """What a handler gets beside its event: the envelope, and effects that commit exactly once."""
-
-    def __init__(self, store: EventStore, recorded: RecordedEvent, group: str, attempt: int) -> None:
-        self.store = store
-        self.recorded = recorded
-        self.group = group
-        self.attempt = attempt
-        self.appends: list[AppendRequest] = []
-        self.statements: list[tuple[str, Sequence[Any] | Mapping[str, Any]]] = []
-
-    def emit(
-        self,
-        stream_id: str,
-        events: Iterable[Event],
-        *,
-        expected_version: ExpectedVersion = ANY,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Append ``events`` to ``stream_id`` when this event's processing commits.
-
-        The new events' metadata carries ``causation_id`` = the handled event's id and the handled
-        event's ``correlation_id`` (or its id, if it started the conversation). Their event ids are
-        derived from the handled event's id, so a redelivery can never append them twice.
-        """
-        recorded = self.recorded
-        meta = {
-            "correlation_id": recorded.correlation_id or str(recorded.event_id),
-            "causation_id": str(recorded.event_id),
-            **({"user_id": recorded.metadata["user_id"]} if "user_id" in recorded.metadata else {}),
-            **(metadata or {}),
-        }
-        event_list = list(events)
-        ids = [_derived_id(recorded, self.group, len(self.appends), i) for i in range(len(event_list))]
-        self.appends.append(
-            self.store.prepare_append(
-                stream_id, event_list, expected_version=expected_version, metadata=meta, event_ids=ids
-            )
-        )
-
-    def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> None:
-        """Run a write statement in the commit of this event's processing.
-
-        ``params`` is a sequence for ``?`` placeholders or a mapping for named ones (``:name``
-        on SQLite); it is copied now, so later changes to it do not leak into the statement.
-        """
-        if isinstance(params, Mapping):
-            self.statements.append((sql, dict(params)))
-        elif isinstance(params, Sequence) and not isinstance(params, str | bytes):
-            self.statements.append((sql, tuple(params)))
-        else:
-            raise InvalidArgument(f"execute() params must be a sequence or a mapping, got {params!r:.60}")
-
-
-def _derived_id(recorded: RecordedEvent, group: str, call: int, index: int) -> uuid.UUID:
-    return uuid.uuid5(recorded.event_id, f"{group}/{call}/{index}")
 
 
 class EventHandler:

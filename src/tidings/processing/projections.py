@@ -31,9 +31,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from tidings.errors import InvalidArgument, ProjectionError, TidingsError
+from tidings.errors import InvalidArgument, ProjectionError, TidingsError, is_transient
 from tidings.events import Event, RecordedEvent
 from tidings.processing.handlers import Dispatch, handler_methods
+from tidings.processing.retry import retry_event
 from tidings.processing.subscription import Subscription, SubscriptionConfig
 from tidings.store.base import EventStore
 from tidings.store.records import Tx
@@ -246,6 +247,8 @@ class ProjectionSubscription(Subscription):
                 try:
                     projection.apply(ptx, recorded)
                 except Exception as exc:
+                    if is_transient(exc):
+                        raise  # the database is away or locked: the runner waits, no attempt spent
                     raise _EventFailed(index, exc) from exc
 
         return work
@@ -262,11 +265,11 @@ class ProjectionSubscription(Subscription):
     async def _apply(self, events: list[RecordedEvent], scanned_to: int) -> None:
         while True:
             try:
-                await self.commit(scanned_to, work=self._work(events))
+                await self.commit_patiently(scanned_to, work=self._work(events))
             except _EventFailed as failed:
                 bad = events[failed.index]
                 if failed.index:
-                    await self.commit(
+                    await self.commit_patiently(
                         events[failed.index - 1].position, work=self._work(events[: failed.index])
                     )
                     self.handled += failed.index
@@ -280,30 +283,22 @@ class ProjectionSubscription(Subscription):
     async def _retry_one(self, recorded: RecordedEvent, error: BaseException) -> bool:
         """Retry one failing event with backoff, then dead-letter it. False if asked to stop
         while waiting (nothing committed: the event is applied after the restart)."""
-        policy = self.config.retry
-        attempt = 1
-        while True:
-            self.last_error = f"{type(error).__name__}: {error}"
-            if attempt >= policy.max_attempts:
-                await self.commit(
-                    recorded.position,
-                    dead_letters=[self.dead_letter_record(recorded, error, attempt)],
-                    work=self._work([]),
-                )
-                self.dead_lettered += 1
-                return True
-            self.retries += 1
-            await self._sleep(policy.delay(attempt))
-            if self.stopping:
-                return False
-            attempt += 1
+
+        async def attempt(number: int) -> None:
             try:
-                await self.commit(recorded.position, work=self._work([recorded]))
+                await self.commit_patiently(recorded.position, work=self._work([recorded]))
             except _EventFailed as failed:
-                error = failed.error
-                continue
+                raise failed.error from None
             self.handled += 1
-            return True
+
+        async def park(error: BaseException, attempts: int) -> None:
+            await self.commit_patiently(
+                recorded.position,
+                dead_letters=[self.dead_letter_record(recorded, error, attempts)],
+                work=self._work([]),
+            )
+
+        return await retry_event(self, self.config.retry, error, attempt, park) is not None
 
     def park_work(self) -> Callable[[Tx], None]:
         return self._work([])

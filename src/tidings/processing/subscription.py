@@ -25,20 +25,19 @@ from typing import Literal
 
 from tidings.errors import (
     CheckpointConflict,
-    ConcurrencyError,
-    DuplicateEventId,
     EventTypeError,
     InvalidArgument,
     SerializationError,
     TidingsError,
+    is_transient,
 )
-from tidings.events import Event, RecordedEvent, uuid_from_bytes
-from tidings.processing.handlers import Dispatch, HandlerContext, call_handler
-from tidings.processing.retry import RetryPolicy
+from tidings.events import RecordedEvent, uuid_from_bytes
+from tidings.processing.context import HandlerContext
+from tidings.processing.retry import RetryPolicy, handler_failure
 from tidings.store.base import EventStore
 from tidings.store.records import DeadLetter, DeadLetterRecord, ProcessedBatch, Tx
 
-__all__ = ["HandlerSubscription", "Subscription", "SubscriptionConfig", "SubscriptionStats"]
+__all__ = ["Subscription", "SubscriptionConfig", "SubscriptionStats"]
 
 log = logging.getLogger("tidings.processing")
 
@@ -52,12 +51,21 @@ class SubscriptionConfig:
     """Tuning of a subscription runner.
 
     ``batch_size`` events are read per step; ``poll_interval`` bounds how long a wake-up that was
-    lost (another process's append) can delay delivery.
+    lost (another process's append, a checkpoint reset by another process) can delay the runner.
+    ``retry`` governs failing events. A store outage (a transient error) is waited out with a
+    pause that starts at ``outage_backoff`` seconds and doubles up to ``max_outage_backoff``;
+    an unexpected error in the runner itself pauses it for ``failure_backoff`` seconds.
+    ``conflict_retries`` bounds how often a dead-letter retry is re-tried when the group's
+    checkpoint keeps moving under it.
     """
 
     batch_size: int = 1000
     poll_interval: float = 0.5
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+    outage_backoff: float = 0.1
+    max_outage_backoff: float = 5.0
+    failure_backoff: float = 5.0
+    conflict_retries: int = 10
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 100_000:
@@ -68,6 +76,14 @@ class SubscriptionConfig:
             )
         if not isinstance(self.retry, RetryPolicy):
             raise InvalidArgument(f"retry must be a RetryPolicy, got {self.retry!r}")
+        for name in ("outage_backoff", "max_outage_backoff", "failure_backoff"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 3600:
+                raise InvalidArgument(f"{name} must be in [0, 3600] seconds, got {value!r}")
+        if not isinstance(self.conflict_retries, int) or not 1 <= self.conflict_retries <= 1000:
+            raise InvalidArgument(
+                f"conflict_retries must be an int in [1, 1000], got {self.conflict_retries!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,6 +219,7 @@ class Subscription(abc.ABC):
         # conflict, is waited for like any other store error instead of ending the runner.
         hook: Callable[[], Awaitable[None]] | None = self.prepare
         reload = True
+        outages = 0
         while not self.stopping:
             try:
                 if hook is not None:
@@ -213,37 +230,60 @@ class Subscription(abc.ABC):
                     reload = False
                     self.state = "catching up"
                 progressed = await self._step()
+                if not progressed:
+                    self.state = "live"
+                    appended = await self._wait_for_events()
+                    # A checkpoint moved by hand (a reset, a replay) while the group was idle: the
+                    # stored value differs from ours. Resume from it now, not at the next append.
+                    if (
+                        not appended
+                        and not self.stopping
+                        and await self.store.load_checkpoint(self.group) != self.checkpoint
+                    ):
+                        log.info("subscription %r: checkpoint was moved; resuming from it", self.group)
+                        self._drop_prefetch()
+                        reload = True
+                outages = 0
             except CheckpointConflict as exc:
-                # Another process's runner of this group committed first: resume after it.
+                # Another runner of this group committed first, or the checkpoint was reset by
+                # hand: resume from the stored checkpoint.
                 log.info("%s", exc)
                 self._drop_prefetch()
                 hook, reload = self.on_conflict, True
-                continue
-            except TidingsError as exc:
-                # The store is unreachable (a restart, a lock held too long): report, back off,
-                # retry; the checkpoint still marks what is done.
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("subscription %r: %s", self.group, exc)
+            except BaseException as exc:
+                if not handler_failure(exc):
+                    raise  # our own task is being cancelled
                 self._drop_prefetch()
-                await self._sleep(self.config.poll_interval)
-                continue
-            except Exception as exc:
-                # A bug (in a hook, or here): never die silently. Report it in statistics() and
-                # the log, and retry after a pause rather than leave the group stopped.
-                self.state = "failed"
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("subscription %r failed; retrying in %.1fs", self.group, 5.0)
-                self._drop_prefetch()
-                await self._sleep(5.0)
-                continue
-            if not progressed:
-                self.state = "live"
-                await self._wait_for_events()
+                if is_transient(exc):
+                    # The store is away (a restart, a lock held too long): wait for it; the
+                    # checkpoint still marks what is done.
+                    outages += 1
+                    log.warning("subscription %r: store unavailable: %s", self.group, exc)
+                    await self.pause(self.outage_delay(outages))
+                else:
+                    # A bug, or a store that refuses our own statements: never die silently.
+                    # Report it in statistics() and the log, and retry after a pause.
+                    self.state = "failed"
+                    log.error(
+                        "subscription %r failed; retrying in %.1fs",
+                        self.group,
+                        self.config.failure_backoff,
+                        exc_info=exc,
+                    )
+                    await self.pause(self.config.failure_backoff)
+                reload = True
+
+    def outage_delay(self, outages: int) -> float:
+        """The pause after the ``outages``-th store outage in a row (doubling, bounded)."""
+        config = self.config
+        return float(min(config.max_outage_backoff, config.outage_backoff * 2 ** min(outages - 1, 30)))
 
     async def on_conflict(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Hook: called after a checkpoint conflict, before the checkpoint is reloaded."""
 
-    async def _wait_for_events(self) -> None:
+    async def _wait_for_events(self) -> bool:
+        """Wait for an append past the checkpoint, a stop, or the poll interval; True if appended."""
         waiter = asyncio.ensure_future(
             self.store.wait_for_append(self.checkpoint, timeout=self.config.poll_interval)
         )
@@ -257,8 +297,15 @@ class Subscription(abc.ABC):
                 await waiter
             with contextlib.suppress(asyncio.CancelledError):
                 await stopper
+        return (
+            waiter.done()
+            and not waiter.cancelled()
+            and waiter.exception() is None
+            and waiter.result() > self.checkpoint
+        )
 
-    async def _sleep(self, seconds: float) -> None:
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the runner is asked to stop meanwhile."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
@@ -321,7 +368,7 @@ class Subscription(abc.ABC):
             log.error(
                 "subscription %r: dead-lettering undecodable event at %d: %s", self.group, position, exc
             )
-            await self.commit(position, dead_letters=[record], work=self.park_work())
+            await self.commit_patiently(position, dead_letters=[record], work=self.park_work())
             self.dead_lettered += 1
             return True
         return False
@@ -362,6 +409,8 @@ class Subscription(abc.ABC):
         except BaseException:
             self._drop_prefetch()
             raise
+        # Truthful state: at the head we are live, not "catching up" at lag 0.
+        self.state = "catching up" if self.checkpoint < self.head else "live"
         return True
 
     def _drop_prefetch(self) -> None:
@@ -387,7 +436,7 @@ class Subscription(abc.ABC):
         found = [e async for e in self.store.read_all(after=dead.position - 1, limit=1)]
         if not found or found[0].event_id != dead.event_id:
             raise InvalidArgument(f"dead letter {dead.id}: event {dead.event_id} is no longer in the log")
-        for _ in range(10):
+        for _ in range(self.config.conflict_retries):
             self.checkpoint = await self.store.load_checkpoint(self.group)
             try:
                 return await self.reprocess(found[0], dead.id)
@@ -417,6 +466,11 @@ class Subscription(abc.ABC):
         remove_dead_letter: int | None = None,
         work: WorkFn | None = None,
     ) -> None:
+        """Commit effects with the new checkpoint, once; raises what the store raised.
+
+        Inbox rows are written only for handled events beyond the new checkpoint (committed ahead
+        of an earlier event that must run again): the checkpoint already proves the others done.
+        """
         statements = [s for ctx in contexts for s in ctx.statements]
         if statements and work is None:
 
@@ -424,18 +478,53 @@ class Subscription(abc.ABC):
                 for sql, params in statements:
                     tx.execute(sql, params)
 
+        new_checkpoint = max(checkpoint, self.checkpoint)
         batch = ProcessedBatch(
             group=self.group,
             expected_checkpoint=self.checkpoint,
-            checkpoint=max(checkpoint, self.checkpoint),
+            checkpoint=new_checkpoint,
             work=work,
             appends=tuple(a for ctx in contexts for a in ctx.appends),
-            processed=tuple((c.recorded.event_id, c.recorded.position) for c in contexts),
+            processed=tuple(
+                (c.recorded.event_id, c.recorded.position)
+                for c in contexts
+                if c.recorded.position > new_checkpoint
+            ),
             dead_letters=tuple(dead_letters),
             remove_dead_letter=remove_dead_letter,
         )
         await self.store.commit_processed(batch)
         self.checkpoint = batch.checkpoint
+
+    async def commit_patiently(
+        self,
+        checkpoint: int,
+        *,
+        contexts: Sequence[HandlerContext] = (),
+        dead_letters: Sequence[DeadLetterRecord] = (),
+        remove_dead_letter: int | None = None,
+        work: WorkFn | None = None,
+    ) -> None:
+        """:meth:`commit`, waiting out store outages and trying the same commit again (the
+        handlers do not run again). While stopping, an outage is raised instead."""
+        outages = 0
+        while True:
+            try:
+                await self.commit(
+                    checkpoint,
+                    contexts=contexts,
+                    dead_letters=dead_letters,
+                    remove_dead_letter=remove_dead_letter,
+                    work=work,
+                )
+                return
+            except TidingsError as exc:
+                if not is_transient(exc) or self.stopping:
+                    raise
+                outages += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("subscription %r: commit waits for the store: %s", self.group, exc)
+                await self.pause(self.outage_delay(outages))
 
     def dead_letter_record(
         self, recorded: RecordedEvent, exc: BaseException, attempts: int
@@ -449,139 +538,3 @@ class Subscription(abc.ABC):
             "".join(traceback.format_exception(exc)),
             attempts,
         )
-
-
-_REJECTED_EFFECTS = (ConcurrencyError, DuplicateEventId)
-"""Errors of a commit that mean the handler's effects were refused, not that the store failed."""
-
-
-class HandlerSubscription(Subscription):
-    """Runs async handlers one event at a time; effects commit with the checkpoint per batch.
-
-    Duplicate deliveries are skipped through the group's inbox (processed event ids).
-    """
-
-    def __init__(
-        self,
-        store: EventStore,
-        group: str,
-        dispatch: Dispatch,
-        *,
-        stream_prefix: str | None = None,
-        config: SubscriptionConfig | None = None,
-    ) -> None:
-        super().__init__(
-            store, group, event_types=dispatch.type_names, stream_prefix=stream_prefix, config=config
-        )
-        self.dispatch = dispatch
-
-    async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
-        seen = await self.store.processed_ids(self.group, [e.event_id for e in events])
-        done: list[HandlerContext] = []
-        for index, recorded in enumerate(events):
-            if self.stopping:
-                if done:
-                    await self.commit(done[-1].recorded.position, contexts=done)
-                return
-            fn = self.dispatch.find(recorded.event)
-            if recorded.event_id in seen or fn is None:
-                self.skipped_duplicates += recorded.event_id in seen
-                continue
-            ctx = HandlerContext(self.store, recorded, self.group, attempt=1)
-            self.in_flight = 1
-            try:
-                assert isinstance(recorded.event, Event)
-                await call_handler(fn, recorded.event, ctx)
-            except Exception as exc:
-                self.in_flight = 0
-                # Commit the successes before it, then give this event its retries alone.
-                if done:
-                    await self.commit(events[index - 1].position, contexts=done)
-                    done = []
-                if await self.handle_with_retries(recorded, first_error=exc) is None:
-                    return  # stopping: the event is delivered again after the restart
-                continue
-            self.in_flight = 0
-            self.handled += 1
-            done.append(ctx)
-        try:
-            await self.commit(scanned_to, contexts=done)
-        except _REJECTED_EFFECTS as exc:
-            # An emitted append was rejected (say, a ConcurrencyError): redo these events one
-            # at a time so the failing one is retried and, if need be, dead-lettered alone.
-            log.warning("subscription %r: batch commit failed (%s); retrying one by one", self.group, exc)
-            for ctx in done:
-                if await self.handle_with_retries(ctx.recorded, first_error=None) is None:
-                    return
-            await self.commit(scanned_to)
-
-    async def handle_with_retries(
-        self, recorded: RecordedEvent, *, first_error: BaseException | None
-    ) -> bool | None:
-        """Handle one event (commit included) until it succeeds or runs out of attempts.
-
-        Returns True if handled, False if dead-lettered (the checkpoint moves past the event
-        either way), None if the runner was asked to stop while waiting to retry: then nothing
-        is committed and the event is delivered again after the restart. Only the handler's
-        failures, and an emitted append the store rejects, count as attempts; other store errors
-        propagate to the runner, which backs off without spending the event's attempts.
-        """
-        policy = self.config.retry
-        attempt = 1
-        error = first_error
-        fn = self.dispatch.find(recorded.event)
-        assert fn is not None and isinstance(recorded.event, Event)
-        while True:
-            if error is not None:
-                self.last_error = f"{type(error).__name__}: {error}"
-                if attempt >= policy.max_attempts:
-                    log.error(
-                        "subscription %r: dead-lettering %s after %d attempts: %s",
-                        self.group,
-                        recorded.event_id,
-                        attempt,
-                        error,
-                    )
-                    await self.commit(
-                        recorded.position,
-                        dead_letters=[self.dead_letter_record(recorded, error, attempt)],
-                    )
-                    self.dead_lettered += 1
-                    return False
-                self.retries += 1
-                await self._sleep(policy.delay(attempt))
-                if self.stopping:
-                    return None
-                attempt += 1
-            ctx = HandlerContext(self.store, recorded, self.group, attempt=attempt)
-            self.in_flight = 1
-            try:
-                try:
-                    await call_handler(fn, recorded.event, ctx)
-                except Exception as exc:
-                    error = exc
-                    continue
-                try:
-                    await self.commit(recorded.position, contexts=[ctx])
-                except _REJECTED_EFFECTS as exc:
-                    error = exc
-                    continue
-            finally:
-                self.in_flight = 0
-            self.handled += 1
-            return True
-
-    async def reprocess(self, recorded: RecordedEvent, dead_letter_id: int) -> bool:
-        fn = self.dispatch.find(recorded.event)
-        if fn is None or not isinstance(recorded.event, Event):
-            raise InvalidArgument(f"group {self.group!r} has no handler for {recorded.event_type!r}")
-        ctx = HandlerContext(self.store, recorded, self.group, attempt=1)
-        # The checkpoint stays where it is: a parked event is behind it (or, after a replay
-        # was requested, ahead of it, and moving the checkpoint would skip the events between).
-        try:
-            await call_handler(fn, recorded.event, ctx)
-        except Exception as exc:
-            await self.commit(self.checkpoint, dead_letters=[self.dead_letter_record(recorded, exc, 1)])
-            return False
-        await self.commit(self.checkpoint, contexts=[ctx], remove_dead_letter=dead_letter_id)
-        return True

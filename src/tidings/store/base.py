@@ -336,6 +336,11 @@ class EventStore(abc.ABC):
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def is_open(self) -> bool:
+        """True between a successful :meth:`open` and :meth:`close`."""
+        return self._opened and not self._closed
+
     async def open(self) -> Self:
         """Connect and create (or check) the schema. Idempotent."""
         if self._closed:
