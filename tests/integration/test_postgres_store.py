@@ -23,9 +23,15 @@ from tidings import (
     TidingsError,
     open_store,
 )
-from tidings.store.postgres import PostgresConfig, PostgresStore, migrate, redact
-from tidings.store.postgres_schema import LATEST_VERSION, channel_name
-from tidings.store.postgres_tx import to_psycopg
+from tidings.store.postgres import (
+    LATEST_VERSION,
+    PostgresConfig,
+    PostgresStore,
+    channel_name,
+    migrate,
+    redact,
+    to_psycopg,
+)
 from tidings.store.records import DeadLetterRecord, ProcessedBatch, Tx
 from tidings.testing import Credited, collect
 

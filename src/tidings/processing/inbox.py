@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from tidings.errors import StoreError
-from tidings.store.sqlite import SQLiteConfig
+from tidings.store.sqlite import SQLiteConfig, connect
 
 __all__ = ["SQLiteInbox"]
 
@@ -45,10 +45,7 @@ class SQLiteInbox:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self.config.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
-            conn.execute(f"PRAGMA busy_timeout = {self.config.busy_timeout}")
+            conn = connect(self.config)
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.table} (scope TEXT NOT NULL, message_id TEXT NOT NULL, "
                 "received_at TEXT DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (scope, message_id))"

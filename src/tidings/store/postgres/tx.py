@@ -1,4 +1,5 @@
-"""Synchronous transaction handles over the PostgreSQL store's async connections.
+"""The PostgreSQL store's transactions: :class:`PostgresTransaction` (async, can append) and the
+synchronous :class:`PostgresTx` handed to projection and handler code.
 
 Projection code is synchronous (:class:`~tidings.store.records.Tx`): it runs inside a store
 transaction and calls ``tx.execute(...)`` without awaiting. On PostgreSQL the transaction lives on
@@ -16,13 +17,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from tidings.errors import StoreError
+from tidings.errors import StoreError, TidingsError
+from tidings.store.base import AppendRequest, AppendResult
+from tidings.store.postgres.writer import append_locked
 
-__all__ = ["PostgresTx", "Result", "to_psycopg"]
+if TYPE_CHECKING:
+    from tidings.store.postgres.store import PostgresStore
+
+__all__ = ["PostgresTransaction", "PostgresTx", "Result", "to_psycopg"]
 
 T = TypeVar("T")
 
@@ -158,3 +164,31 @@ class PostgresTx:
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.execute(sql, params).fetchall()
+
+
+class PostgresTransaction:
+    """An open transaction on one of the store's connections (see :meth:`PostgresStore._begin`).
+
+    ``connection`` runs the caller's own statements; :meth:`append` appends in the same transaction.
+    """
+
+    def __init__(self, store: PostgresStore, connection: psycopg.AsyncConnection[Any]) -> None:
+        self.store = store
+        self.connection = connection
+        self.appended = False
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        """Append ``request`` (from :meth:`EventStore.prepare_append`) in this transaction.
+
+        Locks the position counter until the transaction ends: keep the rest of it short, other
+        appenders wait. Raises :class:`ConcurrencyError` / :class:`DuplicateEventId` (the
+        transaction stays usable) or :class:`StoreError`.
+        """
+        try:
+            [outcome] = await append_locked(self.connection, self.store._sql, self.store._channel, [request])
+        except psycopg.Error as exc:
+            raise self.store._translate(exc) from exc
+        if isinstance(outcome, TidingsError):
+            raise outcome
+        self.appended = self.appended or bool(request.events)
+        return outcome

@@ -28,8 +28,10 @@ from tidings.errors import CorruptStore, InvalidArgument
 __all__ = [
     "LATEST_VERSION",
     "MIGRATIONS",
+    "ROW_COLUMNS",
     "Migration",
     "SchemaState",
+    "Statements",
     "channel_name",
     "inspect_schema",
     "lock_key",
@@ -277,3 +279,117 @@ async def migrate_schema(conn: psycopg.AsyncConnection[Any], schema: str) -> lis
                     (migration.version, migration.description),
                 )
         return pending
+
+
+ROW_COLUMNS: Final = (
+    "position, stream_id, version, event_id, event_type, schema_version, timestamp, data, metadata"
+)
+"""The columns of a stored event, in the order of :data:`tidings.store.base.Row`."""
+
+
+class Statements:
+    """The statements of one schema, built once (the schema name is a validated identifier)."""
+
+    def __init__(self, schema: str) -> None:
+        s = quote_schema(schema)
+        self.lock_head = f"SELECT position FROM {s}.tidings_head FOR UPDATE"
+        self.head = f"SELECT position FROM {s}.tidings_head"
+        # One statement answers both questions an append batch has: each stream's last version
+        # and position (kind 0), and where any explicitly given event ids are already stored
+        # (kind 1). The lateral LIMIT 1 is a backward scan of the (stream_id, version) index.
+        self.lookup = (
+            "SELECT 0, s.stream_id, e.version, e.position, NULL::uuid "
+            "FROM unnest(%b::text[]) AS s(stream_id) LEFT JOIN LATERAL ("
+            f"  SELECT version, position FROM {s}.tidings_events AS t "
+            "   WHERE t.stream_id = s.stream_id ORDER BY version DESC LIMIT 1"
+            ") AS e ON true "
+            "UNION ALL "
+            f"SELECT 1, stream_id, version, position, event_id FROM {s}.tidings_events "
+            "WHERE event_id = ANY(%b::uuid[])"
+        )
+        # Takes the next n positions (row-locking the counter until commit), inserts every event of
+        # the batch in one go, and announces the new head. The timestamp is read once, after the
+        # lock, so timestamps never decrease along the log. Data-modifying CTEs always run to
+        # completion, whether or not the outer query reads them.
+        self.insert = (
+            f"WITH head AS (UPDATE {s}.tidings_head SET position = position + %(n)s "
+            "  RETURNING position - %(n)s AS base), "
+            "now AS (SELECT clock_timestamp() AS ts FROM head), "
+            f"ins AS (INSERT INTO {s}.tidings_events ({ROW_COLUMNS}) "
+            "  SELECT head.base + u.ord, u.stream_id, u.version, u.event_id, u.event_type, "
+            "         u.schema_version, now.ts, u.data, u.metadata "
+            "  FROM head, now, unnest(%(streams)b::text[], %(versions)b::int8[], %(ids)b::uuid[], "
+            "       %(types)b::text[], %(schemas)b::int4[], %(data)b::bytea[], %(meta)b::bytea[]) "
+            "       WITH ORDINALITY AS u(stream_id, version, event_id, event_type, schema_version, "
+            "                            data, metadata, ord)) "
+            "SELECT head.base, pg_notify(%(channel)s, (head.base + %(n)s)::text) FROM head"
+        )
+        self.stream = f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE stream_id = %s AND version > %s"
+        self.all = f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE position > %s"
+        # Skip scan over the (stream_id, version) index: one index probe per stream listed, instead
+        # of a GROUP BY over every event. The recursion counts its rows, so it stops at the page
+        # size; with the "C" collation, the ids starting with a prefix are contiguous.
+        streams = (
+            "WITH RECURSIVE ids(stream_id, n) AS ("
+            f"  (SELECT stream_id, 1 FROM {s}.tidings_events WHERE stream_id {{op}} %(start)s "
+            "    ORDER BY stream_id LIMIT 1) "
+            "  UNION ALL "
+            f"  SELECT (SELECT t.stream_id FROM {s}.tidings_events AS t "
+            "          WHERE t.stream_id > ids.stream_id ORDER BY t.stream_id LIMIT 1), ids.n + 1 "
+            "  FROM ids WHERE ids.stream_id IS NOT NULL AND ids.n < %(limit)s "
+            "  AND starts_with(ids.stream_id, %(prefix)s)"
+            ") "
+            "SELECT ids.stream_id, last.version, last.position FROM ids CROSS JOIN LATERAL ("
+            f"  SELECT version, position FROM {s}.tidings_events AS t "
+            "   WHERE t.stream_id = ids.stream_id ORDER BY version DESC LIMIT 1"
+            ") AS last "
+            "WHERE ids.stream_id IS NOT NULL AND starts_with(ids.stream_id, %(prefix)s) "
+            "ORDER BY ids.stream_id"
+        )
+        self.streams_after = streams.format(op=">")
+        self.streams_from = streams.format(op=">=")
+        self.version = (
+            f"SELECT version FROM {s}.tidings_events WHERE stream_id = %s ORDER BY version DESC LIMIT 1"
+        )
+        self.version_at = (
+            f"SELECT max(version) FROM {s}.tidings_events WHERE stream_id = %s AND timestamp <= %s"
+        )
+        self.save_snapshot = (
+            f"INSERT INTO {s}.tidings_snapshots (stream_id, version, aggregate_type, schema, state) "
+            "VALUES (%s, %s, %s, %s, %b) ON CONFLICT (stream_id, version) DO UPDATE SET "
+            "aggregate_type = excluded.aggregate_type, schema = excluded.schema, state = excluded.state"
+        )
+        self.load_checkpoint = f"SELECT position FROM {s}.tidings_checkpoints WHERE group_name = %s"
+        self.checkpoints = f"SELECT group_name, position FROM {s}.tidings_checkpoints"
+        self.save_checkpoint = (
+            f"INSERT INTO {s}.tidings_checkpoints (group_name, position, updated_at) "
+            "VALUES (%s, %s, now()) ON CONFLICT (group_name) DO UPDATE SET "
+            "position = excluded.position, updated_at = excluded.updated_at"
+        )
+        self.delete_checkpoint = f"DELETE FROM {s}.tidings_checkpoints WHERE group_name = %s"
+        self.delete_inbox = f"DELETE FROM {s}.tidings_inbox WHERE group_name = %s"
+        self.save_inbox = (
+            f"INSERT INTO {s}.tidings_inbox (group_name, event_id, position) "
+            "SELECT %s, u.event_id, u.position FROM unnest(%s::uuid[], %s::int8[]) AS u(event_id, position) "
+            "ON CONFLICT DO NOTHING"
+        )
+        self.processed_ids = (
+            f"SELECT event_id FROM {s}.tidings_inbox WHERE group_name = %s AND event_id = ANY(%s::uuid[])"
+        )
+        self.save_dead_letter = (
+            f"INSERT INTO {s}.tidings_dead_letters (group_name, position, event_id, stream_id, "
+            "event_type, error, traceback, attempts, failed_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now()) ON CONFLICT (group_name, event_id) DO UPDATE SET "
+            "position = excluded.position, stream_id = excluded.stream_id, "
+            "event_type = excluded.event_type, error = excluded.error, traceback = excluded.traceback, "
+            "attempts = tidings_dead_letters.attempts + excluded.attempts, failed_at = excluded.failed_at"
+        )
+        self.dead_letters = (
+            "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
+            f"attempts, failed_at FROM {s}.tidings_dead_letters WHERE true"
+        )
+        self.delete_dead_letter = f"DELETE FROM {s}.tidings_dead_letters WHERE id = %s"
+        self.load_snapshot = (
+            f"SELECT stream_id, version, aggregate_type, schema, state FROM {s}.tidings_snapshots "
+            "WHERE stream_id = %s AND version <= %s ORDER BY version DESC LIMIT 1"
+        )

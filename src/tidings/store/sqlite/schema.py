@@ -1,0 +1,109 @@
+"""The SQLite store's tables, and their creation and version check when a store opens."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+from tidings.errors import CorruptStore
+
+__all__ = ["ROW_COLUMNS", "SCHEMA_VERSION", "init_schema"]
+
+SCHEMA_VERSION: Final = 1
+"""Version of the on-disk schema, stored in ``tidings_meta``; bumped by migrations."""
+
+ROW_COLUMNS: Final = (
+    "position, stream_id, version, event_id, event_type, schema_version, timestamp, data, metadata"
+)
+"""The columns of a stored event, in the order of :data:`tidings.store.base.Row`."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tidings_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_events (
+    position       INTEGER PRIMARY KEY,
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    event_id       BLOB    NOT NULL,
+    event_type     TEXT    NOT NULL,
+    schema_version INTEGER NOT NULL,
+    timestamp      INTEGER NOT NULL,
+    data           BLOB    NOT NULL,
+    metadata       BLOB
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_stream ON tidings_events (stream_id, version);
+CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_id ON tidings_events (event_id);
+CREATE TABLE IF NOT EXISTS tidings_snapshots (
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    aggregate_type TEXT    NOT NULL,
+    schema         TEXT    NOT NULL,
+    state          BLOB    NOT NULL,
+    PRIMARY KEY (stream_id, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_checkpoints (
+    group_name TEXT    PRIMARY KEY,
+    position   INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_inbox (
+    group_name TEXT NOT NULL,
+    event_id   BLOB NOT NULL,
+    position   INTEGER NOT NULL,
+    PRIMARY KEY (group_name, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_projections (
+    name       TEXT    PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    building   INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tidings_dead_letters (
+    id          INTEGER PRIMARY KEY,
+    group_name  TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    event_id    BLOB    NOT NULL,
+    stream_id   TEXT    NOT NULL,
+    event_type  TEXT    NOT NULL,
+    error       TEXT    NOT NULL,
+    traceback   TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    failed_at   INTEGER NOT NULL,
+    UNIQUE (group_name, event_id)
+);
+"""
+
+
+def init_schema(conn: sqlite3.Connection, path: str) -> None:
+    """Create the tidings tables in the database behind ``conn`` (writer connection), or check that
+    an existing database is a tidings store of this schema version; raise :class:`CorruptStore` if not.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "tidings_meta" in tables:
+            row = conn.execute("SELECT value FROM tidings_meta WHERE key = 'schema_version'").fetchone()
+            found = int(row[0]) if row else None
+            if found != SCHEMA_VERSION:
+                raise CorruptStore(
+                    f"{path!r} has tidings schema version {found}; this version "
+                    f"of tidings reads schema version {SCHEMA_VERSION}"
+                )
+        elif tables:
+            raise CorruptStore(
+                f"{path!r} is a SQLite database but not a tidings store "
+                f"(it has tables {', '.join(sorted(tables)[:5])} and no tidings_meta)"
+            )
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(
+            "INSERT OR IGNORE INTO tidings_meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

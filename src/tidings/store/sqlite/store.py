@@ -1,0 +1,345 @@
+"""The embedded default: an event store in one SQLite file (``sqlite:///path.db``).
+
+Threads, not the event loop, touch SQLite: one writer thread (:mod:`tidings.store.sqlite.writer`)
+performs every write in group commits, and a small pool of **reader threads** with their own
+connections serves reads; WAL mode lets them run while the writer commits.
+
+Durability: ``synchronous=FULL`` by default (a committed append survives power loss). Add
+``?synchronous=normal`` to the URL to trade the last transactions on power loss (never on a
+process crash) for faster commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from tidings.errors import StoreClosed, StoreError, TidingsError
+from tidings.events import EventRegistry
+from tidings.store.base import (
+    AppendRequest,
+    AppendResult,
+    EventStore,
+    Row,
+    Snapshot,
+    StreamInfo,
+    now_micros,
+)
+from tidings.store.records import DeadLetter, ProcessedBatch, Tx, dead_letter_filter
+from tidings.store.sqlite.config import SQLiteConfig, connect
+from tidings.store.sqlite.errors import translate
+from tidings.store.sqlite.schema import ROW_COLUMNS
+from tidings.store.sqlite.tx import SQLiteTx, commit_processed_in, dead_letter_from_row
+from tidings.store.sqlite.writer import SQLiteStatistics, SQLiteWriter, WriteJob, append_in
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_READERS: Final = 2
+
+
+class SQLiteStore(EventStore):
+    """An :class:`~tidings.store.EventStore` in a SQLite file, with group commit.
+
+    Several processes may open the same file: SQLite's file lock serialises their writes and
+    positions stay gap-free. Appends made in this process wake its subscribers at once; appends by
+    other processes are noticed through ``PRAGMA data_version`` by a cheap poll.
+    """
+
+    def __init__(self, url: str, *, registry: EventRegistry | None = None) -> None:
+        super().__init__(url, registry=registry)
+        self.config = SQLiteConfig.from_url(url)
+        self._writer = SQLiteWriter(self.config, name=f"tidings-sqlite-writer:{url}")
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._local = threading.local()
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        self._conns_lock = threading.Lock()
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.config)
+            conn.execute("PRAGMA query_only = 1")
+            # Pages live in the OS cache anyway; a big private cache per reader would hold the
+            # same pages twice and make a long scan's RSS grow to twice that size.
+            conn.execute("PRAGMA cache_size = -8192")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._readers is not None
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise translate(exc, self.config.path) from exc
+
+        try:
+            return await loop.run_in_executor(self._readers, run)
+        except RuntimeError as exc:  # the executor was shut down: the store closed meanwhile
+            if self._closed:
+                raise StoreClosed(f"store {self.safe_url} is closed") from exc
+            raise
+
+    async def write(self, fn: WriteJob[T], *, _request: AppendRequest | None = None) -> T:
+        """Run ``fn(conn)`` on the writer thread inside a savepoint of the next group commit.
+
+        The result is returned once the transaction holding it has committed. If ``fn`` raises,
+        its savepoint is rolled back (other jobs of the batch commit) and the error is re-raised
+        here. Used by appends and by processing code that must commit with a checkpoint.
+        """
+        self._check_open()
+        return await self._writer.submit(fn, _request)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        parent = Path(self.config.path).parent
+        if not parent.exists():
+            raise StoreError(f"cannot open {self.config.path!r}: directory {parent} does not exist")
+        await self._writer.start(self._notify_appended)
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=_READERS, thread_name_prefix="tidings-sqlite-reader"
+        )
+        self._watcher = threading.Thread(
+            target=self._watch_other_writers,
+            args=(asyncio.get_running_loop(),),
+            name="tidings-sqlite-watch",
+            daemon=True,
+        )
+        self._watcher.start()
+
+    async def _close(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.join)
+        await self._writer.stop()
+        if self._readers is not None:
+            await asyncio.to_thread(self._readers.shutdown, wait=True)
+        with self._conns_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+
+    def _watch_other_writers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Thread: notice commits made by other processes (``PRAGMA data_version``), wake waiters.
+
+        Writes through this store wake waiters directly; this only covers other connections, so
+        a slow interval is fine. data_version counts commits by *other* connections, per
+        connection, so the watch keeps one connection of its own, used by this thread alone.
+        """
+        try:
+            conn = connect(self.config)
+        except TidingsError:
+            return  # the store could not open either; its own error is what the caller sees
+        try:
+            last: int | None = None
+            while not self._watch_stop.wait(0.05):
+                try:
+                    version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+                except sqlite3.Error:
+                    continue
+                if last is not None and version != last:
+                    with contextlib.suppress(RuntimeError):  # the loop may be closing
+                        loop.call_soon_threadsafe(self._notify_appended)
+                last = version
+        finally:
+            conn.close()
+
+    # -- primitives -------------------------------------------------------------------------------
+
+    async def _append(self, request: AppendRequest) -> AppendResult:
+        return await self.write(lambda conn: append_in(conn, request), _request=request)
+
+    async def _fetch_stream(
+        self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
+    ) -> list[Row]:
+        sql = f"SELECT {ROW_COLUMNS} FROM tidings_events WHERE stream_id = ? AND version > ?"
+        params: list[Any] = [stream_id, after]
+        if before is not None:
+            sql += " AND version < ?"
+            params.append(before)
+        sql += f" ORDER BY version {'DESC' if backwards else 'ASC'} LIMIT ?"
+        params.append(limit)
+        return await self._read(lambda c: c.execute(sql, params).fetchall())
+
+    async def _fetch_all(
+        self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int
+    ) -> tuple[list[Row], int | None]:
+        sql = f"SELECT {ROW_COLUMNS} FROM tidings_events WHERE position > ?"
+        params: list[Any] = [after]
+        if types is not None:
+            sql += f" AND event_type IN ({', '.join('?' * len(types))})"
+            params.extend(types)
+        if prefix is not None:
+            # substr() compares exactly; LIKE would treat % and _ in the prefix as wildcards.
+            sql += " AND substr(stream_id, 1, ?) = ?"
+            params.extend((len(prefix), prefix))
+        sql += " ORDER BY position LIMIT ?"
+        params.append(limit)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return rows, (rows[-1][0] if len(rows) == limit else None)
+
+    async def _stream_version(self, stream_id: str) -> int:
+        return await self._read(lambda c: _version_of(c, stream_id))
+
+    async def _head(self) -> int:
+        return await self._read(_head_of)
+
+    async def _list_streams(self, prefix: str | None, after: str | None, limit: int) -> list[StreamInfo]:
+        sql = "SELECT stream_id, max(version), max(position) FROM tidings_events WHERE 1"
+        params: list[Any] = []
+        if after is not None:
+            sql += " AND stream_id > ?"
+            params.append(after)
+        if prefix is not None:
+            sql += " AND substr(stream_id, 1, ?) = ?"
+            params.extend((len(prefix), prefix))
+        sql += " GROUP BY stream_id ORDER BY stream_id LIMIT ?"
+        params.append(limit)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return [StreamInfo(r[0], r[1], r[2]) for r in rows]
+
+    async def _version_at(self, stream_id: str, micros: int) -> int:
+        def query(c: sqlite3.Connection) -> int:
+            row = c.execute(
+                "SELECT max(version) FROM tidings_events WHERE stream_id = ? AND timestamp <= ?",
+                (stream_id, micros),
+            ).fetchone()
+            return int(row[0] or 0)
+
+        return await self._read(query)
+
+    async def _save_snapshot(self, snapshot: Snapshot) -> None:
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO tidings_snapshots "
+                "(stream_id, version, aggregate_type, schema, state) VALUES (?, ?, ?, ?, ?)",
+                (
+                    snapshot.stream_id,
+                    snapshot.version,
+                    snapshot.aggregate_type,
+                    snapshot.schema,
+                    snapshot.state,
+                ),
+            )
+
+        await self.write(save)
+
+    async def _load_snapshot(self, stream_id: str, max_version: int | None) -> Snapshot | None:
+        def load(c: sqlite3.Connection) -> Snapshot | None:
+            row = c.execute(
+                "SELECT stream_id, version, aggregate_type, schema, state FROM tidings_snapshots "
+                "WHERE stream_id = ? AND version <= ? ORDER BY version DESC LIMIT 1",
+                (stream_id, max_version if max_version is not None else 2**62),
+            ).fetchone()
+            return None if row is None else Snapshot(row[0], row[1], row[2], row[3], bytes(row[4]))
+
+        return await self._read(load)
+
+    def statistics(self) -> SQLiteStatistics:
+        """The writer's counters (read without locking: a snapshot, possibly a little stale)."""
+        return self._writer.statistics()
+
+    def database_identity(self) -> str:
+        return f"sqlite:{os.path.realpath(self.config.path)}"
+
+    # -- processing records ----------------------------------------------------------------------
+
+    async def _load_checkpoint(self, group: str) -> int:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT position FROM tidings_checkpoints WHERE group_name = ?", (group,)
+            ).fetchall()
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def _checkpoints(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT group_name, position FROM tidings_checkpoints").fetchall()
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def _set_checkpoint(self, group: str, position: int | None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if position is None:
+                conn.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (group,))
+                conn.execute("DELETE FROM tidings_inbox WHERE group_name = ?", (group,))
+            else:
+                conn.execute(
+                    "INSERT INTO tidings_checkpoints (group_name, position, updated_at) "
+                    "VALUES (?, ?, ?) ON CONFLICT (group_name) DO UPDATE SET "
+                    "position = excluded.position, updated_at = excluded.updated_at",
+                    (group, position, now_micros()),
+                )
+
+        await self.write(run)
+
+    async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
+        return await self.write(lambda conn: commit_processed_in(conn, batch))
+
+    async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        def query(c: sqlite3.Connection) -> set[uuid.UUID]:
+            found: set[uuid.UUID] = set()
+            for start in range(0, len(event_ids), 500):
+                chunk = [e.bytes for e in event_ids[start : start + 500]]
+                rows = c.execute(
+                    "SELECT event_id FROM tidings_inbox WHERE group_name = ? AND event_id IN "
+                    f"({', '.join('?' * len(chunk))})",
+                    [group, *chunk],
+                ).fetchall()
+                found.update(uuid.UUID(bytes=bytes(r[0])) for r in rows)
+            return found
+
+        return await self._read(query)
+
+    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
+        sql = (
+            "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
+            "attempts, failed_at FROM tidings_dead_letters WHERE 1"
+        )
+        conditions, params = dead_letter_filter(group, id, "?")
+        sql += conditions + " ORDER BY id"
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return [dead_letter_from_row(r) for r in rows]
+
+    async def _discard_dead_letter(self, id: int) -> bool:
+        return await self.write(
+            lambda c: c.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (id,)).rowcount > 0
+        )
+
+    async def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        return await self.write(lambda conn: fn(SQLiteTx(conn)))
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return await self._read(lambda c: c.execute(sql, params).fetchall())
+
+
+def _version_of(conn: sqlite3.Connection, stream_id: str) -> int:
+    row = conn.execute(
+        "SELECT version FROM tidings_events WHERE stream_id = ? ORDER BY version DESC LIMIT 1",
+        (stream_id,),
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _head_of(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT max(position) FROM tidings_events").fetchone()
+    return int(row[0] or 0)
