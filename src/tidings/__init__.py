@@ -12,6 +12,7 @@ The names below are the public API; everything else is implementation. Quick tou
 """
 
 from tidings.aggregate import Aggregate
+from tidings.commands import Command
 from tidings.errors import (
     AggregateNotFound,
     CheckpointConflict,
@@ -50,6 +51,7 @@ from tidings.processing import (
     rebuild_projection,
 )
 from tidings.repository import Repository
+from tidings.sagas import ManualClock, Saga, Step
 from tidings.service import Service
 from tidings.store import (
     ANY,
@@ -72,6 +74,7 @@ __all__ = [
     "AggregateNotFound",
     "AppendResult",
     "CheckpointConflict",
+    "Command",
     "ConcurrencyError",
     "CorruptStore",
     "DuplicateEventId",
@@ -85,6 +88,7 @@ __all__ = [
     "IntegrityError",
     "InvalidArgument",
     "InvalidStreamId",
+    "ManualClock",
     "MissingExtra",
     "Projection",
     "ProjectionError",
@@ -94,11 +98,13 @@ __all__ = [
     "Repository",
     "RetryPolicy",
     "SQLiteInbox",
+    "Saga",
     "SerializationError",
     "Service",
     "Snapshot",
     "SnapshotError",
     "StatementError",
+    "Step",
     "StoreClosed",
     "StoreError",
     "StoreUnavailable",

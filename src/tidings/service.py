@@ -24,9 +24,11 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from tidings.commands import Command
 from tidings.errors import InvalidArgument, TidingsError, UnsupportedOperation
 from tidings.events import Event
-from tidings.processing.handlers import Dispatch, EventHandler, HandlerFunction, handler_methods
+from tidings.processing.context import HandlerContext
+from tidings.processing.handlers import Dispatch, EventHandler, HandlerFunction, call_handler, handler_methods
 from tidings.processing.handling import HandlerSubscription
 from tidings.processing.projections import Projection, ProjectionSubscription
 from tidings.processing.subscription import (
@@ -34,6 +36,9 @@ from tidings.processing.subscription import (
     SubscriptionConfig,
     SubscriptionStats,
 )
+from tidings.sagas.clock import Clock, SystemClock
+from tidings.sagas.definition import Saga
+from tidings.sagas.runtime import DeadlineTimer, SagaHandler, ensure_saga_index
 from tidings.store import open_store
 from tidings.store.base import ANY, AppendResult, EventStore, ExpectedVersion
 
@@ -77,6 +82,9 @@ class Service:
         self._started = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._commands: dict[type[Command], str] = {}
+        self._sagas: dict[str, tuple[Saga, Clock]] = {}
+        self._timers: list[DeadlineTimer] = []
 
     # -- declaration ------------------------------------------------------------------------------
 
@@ -97,6 +105,62 @@ class Service:
             return fn
 
         return decorate
+
+    def handles_command(
+        self,
+        command_type: type[Command],
+        *,
+        group: str | None = None,
+        config: SubscriptionConfig | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator: this service owns ``command_type`` and handles it with the function.
+
+        A command has one owner: a second handler for the same command type in this service is
+        refused. Commands addressed to another service (``destination`` in their metadata, as
+        sagas send them) are not this service's to handle and are skipped. The handler answers
+        with events (``ctx.emit``); they carry the sender's ``saga_id``, so a saga finds its reply.
+        """
+        if not (isinstance(command_type, type) and issubclass(command_type, Command)):
+            raise InvalidArgument(f"handles_command() takes a Command class, got {command_type!r}")
+        if command_type in self._commands:
+            raise InvalidArgument(
+                f"service {self.name!r} already handles {command_type.__qualname__} "
+                f"(group {self._commands[command_type]!r}); a command has one owner"
+            )
+
+        def decorate(fn: F) -> F:
+            name = group or f"{self.name}.{fn.__name__}"
+            owner = self.name
+
+            async def owned(command: Command, ctx: HandlerContext) -> None:
+                destination = ctx.recorded.metadata.get("destination")
+                if destination is not None and destination != owner:
+                    return
+                await call_handler(fn, command, ctx)
+
+            self._add(name, Dispatch({command_type: owned}), None, config)
+            self._commands[command_type] = name
+            return fn
+
+        return decorate
+
+    def add_saga(
+        self, saga: Saga, *, clock: Clock | None = None, config: SubscriptionConfig | None = None
+    ) -> None:
+        """Run ``saga`` in this service: its instances advance in the group ``saga:<name>`` and its
+        deadlines fire from a timer beside the subscriptions. Needs a SQL store (the saga index)."""
+        if not isinstance(saga, Saga):
+            raise InvalidArgument(f"add_saga() takes a Saga instance, got {saga!r}")
+        if saga.name in self._sagas:
+            raise InvalidArgument(f"saga {saga.name!r} is already registered")
+        clock = clock or SystemClock()
+        handler = SagaHandler(saga, clock)
+        self._add(f"saga:{saga.name}", Dispatch(dict.fromkeys(handler.event_types(), handler)), None, config)
+        self._sagas[saga.name] = (saga, clock)
+
+    @property
+    def sagas(self) -> Mapping[str, Saga]:
+        return {name: saga for name, (saga, _) in self._sagas.items()}
 
     def add_handler(
         self, handler: EventHandler, *, group: str | None = None, config: SubscriptionConfig | None = None
@@ -231,11 +295,13 @@ class Service:
             store = await self.open()
             if self._stop_requested:
                 return
-            if self._projections and not _has_sql(store):
+            if (self._projections or self._sagas) and not _has_sql(store):
                 raise UnsupportedOperation(
-                    f"service {self.name!r}: projections need a SQL database, and {store.safe_url} "
-                    "has none; use a sqlite:/// or postgresql:// store"
+                    f"service {self.name!r}: projections and sagas need a SQL database, and "
+                    f"{store.safe_url} has none; use a sqlite:/// or postgresql:// store"
                 )
+            if self._sagas:
+                await ensure_saga_index(store)
             self._subscriptions = [self.subscription(group) for group in self._handlers]
             self._subscriptions += [
                 ProjectionSubscription(store, projection, config=config)
@@ -244,6 +310,14 @@ class Service:
             tasks = [
                 asyncio.create_task(self._supervise(s), name=f"tidings:{s.group}")
                 for s in self._subscriptions
+            ]
+            self._timers = [
+                DeadlineTimer(store, saga, clock, self.config.poll_interval)
+                for saga, clock in self._sagas.values()
+            ]
+            tasks += [
+                asyncio.create_task(timer.run(stopping), name=f"tidings:saga-timer:{timer.saga.name}")
+                for timer in self._timers
             ]
             started.set()
             for hook in self._on_start:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tidings.aggregate import Aggregate
+from tidings.commands import Command
 from tidings.errors import AggregateNotFound, InvalidArgument, UnsupportedOperation
 from tidings.events import Event, RecordedEvent
 from tidings.repository import Repository
@@ -32,6 +33,13 @@ from tidings.store.base import ANY, AppendRequest, EventStore, ExpectedVersion, 
 __all__ = ["BatchState", "HandlerContext"]
 
 A = TypeVar("A", bound=Aggregate)
+
+PROPAGATED = ("user_id",)
+"""Metadata keys that flow from a handled message to what its handler emits: who acted."""
+
+REPLY_KEYS = ("saga_id", "saga_step")
+"""Metadata keys that flow from a handled *command* to the events its handler emits (the replies):
+the saga and step that sent it, so that the replies find their saga. Not carried further."""
 
 SQL_EFFECTS = "\x00sql"
 """The pseudo-stream that stands for a handler's SQL statements when conflicts are traced."""
@@ -200,9 +208,11 @@ class HandlerContext:
 
         Validated now: a bad stream id or an event that cannot be serialised raises here, at the
         handler's line, and fails the event at once (it can never succeed). The new events'
-        metadata carries ``causation_id`` = the handled event's id and the handled event's
-        ``correlation_id`` (or its id, if it started the conversation). Their event ids are derived
-        from the handled event's id, so a redelivery can never append them twice.
+        metadata carries ``causation_id`` = the handled event's id, the handled event's
+        ``correlation_id`` (or its id, if it started the conversation), and its ``user_id``,
+        and, when the handled message is a command, its ``saga_id`` and ``saga_step`` (so that the
+        replies find their saga). Their event ids are derived from the handled event's id, so a
+        redelivery can never append them twice.
         """
         self._append(stream_id, list(events), expected_version=expected_version, metadata=metadata)
 
@@ -220,7 +230,12 @@ class HandlerContext:
         meta = {
             "correlation_id": recorded.correlation_id or str(recorded.event_id),
             "causation_id": str(recorded.event_id),
-            **({"user_id": recorded.metadata["user_id"]} if "user_id" in recorded.metadata else {}),
+            **{key: recorded.metadata[key] for key in PROPAGATED if key in recorded.metadata},
+            **(
+                {key: recorded.metadata[key] for key in REPLY_KEYS if key in recorded.metadata}
+                if isinstance(recorded.event, Command)
+                else {}
+            ),
             **(metadata or {}),
         }
         call = len(self.appends)
