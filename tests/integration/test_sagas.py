@@ -406,3 +406,38 @@ async def test_sagas_need_a_sql_store() -> None:
     with pytest.raises(Exception, match="need a SQL database"):
         async with service.running():
             pass
+
+
+def test_cli_lists_and_shows_sagas(tmp_path: Path) -> None:
+    import asyncio
+
+    import orjson
+    from typer.testing import CliRunner
+
+    from tidings.cli.main import app
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+
+    async def scenario() -> None:
+        async with open_store(url) as store:
+            world = World(store, ManualClock())
+            async with Running(world):
+                await world.submit("ok", amount=10)
+                await world.submit("no", amount=500)
+                await world.settle("saga-checkout-ok", "completed")
+                await world.settle("saga-checkout-no", "compensated")
+
+    asyncio.run(scenario())
+    runner = CliRunner()
+    listed = runner.invoke(app, ["sagas", "list", "--state", "compensated", "--json", "--store", url])
+    assert listed.exit_code == 0, listed.output
+    [line] = listed.output.splitlines()
+    assert orjson.loads(line)["saga_id"] == "saga-checkout-no"
+    shown = runner.invoke(app, ["sagas", "show", "saga-checkout-no", "--store", url])
+    assert shown.exit_code == 0, shown.output
+    assert "compensated" in shown.output and "CompensationStarted" in shown.output
+    assert "authorize: PaymentDeclined" in shown.output
+    missing = runner.invoke(app, ["sagas", "show", "saga-checkout-nope", "--store", url])
+    assert missing.exit_code == 1 and "no saga" in missing.output
+    bad = runner.invoke(app, ["sagas", "list", "--state", "bogus", "--store", url])
+    assert bad.exit_code == 2

@@ -19,6 +19,7 @@ from tidings import __version__
 from tidings.cli import processing, reading, render
 from tidings.cli.db import db_app
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, run
+from tidings.cli.sagas import sagas_app
 
 __all__ = ["app", "main"]
 
@@ -124,6 +125,7 @@ app.command("groups")(processing.groups)
 app.add_typer(processing.dlq_app, name="dlq")
 app.add_typer(processing.projections_app, name="projections")
 app.add_typer(db_app, name="db")
+app.add_typer(sagas_app, name="sagas")
 
 
 def _event_json_printer() -> reading.EventSink:
