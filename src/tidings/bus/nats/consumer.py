@@ -188,8 +188,10 @@ class NatsMember(Consumer):
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for part in list(self._workers):
-            await self._release(part)
+        # Signal every pull loop first: each may wait up to fetch_wait for its pull to end.
+        for worker in self._workers.values():
+            worker.stopping.set()
+        await asyncio.gather(*(self._release(part) for part in list(self._workers)))
         if self._heartbeat_seq is not None:
             with contextlib.suppress(*_NATS_ERRORS):
                 await self.js.delete_msg(self.config.lease_stream, self._heartbeat_seq)
