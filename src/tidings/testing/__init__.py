@@ -4,6 +4,7 @@ Third-party backends certify themselves by subclassing :class:`StoreContract` (s
 Importing this package requires pytest.
 """
 
+from tidings.testing.bus import BusContract as BusContract
 from tidings.testing.contract import StoreContract, collect
 from tidings.testing.events import Credited, Debited, Noted, Opaque
 

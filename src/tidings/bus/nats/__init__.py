@@ -1,0 +1,47 @@
+"""The event bus on NATS JetStream (``nats://host:port[,host:port...]``).
+
+**Subjects and streams.** A publishing service ``S`` owns one stream ``TIDINGS_S`` over the subjects
+``tidings.S.<partition>.<event type>`` (the type name may span several dot-separated tokens), with
+file storage, ``replicas`` copies and limits retention (:mod:`tidings.bus.nats.setup`). One message is
+one structured JSON CloudEvent (:mod:`tidings.bus.cloudevents`) with ``Nats-Msg-Id`` = event id, so
+the stream drops a re-publish within its ``duplicate_window`` (after a relay crash); a consumer's
+inbox de-duplicates beyond it. The publisher computes ``partition = blake2b(stream id) mod N``
+(:func:`tidings.bus.partition_of`), ``N`` being fixed per stream and recorded in its metadata.
+(A subject transform ``partition(N, token)`` would need the stream id as a subject token, which
+would restrict stream ids to subject-safe characters; hashing in the client does not.)
+
+**Ordered consumer groups that scale out.** A consumer group has one durable pull consumer per
+partition of each source stream, filtered to its event types, with ``max_ack_pending=1``: JetStream
+hands out the next message of a partition only after the previous one was acked (or terminated
+as a dead letter), so the events of one aggregate -- all in one partition -- are handled in order,
+whichever instance handles them and across redeliveries. Throughput scales with the number of
+partitions being worked at once, so the partitions are spread over the group's live instances:
+each partition has one active member, holding a lease (JetStream priority groups with pinned
+clients would do the same on the server, but nats-py has no API for them; the lease is a message
+with a per-message TTL in the ``TIDINGS_LEASES`` stream, acquired and renewed with
+``Nats-Expected-Last-Subject-Sequence`` -- see :mod:`tidings.bus.nats.consumer`). Members heartbeat,
+agree on the sorted member list and deal the partitions round-robin, so N instances hold about
+``partitions / N`` partitions each; scaling beyond the partition count adds no throughput.
+
+**Failover bound.** When an instance dies (SIGKILL, lost host), its partitions are handled again by
+the others within::
+
+    lease_ttl + heartbeat + 1 s (TTL resolution)      -- its leases expire and are re-dealt
+    max(that, ack_wait) + fetch_wait                   -- and the message it had in hand is redelivered
+
+(defaults: ``lease_ttl`` 6 s, ``heartbeat`` 2 s, ``ack_wait`` 30 s -- set ``ack_wait`` lower for a
+faster failover: a live member extends it while its handler runs). An instance that stops cleanly
+releases its leases at once. A stalled instance (SIGSTOP) past its lease and ``ack_wait`` loses its
+partitions the same way; when it resumes it may finish the message it had in hand -- a duplicate its
+service's inbox absorbs -- then finds its leases gone and stops pulling them.
+
+**Retries and dead letters.** A failed handler naks with the group's back-off delay; the client counts
+deliveries (JetStream's ``num_delivered``) and after ``max_deliver`` hands the message to the
+dead-letter callback and terminates it, so a poison message blocks its partition only for its
+retries. A message that cannot be decoded is dead-lettered at its first delivery.
+"""
+
+from tidings.bus.nats.bus import NatsBus
+from tidings.bus.nats.config import NatsBusConfig
+
+__all__ = ["NatsBus", "NatsBusConfig"]

@@ -1,0 +1,291 @@
+"""A member of a consumer group on JetStream: partition leases, and one pull loop per held partition.
+
+Membership and leases live in the lease stream (see :mod:`tidings.bus.nats.setup`), one message per
+subject, each published with a JetStream per-message TTL of ``lease_ttl`` seconds:
+
+* every ``heartbeat`` seconds a member re-publishes ``...member.<id>`` (its heartbeat) and reads the
+  live members (the subjects present in the stream -- a dead member's subject expires);
+* the group's partitions (``(source, p)`` pairs, sorted) are dealt round-robin over the sorted member
+  ids: every member computes the same assignment from the same member list;
+* a member holds a partition by its lease subject ``...lease.<source>.<p>``: it acquires it with
+  ``Nats-Expected-Last-Subject-Sequence: 0`` (only if nobody holds it) and renews it with the sequence
+  of its own last lease message (only if it still holds it). A partition it should no longer hold it
+  releases at once (stops its pull loop after the message in hand, deletes its lease message);
+* a member that cannot renew (it lost its connection) stops its pull loops before its leases can
+  have expired, so two members never pull one partition except across a pause of the process
+  (SIGSTOP, a long GC) longer than the lease: then the in-flight message may be handled twice, which
+  the consumer's inbox absorbs, and order is still kept by ``max_ack_pending=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from tidings.bus.base import (
+    Consumer,
+    ConsumerGroup,
+    ConsumerStatistics,
+    Counters,
+    DeadLetterHandler,
+    MessageHandler,
+    Outcome,
+    handle_delivery,
+    wait_or_stop,
+)
+from tidings.bus.nats.config import NatsBusConfig
+from tidings.bus.nats.setup import ensure_consumer, ensure_lease_stream, ensure_stream
+from tidings.events import EventRegistry
+
+__all__ = ["NatsMember"]
+
+log = logging.getLogger("tidings.bus.nats")
+
+_WRONG_LAST_SEQUENCE = {10071, 10164}
+_NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+Part = tuple[str, int]
+
+
+class _Worker:
+    """The pull loop of one held partition."""
+
+    def __init__(self, member: NatsMember, part: Part, durable: str) -> None:
+        self.member = member
+        self.part = part
+        self.durable = durable
+        self.stopping = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name=f"bus {member.group.label} {part[0]}/{part[1]}")
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def _run(self) -> None:
+        m = self.member
+        source, p = self.part
+        stream = m.config.stream_name(source)
+        sub: JetStreamContext.PullSubscription | None = None
+        while not self.stopping.is_set():
+            try:
+                if sub is None:
+                    sub = await m.js.pull_subscribe_bind(durable=self.durable, stream=stream)
+                msgs = await sub.fetch(1, timeout=m.config.fetch_wait)
+            except nats.errors.TimeoutError:
+                continue
+            except _NATS_ERRORS as exc:
+                # Disconnected or the server is restarting: the client reconnects by itself.
+                log.debug("%s %s/%d: pull failed: %r", m.group.label, source, p, exc)
+                await wait_or_stop(self.stopping, min(1.0, m.config.fetch_wait))
+                continue
+            for msg in msgs:
+                await self._handle(msg, source)
+        if sub is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await sub.unsubscribe()
+
+    async def _handle(self, msg: Msg, source: str) -> None:
+        m = self.member
+        attempt = msg.metadata.num_delivered or 1
+        outcome, delay = await handle_delivery(
+            group=m.group,
+            origin=f"bus:{source}/{msg.subject}",
+            subject=msg.subject,
+            payload=msg.data,
+            attempt=attempt,
+            registry=m.registry,
+            handler=m.handler,
+            dead_letter=m.dead_letter,
+            counters=m.counters,
+            stopping=self.stopping,
+            keepalive=msg.in_progress,
+        )
+        try:
+            if outcome is Outcome.ACK:
+                # Wait for the server to confirm: the next message of the partition (max_ack_pending=1)
+                # comes only after this ack, and a lost ack would stall it for ack_wait.
+                await msg.ack_sync(timeout=m.config.request_timeout)
+            elif outcome is Outcome.DEAD:
+                await msg.term()
+            else:
+                await msg.nak(delay=delay)
+        except _NATS_ERRORS as exc:
+            # The message comes back after ack_wait; the consumer's inbox absorbs the duplicate.
+            log.warning(
+                "%s: could not settle a message (%s) on %s: %r",
+                m.group.label,
+                outcome.value,
+                msg.subject,
+                exc,
+            )
+
+
+class NatsMember(Consumer):
+    """One member of a consumer group on JetStream (see the module docstring)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        config: NatsBusConfig,
+        group: ConsumerGroup,
+        handler: MessageHandler,
+        dead_letter: DeadLetterHandler,
+        registry: EventRegistry,
+    ) -> None:
+        self.js = js
+        self.config = config
+        self.group = group
+        self.handler = handler
+        self.dead_letter = dead_letter
+        self.registry = registry
+        self.member = uuid.uuid4().hex
+        self.counters = Counters()
+        self.durables: dict[Part, str] = {}
+        self._parts: list[Part] = []
+        self._leases: dict[Part, int] = {}
+        self._renewed: dict[Part, float] = {}
+        self._workers: dict[Part, _Worker] = {}
+        self._heartbeat_seq: int | None = None
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Create or check the group's consumers, claim this member's share, start its pull loops."""
+        for source in sorted(self.group.sources):
+            partitions = await ensure_stream(self.js, self.config, source)
+            for p in range(partitions):
+                self.durables[(source, p)] = await ensure_consumer(
+                    self.js, self.config, self.group, source, p
+                )
+                self._parts.append((source, p))
+        await ensure_lease_stream(self.js, self.config)
+        await self._tick()
+        self._task = asyncio.create_task(self._run(), name=f"bus {self.group.label} leases")
+
+    def held(self) -> tuple[Part, ...]:
+        return tuple(sorted(self._workers))
+
+    def statistics(self) -> ConsumerStatistics:
+        c = self.counters
+        return ConsumerStatistics(
+            self.group.label, self.member, c.delivered, c.acked, c.redelivered, c.dead_lettered, self.held()
+        )
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # Signal every pull loop first: each may wait up to fetch_wait for its pull to end.
+        for worker in self._workers.values():
+            worker.stopping.set()
+        await asyncio.gather(*(self._release(part) for part in list(self._workers)))
+        if self._heartbeat_seq is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self.js.delete_msg(self.config.lease_stream, self._heartbeat_seq)
+
+    # -- leases --------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.heartbeat_interval
+        while not self._stopping.is_set():
+            await wait_or_stop(self._stopping, interval)
+            if self._stopping.is_set():
+                return
+            try:
+                await self._tick()
+            except _NATS_ERRORS as exc:
+                log.warning("%s: cannot renew leases: %r", self.group.label, exc)
+                # Fence ourselves: stop pulling a partition before its lease may have expired and
+                # been taken by another member (one heartbeat of margin).
+                deadline = self.config.lease_ttl - interval
+                for part, renewed in list(self._renewed.items()):
+                    if loop.time() - renewed >= deadline:
+                        await self._drop(part)
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        ttl = self.config.lease_ttl
+        ack = await self.js.publish(
+            self.config.member_subject(self.group, self.member),
+            b"",
+            timeout=self.config.request_timeout,
+            stream=self.config.lease_stream,
+            msg_ttl=ttl,
+        )
+        self._heartbeat_seq = ack.seq
+        members = await self._members()
+        members.add(self.member)
+        ordered = sorted(members)
+        mine = {part for i, part in enumerate(self._parts) if ordered[i % len(ordered)] == self.member}
+        for part in [p for p in self._leases if p not in mine]:
+            await self._release(part)
+        for part, seq in list(self._leases.items()):
+            started = loop.time()
+            new_seq = await self._claim(part, seq)
+            if new_seq is None:
+                log.warning("%s: lost the lease of %s/%d", self.group.label, *part)
+                await self._drop(part)
+            else:
+                self._leases[part] = new_seq
+                self._renewed[part] = started
+        for part in sorted(mine - set(self._leases)):
+            started = loop.time()
+            new_seq = await self._claim(part, 0)
+            if new_seq is not None:
+                self._leases[part] = new_seq
+                self._renewed[part] = started
+                self._workers[part] = _Worker(self, part, self.durables[part])
+
+    async def _members(self) -> set[str]:
+        info = await self.js.stream_info(
+            self.config.lease_stream, subjects_filter=self.config.members_filter(self.group)
+        )
+        subjects = info.state.subjects or {}
+        return {subject.rsplit(".", 1)[1] for subject in subjects}
+
+    async def _claim(self, part: Part, last_seq: int) -> int | None:
+        """Publish the lease of ``part`` if its last message is ``last_seq``; its new sequence, or None."""
+        try:
+            ack = await self.js.publish(
+                self.config.lease_subject(self.group, *part),
+                self.member.encode(),
+                timeout=self.config.request_timeout,
+                stream=self.config.lease_stream,
+                headers={"Nats-Expected-Last-Subject-Sequence": str(last_seq)},
+                msg_ttl=self.config.lease_ttl,
+            )
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                return None
+            raise
+        return int(ack.seq)
+
+    async def _drop(self, part: Part) -> None:
+        """Stop pulling ``part`` without touching its lease (it is lost or about to expire)."""
+        worker = self._workers.pop(part, None)
+        self._leases.pop(part, None)
+        self._renewed.pop(part, None)
+        if worker is not None:
+            await worker.stop()
+
+    async def _release(self, part: Part) -> None:
+        """Stop pulling ``part`` after the message in hand, then give its lease up at once."""
+        seq = self._leases.get(part)
+        await self._drop(part)
+        if seq is not None:
+            with contextlib.suppress(NotFoundError, *_NATS_ERRORS):
+                await self.js.delete_msg(self.config.lease_stream, seq)

@@ -1,0 +1,137 @@
+"""Creating and checking what the bus needs on the JetStream server.
+
+* one **stream per publishing service**: ``<PREFIX>_<service>`` over ``<prefix>.<service>.>``,
+  file storage, ``replicas`` copies, limits retention (``max_age``, ``max_bytes``, old messages
+  discarded first), a de-duplication window for ``Nats-Msg-Id``, and its partition count in the
+  stream's metadata (``tidings_partitions``) so every publisher and consumer agrees on it;
+* one **durable pull consumer per (consumer group, partition)** of each source stream: explicit
+  acks, ``max_ack_pending=1`` (one message in flight: per-aggregate order), unlimited deliveries
+  (the client counts attempts and dead-letters, so a poison message is acked, never stuck),
+  ``ack_wait`` from the group's :class:`~tidings.bus.base.DeliveryPolicy`;
+* one **lease stream** ``<PREFIX>_LEASES`` with per-message TTLs, one message kept per subject,
+  holding partition leases and member heartbeats (see :mod:`tidings.bus.nats.consumer`).
+
+Existing streams are updated in place where JetStream allows it (replicas, limits, subjects);
+a stream with another partition count or storage type raises :class:`BusConfigError`, since
+re-partitioning a live stream would break per-aggregate order.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    ReplayPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from tidings.bus.base import ConsumerGroup
+from tidings.bus.errors import BusConfigError
+from tidings.bus.nats.config import NatsBusConfig
+
+__all__ = ["ensure_consumer", "ensure_lease_stream", "ensure_stream"]
+
+PARTITIONS_KEY = "tidings_partitions"
+
+
+def stream_config(config: NatsBusConfig, service: str) -> StreamConfig:
+    return StreamConfig(
+        name=config.stream_name(service),
+        description=f"tidings integration events published by {service}",
+        subjects=[f"{config.prefix}.{service}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=config.replicas,
+        max_age=config.max_age,
+        max_bytes=config.max_bytes,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=config.duplicate_window,
+        metadata={PARTITIONS_KEY: str(config.partitions), "tidings_service": service},
+    )
+
+
+async def ensure_stream(js: JetStreamContext, config: NatsBusConfig, service: str) -> int:
+    """Create or check the stream of publishing ``service``; return its partition count."""
+    desired = stream_config(config, service)
+    name = config.stream_name(service)
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(desired)
+        return config.partitions
+    current = info.config
+    partitions = int((current.metadata or {}).get(PARTITIONS_KEY, "0"))
+    if partitions != config.partitions:
+        raise BusConfigError(
+            f"stream {name} has {partitions} partitions, the bus is configured with {config.partitions}: "
+            "partitions cannot change on a live stream (drain it and delete it first)"
+        )
+    if current.storage != StorageType.FILE:
+        raise BusConfigError(f"stream {name} does not use file storage; delete it to let tidings create it")
+    differs = (
+        current.num_replicas != desired.num_replicas
+        or (current.max_age or 0) != (desired.max_age or 0)
+        or (current.max_bytes or -1) != desired.max_bytes
+        or current.duplicate_window != desired.duplicate_window
+        or sorted(current.subjects or []) != sorted(desired.subjects or [])
+    )
+    if differs:
+        await js.update_stream(desired)
+    return partitions
+
+
+async def ensure_consumer(
+    js: JetStreamContext, config: NatsBusConfig, group: ConsumerGroup, source: str, partition: int
+) -> str:
+    """Create, or update to the current filters and ack wait, the durable consumer of ``group`` on
+    one partition of ``source``'s stream; return its name."""
+    name = config.consumer_name(group, partition)
+    types = group.sources[source]
+    filters = (
+        [config.subject(source, partition, t) for t in sorted(types)]
+        if types
+        else [config.partition_filter(source, partition)]
+    )
+    consumer = ConsumerConfig(
+        durable_name=name,
+        description=f"tidings consumer group {group.label}, partition {partition} of {source}",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=group.delivery.ack_wait,
+        max_deliver=-1,
+        max_ack_pending=1,
+        replay_policy=ReplayPolicy.INSTANT,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+        metadata={"tidings_group": group.label, "tidings_source": source},
+    )
+    await js.add_consumer(config.stream_name(source), consumer)
+    return name
+
+
+async def ensure_lease_stream(js: JetStreamContext, config: NatsBusConfig) -> str:
+    """Create the stream of leases and member heartbeats if missing; return its name."""
+    name = config.lease_stream
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                description="tidings consumer group leases and member heartbeats",
+                subjects=[f"{config.prefix}_leases.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=config.replicas,
+                max_msgs_per_subject=1,
+                allow_msg_ttl=True,
+                discard=DiscardPolicy.OLD,
+            )
+        )
+    return name
