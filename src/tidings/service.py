@@ -24,9 +24,13 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from tidings.bus import Bus, DeliveryPolicy, open_bus
+from tidings.bus.inbound import BusHandlerGroup
+from tidings.bus.relay import OutboxRelay, Translator
 from tidings.commands import Command
 from tidings.errors import InvalidArgument, TidingsError, UnsupportedOperation
 from tidings.events import Event
+from tidings.integration import IntegrationEvent, source_of
 from tidings.processing.context import HandlerContext
 from tidings.processing.handlers import Dispatch, EventHandler, HandlerFunction, call_handler, handler_methods
 from tidings.processing.handling import HandlerSubscription
@@ -45,6 +49,7 @@ from tidings.store.base import ANY, AppendResult, EventStore, ExpectedVersion
 __all__ = ["Service"]
 
 F = TypeVar("F", bound=HandlerFunction)
+T = TypeVar("T", bound=Callable[..., Any])
 log = logging.getLogger("tidings.service")
 
 
@@ -61,6 +66,7 @@ class Service:
         name: str,
         store: EventStore | str | None = None,
         *,
+        bus: Bus | str | None = None,
         config: SubscriptionConfig | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
@@ -83,6 +89,13 @@ class Service:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._commands: dict[type[Command], str] = {}
+        self._bus_arg = bus
+        self._bus: Bus | None = bus if isinstance(bus, Bus) else None
+        self._owns_bus = False
+        self._published: list[type[IntegrationEvent]] = []
+        self._translators: dict[type[Event], Translator] = {}
+        self._relay: OutboxRelay | None = None
+        self._inbound: list[BusHandlerGroup] = []
         self._sagas: dict[str, tuple[Saga, Clock]] = {}
         self._timers: list[DeadlineTimer] = []
 
@@ -143,6 +156,49 @@ class Service:
             return fn
 
         return decorate
+
+    def publishes(self, *event_types: type[IntegrationEvent]) -> None:
+        """Declare integration events this service publishes as they are appended (its handlers
+        emit them, or it appends them): the relay puts them on the bus. Each must name this
+        service as its ``__source__``."""
+        for cls in event_types:
+            if source_of(cls) != self.name:
+                raise InvalidArgument(
+                    f"{getattr(cls, '__qualname__', cls)!r} is not an integration event of service "
+                    f"{self.name!r} (its __source__ must be {self.name!r})"
+                )
+            if cls not in self._published:
+                self._published.append(cls)
+
+    def translates(self, domain_type: type[Event]) -> Callable[[T], T]:
+        """Decorator: publish each ``domain_type`` event as the integration event the function
+        returns (or nothing, if it returns None)::
+
+            @orders.translates(OrderPlaced)
+            def submitted(event: OrderPlaced, recorded: RecordedEvent) -> OrderSubmitted:
+                return OrderSubmitted(order_id=recorded.stream_id, total=event.total)
+
+        The domain event is in the log, atomically with the change that caused it; the relay
+        translates and publishes it, with an id derived from the domain event's (so a re-publish
+        is recognised) and the domain event as its causation.
+        """
+        if not (isinstance(domain_type, type) and issubclass(domain_type, Event)):
+            raise InvalidArgument(f"translates() takes an Event class, got {domain_type!r}")
+        if domain_type in self._translators:
+            raise InvalidArgument(f"{domain_type.__qualname__} already has a translator in {self.name!r}")
+
+        def decorate(fn: T) -> T:
+            self._translators[domain_type] = fn
+            return fn
+
+        return decorate
+
+    def use_bus(self, bus: Bus | str) -> None:
+        """Replace the service's bus (before it runs), e.g. from ``tidings run --bus``."""
+        if self._running:
+            raise TidingsError(f"service {self.name!r} is running; cannot change its bus")
+        self._bus_arg = bus
+        self._bus = bus if isinstance(bus, Bus) else None
 
     def add_saga(
         self, saga: Saga, *, clock: Clock | None = None, config: SubscriptionConfig | None = None
@@ -258,11 +314,61 @@ class Service:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    async def _open_bus(self) -> Bus | None:
+        if self._bus is None and isinstance(self._bus_arg, str):
+            self._bus = open_bus(self._bus_arg)
+            self._owns_bus = True
+            await self._bus.open()
+        return self._bus
+
+    def _is_foreign(self, cls: type[Event], bus: Bus | None) -> bool:
+        """Whether events of ``cls`` reach this service over the bus rather than its own log."""
+        source = source_of(cls)
+        return bus is not None and source is not None and source != self.name
+
+    def _local_dispatch(self, group: str, bus: Bus | None) -> Dispatch | None:
+        dispatch = self._handlers[group][0]
+        table = {cls: fn for cls, fn in dispatch.table.items() if not self._is_foreign(cls, bus)}
+        return Dispatch(table) if table else None
+
+    def _bus_groups(self, store: EventStore, bus: Bus | None) -> list[BusHandlerGroup]:
+        out: list[BusHandlerGroup] = []
+        if bus is None:
+            return out
+        for group, (dispatch, _, config) in self._handlers.items():
+            table = {cls: fn for cls, fn in dispatch.table.items() if self._is_foreign(cls, bus)}
+            if not table:
+                continue
+            sources: dict[str, set[str]] = {}
+            for cls in table:
+                source = source_of(cls)
+                assert source is not None
+                sources.setdefault(source, set()).update(
+                    sub.__event_type__ for sub in (cls, *_subclasses_of(cls))
+                )
+            out.append(
+                BusHandlerGroup(
+                    store,
+                    bus,
+                    self.name,
+                    group,
+                    Dispatch(table),
+                    sources,
+                    delivery=_delivery_policy(config),
+                    sql=_has_sql(store),
+                )
+            )
+        return out
+
     def subscription(self, group: str) -> Subscription:
         """A new runner for one of this service's groups (used by tools such as ``dlq retry``)."""
         store = self.store
+        if group == f"{self.name}.relay" and self._relay is not None:
+            return self._relay
         if group in self._handlers:
             dispatch, prefix, config = self._handlers[group]
+            local = self._local_dispatch(group, self._bus)
+            dispatch = local if local is not None else dispatch
             return HandlerSubscription(
                 store, group, dispatch, stream_prefix=prefix, config=config, sql=_has_sql(store)
             )
@@ -302,7 +408,22 @@ class Service:
                 )
             if self._sagas:
                 await ensure_saga_index(store)
-            self._subscriptions = [self.subscription(group) for group in self._handlers]
+            bus = await self._open_bus()
+            local_groups = [group for group in self._handlers if self._local_dispatch(group, bus) is not None]
+            self._subscriptions = [self.subscription(group) for group in local_groups]
+            if bus is not None and (self._published or self._translators):
+                self._relay = OutboxRelay(
+                    store,
+                    bus,
+                    self.name,
+                    published=self._published,
+                    translators=self._translators,
+                    config=self.config,
+                )
+                self._subscriptions.append(self._relay)
+            self._inbound = self._bus_groups(store, bus)
+            for inbound in self._inbound:
+                await inbound.start()
             self._subscriptions += [
                 ProjectionSubscription(store, projection, config=config)
                 for projection, config in self._projections.values()
@@ -324,6 +445,10 @@ class Service:
                 await hook()
             await stopping.wait()
         finally:
+            for inbound in self._inbound:
+                with contextlib.suppress(Exception):
+                    await inbound.stop()
+            self._inbound = []
             for sub in self._subscriptions:
                 sub.stop()
             results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -336,6 +461,10 @@ class Service:
             self._stop_requested = False
             stopping.clear()
             started.clear()
+            if self._owns_bus and self._bus is not None:
+                with contextlib.suppress(Exception):
+                    await self._bus.close()
+                self._bus, self._owns_bus = None, False
             if close_store and self._store is not None:
                 await self._store.close()
                 self._store = None if self._owns_store else self._store
@@ -471,6 +600,22 @@ class Service:
             "SELECT generation FROM tidings_projections WHERE name = ?", (projection[0].name,)
         )
         return projection[0].group(int(rows[0][0]) if rows else 1)
+
+
+def _delivery_policy(config: SubscriptionConfig) -> DeliveryPolicy:
+    """The bus retry policy of a handler group: the same attempts and delays as its log retries."""
+    retry = config.retry
+    delays = tuple(
+        min(retry.max_delay, retry.initial_delay * retry.multiplier**n) for n in range(retry.max_attempts)
+    )
+    return DeliveryPolicy(max_deliver=retry.max_attempts, backoff=delays)
+
+
+def _subclasses_of(cls: type[Event]) -> list[type[Event]]:
+    out: list[type[Event]] = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses_of(sub)]
+    return out
 
 
 def _has_sql(store: EventStore) -> bool:
