@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from tidings.bus import Bus, DeliveryPolicy, open_bus
 from tidings.bus.inbound import BusHandlerGroup
-from tidings.bus.relay import OutboxRelay, Translator
+from tidings.bus.relay import OutboxRelay, Translator, command_types
 from tidings.commands import Command
 from tidings.errors import InvalidArgument, TidingsError, UnsupportedOperation
 from tidings.events import Event
@@ -321,10 +321,16 @@ class Service:
             await self._bus.open()
         return self._bus
 
+    def _source(self, cls: type[Event]) -> str | None:
+        """The bus subject space events of ``cls`` arrive in: its publisher's for an integration
+        event, this service's own for a command (senders publish commands to their destination)."""
+        return self.name if issubclass(cls, Command) else source_of(cls)
+
     def _is_foreign(self, cls: type[Event], bus: Bus | None) -> bool:
         """Whether events of ``cls`` reach this service over the bus rather than its own log."""
-        source = source_of(cls)
-        return bus is not None and source is not None and source != self.name
+        if bus is None:
+            return False
+        return issubclass(cls, Command) or source_of(cls) not in (None, self.name)
 
     def _local_dispatch(self, group: str, bus: Bus | None) -> Dispatch | None:
         dispatch = self._handlers[group][0]
@@ -341,7 +347,7 @@ class Service:
                 continue
             sources: dict[str, set[str]] = {}
             for cls in table:
-                source = source_of(cls)
+                source = self._source(cls)
                 assert source is not None
                 sources.setdefault(source, set()).update(
                     sub.__event_type__ for sub in (cls, *_subclasses_of(cls))
@@ -411,7 +417,7 @@ class Service:
             bus = await self._open_bus()
             local_groups = [group for group in self._handlers if self._local_dispatch(group, bus) is not None]
             self._subscriptions = [self.subscription(group) for group in local_groups]
-            if bus is not None and (self._published or self._translators):
+            if bus is not None and (self._published or self._translators or command_types(store)):
                 self._relay = OutboxRelay(
                     store,
                     bus,

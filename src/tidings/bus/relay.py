@@ -18,7 +18,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 from tidings.bus.base import Bus
-from tidings.errors import TidingsError, is_permanent, is_transient
+from tidings.commands import Command, destination_of
+from tidings.errors import InvalidArgument, TidingsError, is_permanent, is_transient
 from tidings.events import Event, RecordedEvent
 from tidings.integration import IntegrationEvent
 from tidings.processing.subscription import Subscription, SubscriptionConfig
@@ -32,6 +33,11 @@ Translator = Callable[[Event, RecordedEvent], IntegrationEvent | None]
 """Maps a domain event (and its envelope) to the integration event to publish, or None to publish nothing."""
 
 _NAMESPACE = uuid.UUID("1b0f1c4a-0b8e-4f7e-8d1c-2a6b5c1e9f10")
+
+
+def command_types(store: EventStore) -> list[str]:
+    """The type names of every command class the store's registry knows."""
+    return [name for name, cls in store.registry.types().items() if issubclass(cls, Command)]
 
 
 def translated_id(domain_event_id: uuid.UUID) -> uuid.UUID:
@@ -53,6 +59,7 @@ class OutboxRelay(Subscription):
         config: SubscriptionConfig | None = None,
     ) -> None:
         types = {cls.__event_type__ for cls in published} | {cls.__event_type__ for cls in translators}
+        types |= set(command_types(store))
         super().__init__(store, f"{service}.relay", event_types=sorted(types), config=config)
         self.bus = bus
         self.service = service
@@ -60,8 +67,24 @@ class OutboxRelay(Subscription):
         self.translators = dict(translators)
         self.relayed = 0
 
+    def route(self, recorded: RecordedEvent) -> tuple[str, RecordedEvent] | None:
+        """Where and what to publish for one logged event: a command goes to its destination's
+        subject space, an integration event (or a domain event's translation) to this service's;
+        None if it is not for the bus."""
+        event = recorded.event
+        if isinstance(event, Command):
+            destination = destination_of(event, recorded.metadata)
+            if destination is None:
+                raise InvalidArgument(
+                    f"command {recorded.event_type} ({recorded.event_id}) names no destination: send it "
+                    "from a saga step, with metadata={'destination': SERVICE}, or set __owner__"
+                )
+            return destination, recorded
+        envelope = self.envelope(recorded)
+        return None if envelope is None else (self.service, envelope)
+
     def envelope(self, recorded: RecordedEvent) -> RecordedEvent | None:
-        """What to publish for one logged event: itself, its translation, or nothing."""
+        """What this service publishes for one logged event: itself, its translation, or nothing."""
         event = recorded.event
         if isinstance(event, self.published):
             return recorded
@@ -93,11 +116,24 @@ class OutboxRelay(Subscription):
             type(public).__event_version__,
         )
 
+    async def _publish(self, events: Sequence[RecordedEvent]) -> None:
+        """Publish in log order, one bus call per run of messages for the same destination."""
+        runs: list[tuple[str, list[RecordedEvent]]] = []
+        for recorded in events:
+            routed = self.route(recorded)
+            if routed is None:
+                continue
+            destination, envelope = routed
+            if runs and runs[-1][0] == destination:
+                runs[-1][1].append(envelope)
+            else:
+                runs.append((destination, [envelope]))
+        for destination, envelopes in runs:
+            await self.bus.publish(destination, envelopes)
+
     async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
         try:
-            envelopes = [e for e in map(self.envelope, events) if e is not None]
-            if envelopes:
-                await self.bus.publish(self.service, envelopes)
+            await self._publish(events)
         except TidingsError as exc:
             if is_transient(exc) or not is_permanent(exc):
                 raise  # the bus is away: the runner waits and publishes the batch again
@@ -112,9 +148,7 @@ class OutboxRelay(Subscription):
         """A batch failed for good: publish its events alone, and park the ones that cannot be."""
         for recorded in events:
             try:
-                envelope = self.envelope(recorded)
-                if envelope is not None:
-                    await self.bus.publish(self.service, [envelope])
+                await self._publish([recorded])
             except TidingsError as exc:
                 if is_transient(exc):
                     raise
@@ -131,10 +165,8 @@ class OutboxRelay(Subscription):
         self.dead_lettered += 1
 
     async def reprocess(self, recorded: RecordedEvent, dead_letter_id: int) -> bool:
-        envelope = self.envelope(recorded)
         try:
-            if envelope is not None:
-                await self.bus.publish(self.service, [envelope])
+            await self._publish([recorded])
         except Exception as exc:
             await self.commit(self.checkpoint, dead_letters=[self.dead_letter_record(recorded, exc, 1)])
             return False
