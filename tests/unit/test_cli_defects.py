@@ -705,3 +705,26 @@ def test_read_only_store_file(shop: Path) -> None:
             assert result.stderr.startswith("error: "), (args, result.output)
             assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
         assert _digest(db) == before
+
+
+# -- 10. the README's command-line section names commands that exist ---------------------------------
+
+
+def test_readme_command_line_section() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    for needed in ("tidings db migrate", "tidings[postgres]", "tidings[nats]", "TIDINGS_STORE", "--force"):
+        assert needed in section, needed
+    [block] = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.startswith("tidings ")]
+    assert len(commands) >= 10
+    root = typer.main.get_command(app)
+    for words in commands:
+        command, path = root, []
+        for word in words[1:]:
+            sub = getattr(command, "commands", {}).get(word)
+            if sub is None:
+                break
+            command, path = sub, [*path, word]
+        assert path and not getattr(command, "commands", None), words  # a real leaf command
+        assert invoke(*path, "--help").exit_code == 0, words
