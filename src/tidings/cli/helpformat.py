@@ -32,7 +32,8 @@ class _Argument(typer.core.TyperArgument):
 
 
 def _is_flag(option: typer.core.TyperOption) -> bool:
-    return bool(option.is_flag or option.count or option.type_descriptor.annotation is bool)
+    descriptor = getattr(option, "type_descriptor", None)  # absent from older Typer versions
+    return bool(option.is_flag or option.count or (descriptor is not None and descriptor.annotation is bool))
 
 
 def _clean(command: typer.core.TyperCommand | typer.core.TyperGroup, ctx: Any) -> None:
