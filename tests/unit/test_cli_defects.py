@@ -219,6 +219,8 @@ def test_service_commands_take_the_store_from_the_environment(shop: Path) -> Non
 
 def test_store_precedence_flag_env_service_default(shop: Path) -> None:
     flag, env, own = (f"sqlite:///{shop}/{name}.db" for name in ("flag", "env", "own"))
+    for url in (flag, env, own):
+        seed(url, 5)  # a rebuild needs an existing store
     rebuild = ["projections", "rebuild", "revenue", "--app", "shop:make"]
 
     def used(**env_vars: str) -> None:
@@ -659,6 +661,20 @@ def test_bad_input_everywhere(shop: Path) -> None:
             assert "Traceback" not in result.output
     assert list((shop / "adir").iterdir()) == []
     assert _digest(shop / "bad.db") == before
+
+
+def test_operations_on_a_missing_sqlite_file_create_nothing(shop: Path) -> None:
+    url = f"sqlite:///{shop}/typo.db"
+    for args in (
+        ["dlq", "retry", "1", "--app", "shop:make"],
+        ["dlq", "retry", "--all", "--app", "shop:make"],
+        ["projections", "rebuild", "revenue", "--app", "shop:make"],
+    ):
+        for how in ({"TIDINGS_STORE": url}, None):
+            result = invoke(*args, *([] if how else ["--store", url]), env=how)
+            assert result.exit_code == 1, (args, result.output)
+            assert "does not exist" in result.stderr and "typo.db" in result.stderr
+    assert not (shop / "typo.db").exists()
 
 
 def test_run_with_a_bad_store_is_one_line(shop: Path) -> None:

@@ -24,6 +24,7 @@ from tidings.cli.runtime import (
     StoreOption,
     fail,
     open_existing,
+    require_existing,
     run,
 )
 from tidings.cli.services import AppOption, cli_service
@@ -191,7 +192,9 @@ async def _retry_one(service: Service, store: EventStore, dead: DeadLetter) -> O
     return Outcome(dead, False, again[0].error if again else "failed again")
 
 
-async def _retry(service: Service, id: int | None, group: str | None) -> list[Outcome]:
+async def _retry(service: Service, url: str | None, id: int | None, group: str | None) -> list[Outcome]:
+    if url is not None:
+        require_existing(url)
     store = await service.open()
     try:
         if id is not None:
@@ -243,7 +246,7 @@ def dlq_retry(
     if group is not None and not _owns(service, group):
         known = ", ".join(sorted(service.groups)) or "none"
         fail(f"service {service.name!r} has no subscription group {group!r} (it has: {known})", code=2)
-    outcomes = run(_retry(service, id, group))
+    outcomes = run(_retry(service, store, id, group))
     failed = [o for o in outcomes if not o.processed]
     if json_output:
         lines = JsonLines()

@@ -15,7 +15,15 @@ from rich.markup import escape
 
 from tidings.cli.helpformat import HelpGroup
 from tidings.cli.render import Column, JsonLines, Records
-from tidings.cli.runtime import DEFAULT_STORE, ServiceStoreOption, StoreOption, fail, open_existing, run
+from tidings.cli.runtime import (
+    DEFAULT_STORE,
+    ServiceStoreOption,
+    StoreOption,
+    fail,
+    open_existing,
+    require_existing,
+    run,
+)
 from tidings.cli.services import AppArgument, AppOption, cli_service
 from tidings.processing.projections import projection_status, rebuild_projection
 
@@ -166,6 +174,8 @@ def projections_rebuild(
         fail(f"service {service.name!r} has no projection {name!r} (it has: {known})", code=2)
 
     async def rebuild() -> int:
+        if store is not None:
+            require_existing(store)
         opened = await service.open()
         try:
             return await rebuild_projection(opened, projection, force=force)

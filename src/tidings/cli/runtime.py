@@ -28,6 +28,7 @@ __all__ = [
     "StoreOption",
     "fail",
     "open_existing",
+    "require_existing",
     "run",
 ]
 
@@ -73,12 +74,19 @@ def open_existing(url: str) -> EventStore:
     behind a ``sqlite:`` URL does not exist, it raises :class:`~tidings.StoreError` naming the path
     and creates nothing. Other errors are those of :func:`tidings.open_store`.
     """
+    require_existing(url)
+    return open_store(url)
+
+
+def require_existing(url: str) -> None:
+    """Raise :class:`~tidings.StoreError` naming the path if ``url`` is a ``sqlite:`` URL whose file
+    does not exist; create nothing. For commands that operate on a store that must already be
+    there (reading, retrying dead letters, rebuilding a projection)."""
     if urlsplit(url).scheme == "sqlite" and not sqlite_path_exists(url):
         path = os.path.abspath(SQLiteConfig.from_url(url).path)
         raise StoreError(
             f"no tidings store at {url}: the file {path!r} does not exist (pass --store or set {STORE_ENV})"
         )
-    return open_store(url)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
