@@ -69,6 +69,12 @@ SHOP = textwrap.dedent(
     CONFIG = SubscriptionConfig(poll_interval=0.05, retry=RetryPolicy(max_attempts=2, initial_delay=0.001))
 
 
+    def wait_in_thread(gate: Path) -> None:
+        tick = threading.Event()
+        while not gate.exists():
+            tick.wait(0.01)
+
+
     def make() -> Service:
         service = Service("shop", store=os.environ.get("SHOP_OWN_STORE"), config=CONFIG)
         service.add_projection(Revenue())
@@ -80,6 +86,8 @@ SHOP = textwrap.dedent(
             gate = os.environ.get("SHOP_GATE")
             if gate:
                 print(f"handling {event.amount}", file=sys.stderr, flush=True)
+                if os.environ.get("SHOP_GATE_IN_THREAD"):
+                    await asyncio.to_thread(wait_in_thread, Path(gate))
                 while not Path(gate).exists():  # the test opens the gate by creating the file
                     await asyncio.sleep(0.01)
 
@@ -546,11 +554,14 @@ def test_usage_line_names_the_arguments() -> None:
 # -- 7. a second Ctrl-C forces the exit of tidings run -----------------------------------------------
 
 
-def _run_with_slow_handler(shop: Path) -> tuple[subprocess.Popen[str], Lines, str, Path]:
+def _run_with_slow_handler(
+    shop: Path, in_thread: bool = False
+) -> tuple[subprocess.Popen[str], Lines, str, Path]:
     url = f"sqlite:///{shop}/run.db"
     seed(url, 1)
     gate = shop / "gate"
-    proc = tidings("run", "shop:service", cwd=shop, env={"TIDINGS_STORE": url, "SHOP_GATE": str(gate)})
+    env = {"TIDINGS_STORE": url, "SHOP_GATE": str(gate), "SHOP_GATE_IN_THREAD": "1" if in_thread else ""}
+    proc = tidings("run", "shop:service", cwd=shop, env=env)
     assert proc.stderr is not None
     lines = Lines(proc.stderr)
     assert url in lines.wait_for("running service shop on")
@@ -582,8 +593,10 @@ def test_first_ctrl_c_stops_gracefully(shop: Path) -> None:
     assert not any("Traceback" in line for line in lines.seen)
 
 
-def test_second_ctrl_c_forces_the_exit(shop: Path) -> None:
-    proc, lines, url, gate = _run_with_slow_handler(shop)
+@pytest.mark.parametrize("in_thread", [False, True], ids=["awaiting", "in-a-thread"])
+def test_second_ctrl_c_forces_the_exit(shop: Path, in_thread: bool) -> None:
+    """Also when the handler waits in a thread, which nothing can interrupt."""
+    proc, lines, url, gate = _run_with_slow_handler(shop, in_thread)
     with proc:
         try:
             proc.send_signal(signal.SIGINT)  # the handler would wait for the gate for ever

@@ -7,6 +7,8 @@ commands are in :mod:`tidings.cli.dlq`). ``APP`` is ``module:attribute`` naming 
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -59,24 +61,22 @@ def run_service(app: AppArgument, store: ServiceStoreOption = None) -> None:
                 f"{escape(opened.safe_url)} — Ctrl-C to stop"
             )
 
-        forced = False
         try:
             await service.serve(on_start=started, on_stop=stopping)
         except KeyboardInterrupt:
-            forced = True  # the store is left as it is: a forced stop waits for nothing
-            raise
+            # A forced stop waits for nothing: not for the store to close, nor for a handler's
+            # thread, which asyncio.run would join on the way out (it cannot be interrupted).
+            console.print(
+                "[red]forced stop[/]: events in flight were not committed; "
+                "they are delivered again at the next start"
+            )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         finally:
-            if not forced:
-                await opened.close()
+            await opened.close()
 
-    try:
-        run(serve())
-    except KeyboardInterrupt:
-        console.print(
-            "[red]forced stop[/]: events in flight were not committed; "
-            "they are delivered again at the next start"
-        )
-        raise typer.Exit(130) from None
+    run(serve())
     console.print(f"service [bold]{escape(service.name)}[/] stopped; checkpoints saved")
 
 
