@@ -273,6 +273,13 @@ class Service:
         return fn
 
     @property
+    def store_url(self) -> str | None:
+        """The URL of the service's store (as given, or the given store's), or None if it has none."""
+        if self._store is not None:
+            return self._store.url
+        return self._store_arg if isinstance(self._store_arg, str) else None
+
+    @property
     def store(self) -> EventStore:
         """The service's store; raises :class:`TidingsError` before :meth:`open` (or ``async with``)."""
         if self._store is None:
@@ -510,18 +517,46 @@ class Service:
                 )
             await subscription.pause(min(subscription.config.failure_backoff, 0.1 * 2 ** min(failures, 10)))
 
-    async def serve(self) -> None:
+    async def serve(
+        self,
+        *,
+        on_start: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully (what ``tidings run`` calls).
 
-        On a signal, runners stop taking events, finish the one in hand, commit their
-        checkpoints, and this returns normally.
+        ``on_start`` is called once the signals are handled (to tell the user how to stop).
+        On a signal, ``on_stop`` is called (to tell the user), runners stop taking events, finish
+        the one in hand, commit their checkpoints, and this returns normally. A second SIGINT
+        while they finish forces the stop: the runners are cancelled at once, the events in
+        hand are not committed (they are delivered again at the next start), and this raises
+        :class:`KeyboardInterrupt`.
         """
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        signalled: list[int] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not signalled:
+                signalled.append(sig)
+                if on_stop is not None:
+                    on_stop()
+                self.stop()
+            elif sig == signal.SIGINT and task is not None and len(signalled) == 1:
+                signalled.append(sig)
+                task.cancel("forced stop: a second SIGINT")
+
         signals = (signal.SIGINT, signal.SIGTERM)
         for sig in signals:
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
+            if on_start is not None:
+                on_start()
             await self.run()
+        except asyncio.CancelledError:
+            if len(signalled) > 1:
+                raise KeyboardInterrupt from None
+            raise
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)

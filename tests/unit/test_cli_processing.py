@@ -141,12 +141,12 @@ def test_bad_invocations(workdir: Path) -> None:
     runner = CliRunner()
     for spec, message in [
         ("nocolon", "module:attribute"),
-        ("nosuchmod:app", "cannot import"),
+        ("nosuchmod:app", "no module named 'nosuchmod'"),
         ("cliapp:missing", "no attribute"),
-        ("cliapp:FAILING", "not a tidings.Service"),
+        ("cliapp:FAILING", "is a builtins.set; expected a tidings.Service"),
     ]:
         result = runner.invoke(app, ["run", spec, "--store", url])
-        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exit_code == 2 and message in result.output, result.output
     assert not (workdir / "bad.db").exists()
     result = runner.invoke(app, ["dlq", "discard", "99", "--store", url])
     assert result.exit_code == 1 and "does not exist" in result.output
@@ -154,7 +154,7 @@ def test_bad_invocations(workdir: Path) -> None:
     result = runner.invoke(app, ["dlq", "discard", "99", "--store", url])
     assert result.exit_code == 1 and "no dead letter with id 99" in result.output
     result = runner.invoke(app, ["projections", "rebuild", "nope", "--app", "cliapp:service", "--store", url])
-    assert result.exit_code == 1 and "no projection 'nope'" in result.output
+    assert result.exit_code == 2 and "no projection 'nope'" in result.output
 
 
 async def _touch(url: str) -> None:

@@ -7,12 +7,13 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 
+from tidings.cli.helpformat import HelpGroup
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, run
 from tidings.store import open_store
 
 __all__ = ["db_app"]
 
-db_app = typer.Typer(help="The store's database schema.", no_args_is_help=True)
+db_app = typer.Typer(cls=HelpGroup, help="The store's database schema.", no_args_is_help=True)
 
 
 async def _migrate(url: str) -> list[int]:

@@ -1,10 +1,14 @@
 """The ``tidings`` command's Typer app: parse, call the library, render.
 
-Commands: ``streams``, ``events``, ``demo``, ``run``, ``groups``, ``dlq`` and ``projections``
-(``tidings --help`` lists them). Reading commands
-take ``--store URL`` (default: ``$TIDINGS_STORE``, then ``sqlite:///tidings.db``), never create a
-missing SQLite file, and print JSON lines with ``--json``. Exit codes: 0 on success (also when
-``--follow`` is ended by Ctrl-C), 1 on a :class:`~tidings.TidingsError`, 2 on a usage error.
+Commands: ``streams``, ``events``, ``demo``, ``run``, ``groups``, ``dlq``, ``projections`` and
+``db`` (``tidings --help`` lists them). Every command that takes ``--store URL`` also reads
+``$TIDINGS_STORE``; reading commands default to ``sqlite:///tidings.db`` and never create a
+missing SQLite file; commands that load a service (``run``, ``dlq retry``, ``projections
+rebuild``) use ``--store``, then ``$TIDINGS_STORE``, then the service's own store, then
+``sqlite:///tidings.db``. ``--json`` prints JSON lines. Exit codes: 0 on success (also when
+``--follow`` is ended by Ctrl-C), 1 on a :class:`~tidings.TidingsError` or a failed operation,
+2 on a usage error (including an ``APP`` that is not a service), 130 when a second Ctrl-C forces
+``tidings run`` to stop.
 """
 
 from __future__ import annotations
@@ -14,23 +18,30 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tidings import __version__
 from tidings.cli import processing, reading, render
 from tidings.cli.db import db_app
+from tidings.cli.dlq import dlq_app
+from tidings.cli.helpformat import HelpGroup
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, run
 from tidings.cli.sagas import sagas_app
+from tidings.events import RecordedEvent
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
+    cls=HelpGroup,
     name="tidings",
     help="Run, inspect and operate tidings services and event stores.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON lines (one object per line).")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", metavar="", help="Print JSON lines (one object per line).")
+]
 
 
 def _show_version(value: bool) -> None:
@@ -52,7 +63,9 @@ def _root(
 @app.command()
 def streams(
     store: StoreOption = DEFAULT_STORE,
-    prefix: Annotated[str | None, typer.Option(help="Only streams whose id starts with this.")] = None,
+    prefix: Annotated[
+        str | None, typer.Option(metavar="PREFIX", help="Only streams whose id starts with this.")
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """List the streams with their version and the position of their last event."""
@@ -72,7 +85,7 @@ def events(
     ] = None,
     all_streams: Annotated[bool, typer.Option("--all", help="Print the global log.")] = False,
     after: Annotated[
-        int, typer.Option(min=0, help="Start after this position (--all) or version (STREAM).")
+        int, typer.Option(metavar="N", min=0, help="Start after this position (--all) or version (STREAM).")
     ] = 0,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="With --all: keep printing new events until Ctrl-C.")
@@ -92,25 +105,52 @@ def events(
     type_names = tuple(types) if types else None
     console = Console()
     if follow:
+        if type_names is not None:
+            _warn_unknown_types(store, type_names)
         emit = _event_json_printer() if json_output else render.EventLines(console).add
         # Ctrl-C is how --follow is meant to end, so it is a clean exit, not an error.
         with contextlib.suppress(KeyboardInterrupt):
             run(reading.follow_events(store, after, type_names, emit))
         return
     query = reading.EventQuery(stream, after, type_names)
+    count = 0
     if json_output:
-        run(reading.each_event(store, query, _event_json_printer()))
-        return
-    table = render.EventTable(console, "Global log" if stream is None else f"Stream {stream}")
-    run(reading.each_event(store, query, table.add))
-    table.finish()
+        printer = _event_json_printer()
+
+        def emit_json(recorded: RecordedEvent) -> None:
+            nonlocal count
+            count += 1
+            printer(recorded)
+
+        run(reading.each_event(store, query, emit_json))
+    else:
+        table = render.EventTable(console, "Global log" if stream is None else f"Stream {stream}")
+        run(reading.each_event(store, query, table.add))
+        table.finish()
+        count = table.count
+    if count == 0 and type_names is not None:
+        _warn_unknown_types(store, type_names)
+
+
+def _warn_unknown_types(store: str, type_names: tuple[str, ...]) -> None:
+    """Warn on stderr about --type names that nothing has: likely a typo, or a missing prefix."""
+    check = run(reading.check_types(store, type_names))
+    if check.unknown:
+        names = ", ".join(map(repr, check.unknown))
+        known = ", ".join(check.known) or "none (the store is empty)"
+        Console(stderr=True, soft_wrap=True, highlight=False).print(
+            f"[yellow]warning:[/] no event type {escape(names)} is registered or stored; "
+            f"known types: {escape(known)}"
+        )
 
 
 @app.command()
 def demo(
     store: Annotated[
         str | None,
-        typer.Option("--store", help="Store URL to run the demo in (default: a new file in a temp dir)."),
+        typer.Option(
+            "--store", metavar="URL", help="Store URL to run the demo in (default: a new file in a temp dir)."
+        ),
     ] = None,
 ) -> None:
     """Walk through a bank account: commands, invariants, a conflict, time travel, a snapshot."""
@@ -122,7 +162,7 @@ def demo(
 
 app.command("run")(processing.run_service)
 app.command("groups")(processing.groups)
-app.add_typer(processing.dlq_app, name="dlq")
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(processing.projections_app, name="projections")
 app.add_typer(db_app, name="db")
 app.add_typer(sagas_app, name="sagas")

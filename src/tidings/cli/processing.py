@@ -1,85 +1,83 @@
 """Commands for running services and operating their subscriptions.
 
-``tidings run APP``, ``tidings dlq list|show|retry|discard``, ``tidings projections
-status|rebuild``, ``tidings groups``. ``APP`` is ``module:attribute`` naming a
-:class:`~tidings.Service` (or a function returning one), imported with the current directory on
-``sys.path`` — as ``uvicorn`` and ``faststream`` do.
+``tidings run APP``, ``tidings projections status|rebuild``, ``tidings groups`` (the dead-letter
+commands are in :mod:`tidings.cli.dlq`). ``APP`` is ``module:attribute`` naming a
+:class:`~tidings.Service` (or a function returning one), see :mod:`tidings.cli.services`.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from tidings.cli.render import JsonLines
-from tidings.cli.runtime import DEFAULT_STORE, StoreOption, fail, open_existing, run
-from tidings.errors import InvalidArgument
+from tidings.cli.helpformat import HelpGroup
+from tidings.cli.render import Column, JsonLines, Records
+from tidings.cli.runtime import (
+    DEFAULT_STORE,
+    ServiceStoreOption,
+    StoreOption,
+    fail,
+    open_existing,
+    require_existing,
+    run,
+)
+from tidings.cli.services import AppArgument, AppOption, cli_service
 from tidings.processing.projections import projection_status, rebuild_projection
-from tidings.service import Service
-from tidings.store.records import DeadLetter
 
-__all__ = ["dlq_app", "groups", "load_service", "projections_app", "run_service"]
+__all__ = ["groups", "projections_app", "run_service"]
 
-AppArgument = Annotated[str, typer.Argument(help="The service, as module:attribute.")]
-AppOption = Annotated[
-    str, typer.Option("--app", help="The service that owns the group, as module:attribute.")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON lines (one object per line).")]
-OptionalStore = Annotated[
-    str | None,
-    typer.Option("--store", help="Store URL; overrides the service's own (default: the service's)."),
+JsonOption = Annotated[
+    bool, typer.Option("--json", metavar="", help="Print JSON lines (one object per line).")
 ]
 
-dlq_app = typer.Typer(help="Dead letters: events a handler could not process.", no_args_is_help=True)
-projections_app = typer.Typer(help="Projections (SQL read models): status and rebuild.", no_args_is_help=True)
+projections_app = typer.Typer(
+    cls=HelpGroup, help="Projections (SQL read models): status and rebuild.", no_args_is_help=True
+)
 
 
-def load_service(spec: str, store: str | None = None) -> Service:
-    """Import ``module:attribute`` and return the :class:`Service` it names.
+def run_service(app: AppArgument, store: ServiceStoreOption = None) -> None:
+    """Run a service's handlers and projections until SIGINT/SIGTERM, then stop gracefully.
 
-    Raises :class:`InvalidArgument` naming what is wrong (no colon, no module, no attribute, not
-    a service). ``store`` replaces the service's store URL.
+    A second Ctrl-C while stopping forces the exit at once (exit code 130); events in flight are
+    not committed and are delivered again at the next start.
     """
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise InvalidArgument(f"expected module:attribute, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InvalidArgument(f"cannot import {module_name!r}: {exc}") from exc
-    target: Any = module
-    for part in attribute.split("."):
+    service = cli_service(app, store)
+    console = Console(stderr=True, highlight=False)
+
+    def stopping() -> None:
+        console.print("stopping: finishing the events in hand — Ctrl-C again to force")
+
+    async def serve() -> None:
+        opened = await service.open()
+
+        def started() -> None:
+            console.print(
+                f"[green]running[/] service [bold]{escape(service.name)}[/] on "
+                f"{escape(opened.safe_url)} — Ctrl-C to stop"
+            )
+
         try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise InvalidArgument(f"module {module_name!r} has no attribute {attribute!r}") from None
-    if callable(target) and not isinstance(target, Service):
-        target = target()
-    if not isinstance(target, Service):
-        raise InvalidArgument(f"{spec} is a {type(target).__qualname__}, not a tidings.Service")
-    if store is not None:
-        target.use_store(store)
-    return target
+            await service.serve(on_start=started, on_stop=stopping)
+        except KeyboardInterrupt:
+            # A forced stop waits for nothing: not for the store to close, nor for a handler's
+            # thread, which asyncio.run would join on the way out (it cannot be interrupted).
+            console.print(
+                "[red]forced stop[/]: events in flight were not committed; "
+                "they are delivered again at the next start"
+            )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        finally:
+            await opened.close()
 
-
-def run_service(app: AppArgument, store: OptionalStore = None) -> None:
-    """Run a service's handlers and projections until SIGINT/SIGTERM, then stop gracefully."""
-    try:
-        service = load_service(app, store)
-    except InvalidArgument as exc:
-        fail(str(exc))
-    console = Console(stderr=True)
-    console.print(f"[green]running[/] service [bold]{service.name}[/] — Ctrl-C to stop")
-    run(service.serve())
-    console.print(f"service [bold]{service.name}[/] stopped; checkpoints saved")
+    run(serve())
+    console.print(f"service [bold]{escape(service.name)}[/] stopped; checkpoints saved")
 
 
 # -- groups -----------------------------------------------------------------------------------------
@@ -98,125 +96,15 @@ def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) 
         for name, position in sorted(checkpoints.items()):
             lines.add({"group": name, "checkpoint": position, "head": head, "lag": head - position})
         return
-    table = Table("group", "checkpoint", "lag", title=f"Subscription groups (head {head})")
+    records = Records(
+        Console(),
+        f"Subscription groups (head {head})",
+        [Column("Group", "id", "magenta"), Column("Checkpoint", "number", "cyan"), Column("Lag", "number")],
+        empty="none",
+    )
     for name, position in sorted(checkpoints.items()):
-        table.add_row(name, str(position), str(head - position))
-    Console().print(table)
-
-
-# -- dead letters -------------------------------------------------------------------------------------
-
-
-def _dead_json(dead: DeadLetter, *, full: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": dead.id,
-        "group": dead.group,
-        "position": dead.position,
-        "event_id": str(dead.event_id),
-        "stream_id": dead.stream_id,
-        "event_type": dead.event_type,
-        "attempts": dead.attempts,
-        "error": dead.error,
-        "failed_at": dead.failed_at.isoformat(),
-    }
-    if full:
-        out["traceback"] = dead.traceback
-    return out
-
-
-@dlq_app.command("list")
-def dlq_list(
-    group: Annotated[str | None, typer.Option(help="Only this subscription group.")] = None,
-    store: StoreOption = DEFAULT_STORE,
-    json_output: JsonOption = False,
-) -> None:
-    """List parked events, oldest first."""
-
-    async def fetch() -> list[DeadLetter]:
-        async with open_existing(store) as opened:
-            return await opened.dead_letters(group)
-
-    found = run(fetch())
-    if json_output:
-        lines = JsonLines()
-        for dead in found:
-            lines.add(_dead_json(dead))
-        return
-    if not found:
-        Console().print("no dead letters")
-        return
-    table = Table("id", "group", "position", "stream", "type", "attempts", "error", title="Dead letters")
-    for d in found:
-        table.add_row(
-            str(d.id), d.group, str(d.position), d.stream_id, d.event_type, str(d.attempts), d.error
-        )
-    Console().print(table)
-
-
-async def _one(store: str, id: int) -> DeadLetter:
-    async with open_existing(store) as opened:
-        dead = await opened.dead_letter(id)
-    if dead is None:
-        raise InvalidArgument(f"no dead letter with id {id}")
-    return dead
-
-
-@dlq_app.command("show")
-def dlq_show(
-    id: Annotated[int, typer.Argument(help="The dead letter's id.")],
-    store: StoreOption = DEFAULT_STORE,
-    json_output: JsonOption = False,
-) -> None:
-    """Show one parked event with its error and traceback."""
-    dead = run(_one(store, id))
-    if json_output:
-        JsonLines().add(_dead_json(dead, full=True))
-        return
-    console = Console()
-    for key, value in _dead_json(dead).items():
-        console.print(f"[bold]{key}[/]: {value}")
-    console.print(dead.traceback, markup=False, highlight=False)
-
-
-@dlq_app.command("retry")
-def dlq_retry(
-    id: Annotated[int, typer.Argument(help="The dead letter's id.")],
-    app: AppOption,
-    store: OptionalStore = None,
-) -> None:
-    """Process a parked event again with the service's handler; remove it if that succeeds."""
-
-    async def retry() -> bool:
-        service = load_service(app, store)
-        opened = await service.open()
-        try:
-            dead = await opened.dead_letter(id)
-            if dead is None:
-                raise InvalidArgument(f"no dead letter with id {id}")
-            return await service.subscription(dead.group).retry_dead_letter(dead)
-        finally:
-            await opened.close()
-
-    if run(retry()):
-        Console().print(f"dead letter {id} processed and removed")
-    else:
-        fail(f"dead letter {id} failed again; it stays parked (see 'tidings dlq list')")
-
-
-@dlq_app.command("discard")
-def dlq_discard(
-    id: Annotated[int, typer.Argument(help="The dead letter's id.")],
-    store: StoreOption = DEFAULT_STORE,
-) -> None:
-    """Delete a parked event without processing it."""
-
-    async def discard() -> bool:
-        async with open_existing(store) as opened:
-            return await opened.discard_dead_letter(id)
-
-    if not run(discard()):
-        fail(f"no dead letter with id {id}")
-    Console().print(f"dead letter {id} discarded")
+        records.add(name, str(position), str(head - position))
+    records.finish()
 
 
 # -- projections ------------------------------------------------------------------------------------
@@ -245,35 +133,54 @@ def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOpti
                 }
             )
         return
-    if not found:
-        Console().print("no projections")
-        return
-    table = Table("projection", "generation", "checkpoint", "lag", "state", title="Projections")
+    records = Records(
+        Console(),
+        "Projections",
+        [
+            Column("Projection", "id", "magenta"),
+            Column("Generation", "number"),
+            Column("Checkpoint", "number", "cyan"),
+            Column("Lag", "number"),
+            Column("State", "id"),
+        ],
+        empty="none",
+    )
     for s in found:
         state = f"rebuilding g{s.building}" if s.building else ("live" if s.lag == 0 else "catching up")
-        table.add_row(s.name, str(s.generation), str(s.checkpoint), str(s.lag), state)
-    Console().print(table)
+        records.add(s.name, str(s.generation), str(s.checkpoint), str(s.lag), state)
+    records.finish()
 
 
 @projections_app.command("rebuild")
 def projections_rebuild(
-    name: Annotated[str, typer.Argument(help="The projection's name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", show_default=False, help="The projection's name.")],
     app: AppOption,
-    store: OptionalStore = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            metavar="",
+            help="Take over a rebuild that was abandoned (its process killed); a rebuild still "
+            "running elsewhere is superseded and fails.",
+        ),
+    ] = False,
+    store: ServiceStoreOption = None,
 ) -> None:
     """Rebuild a projection by replay, blue/green: the old one serves until the new one caught up."""
+    service = cli_service(app, store)
+    projection = service.projections.get(name)
+    if projection is None:
+        known = ", ".join(sorted(service.projections)) or "none"
+        fail(f"service {service.name!r} has no projection {name!r} (it has: {known})", code=2)
 
     async def rebuild() -> int:
-        service = load_service(app, store)
-        projection = service.projections.get(name)
-        if projection is None:
-            known = ", ".join(sorted(service.projections)) or "none"
-            raise InvalidArgument(f"service {service.name!r} has no projection {name!r} (it has: {known})")
+        if store is not None:
+            require_existing(store)
         opened = await service.open()
         try:
-            return await rebuild_projection(opened, projection)
+            return await rebuild_projection(opened, projection, force=force)
         finally:
             await opened.close()
 
     generation = run(rebuild())
-    Console().print(f"projection {name} rebuilt; generation {generation} is now serving")
+    Console().print(f"projection {escape(name)} rebuilt; generation {generation} is now serving")

@@ -15,7 +15,15 @@ from tidings.cli.runtime import open_existing
 from tidings.events import RecordedEvent
 from tidings.store import EventStore, StreamInfo
 
-__all__ = ["EventQuery", "EventSink", "each_event", "each_stream", "follow_events"]
+__all__ = [
+    "EventQuery",
+    "EventSink",
+    "TypeCheck",
+    "check_types",
+    "each_event",
+    "each_stream",
+    "follow_events",
+]
 
 EventSink = Callable[[RecordedEvent], None]
 """Receives each event as it is read (renders it, usually)."""
@@ -35,6 +43,32 @@ class EventQuery:
     stream: str | None = None
     after: int = 0
     types: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TypeCheck:
+    """Which of the asked-for type names no registered class has and no stored event carries,
+    and the names that do exist (registered or stored), sorted."""
+
+    unknown: tuple[str, ...]
+    known: tuple[str, ...]
+
+
+async def check_types(url: str, types: tuple[str, ...]) -> TypeCheck:
+    """Look ``types`` up in the store's registry and, if some are not registered, in the log.
+
+    Reading the whole log is the price of naming the stored types; it is only paid when a
+    filter names a type no class registers (usually after a filter matched nothing).
+    """
+    async with open_existing(url) as store:
+        registered = set(store.registry.types())
+        if all(name in registered for name in types):
+            return TypeCheck((), tuple(sorted(registered)))
+        stored: set[str] = set()
+        async for recorded in store.read_all(raw_unknown=True):
+            stored.add(recorded.event_type)
+    known = registered | stored
+    return TypeCheck(tuple(name for name in types if name not in known), tuple(sorted(known)))
 
 
 async def each_stream(url: str, prefix: str | None, emit: Callable[[StreamInfo], None]) -> None:

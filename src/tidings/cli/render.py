@@ -9,12 +9,14 @@ typed event dumped in JSON mode, or the stored dict as-is for a type with no reg
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -22,9 +24,11 @@ from tidings.events import RawEvent, RecordedEvent
 from tidings.store import StreamInfo
 
 __all__ = [
+    "Column",
     "EventLines",
     "EventTable",
     "JsonLines",
+    "Records",
     "StreamTable",
     "event_data",
     "event_json",
@@ -76,44 +80,136 @@ class JsonLines:
         sys.stdout.flush()
 
 
-class EventTable:
-    """Collects events and prints them as one table on :meth:`finish` (or a note if there are none)."""
+class Column(NamedTuple):
+    """A column of a :class:`Records` listing.
 
-    def __init__(self, console: Console, title: str) -> None:
+    ``kind`` decides how a cell may be laid out: an ``"id"`` (a stream, group, type name) and a
+    ``"number"`` are never cut or split across lines; ``"text"`` (data, an error) folds.
+    """
+
+    header: str
+    kind: Literal["id", "number", "text"] = "text"
+    style: str | None = None
+
+
+TEXT_MIN_WIDTH = 16
+"""The narrowest a folding text column gets before a listing switches to the vertical layout."""
+
+
+class Records:
+    """Rows printed on :meth:`finish` as one table if it fits the terminal, else vertically.
+
+    The table keeps every id and number whole (``no_wrap``); only text columns fold. When even
+    that does not fit (a narrow terminal, long ids), each row is printed as a block of
+    ``header: value`` lines instead, written without line breaks inside a value, so an id is
+    never split (the terminal may still wrap a long line visually; copying it gives it whole).
+    """
+
+    def __init__(
+        self, console: Console, title: str, columns: Sequence[Column], *, empty: str = "nothing"
+    ) -> None:
         self.console = console
         self.title = title
-        self.count = 0
-        self.table = Table(
-            title=Text(title),
+        self.columns = tuple(columns)
+        self.empty = empty
+        self.caption: str | None = None
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, *cells: str) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{len(self.columns)} cells expected, got {len(cells)}")
+        self.rows.append(cells)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def finish(self) -> None:
+        if not self.rows:
+            self.console.print(Text(f"{self.title}: {self.empty}", style="dim"))
+        elif self._table_width() <= self.console.width:
+            self.console.print(self._table(self.rows))
+        else:
+            self._print_vertical()
+
+    def _table(self, rows: Iterable[tuple[str, ...]]) -> Table:
+        table = Table(
+            title=Text(self.title),
             title_justify="left",
+            caption=self.caption,
+            caption_justify="left",
             box=box.SIMPLE_HEAD,
             pad_edge=False,
             collapse_padding=True,
         )
-        # Numbers and instants never wrap; ids and data fold, and keep enough room to be read.
-        self.table.add_column("Pos", justify="right", style="cyan", no_wrap=True)
-        self.table.add_column("Stream", style="magenta", overflow="fold", min_width=8)
-        self.table.add_column("Ver", justify="right", no_wrap=True)
-        self.table.add_column("Type", style="green", overflow="fold", min_width=8)
-        self.table.add_column("Time (UTC)", style="dim", no_wrap=True)
-        self.table.add_column("Data", overflow="fold", min_width=16)
+        for column in self.columns:
+            if column.kind == "text":
+                table.add_column(column.header, style=column.style, overflow="fold", min_width=TEXT_MIN_WIDTH)
+            else:
+                justify: Literal["left", "right"] = "right" if column.kind == "number" else "left"
+                table.add_column(column.header, style=column.style, no_wrap=True, justify=justify)
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        return table
+
+    def _table_width(self) -> int:
+        """The width the table needs with its ids whole and its text columns at their narrowest."""
+        narrowest = [
+            tuple(
+                cell[:TEXT_MIN_WIDTH] if column.kind == "text" else cell
+                for column, cell in zip(self.columns, row, strict=True)
+            )
+            for row in self.rows
+        ]
+        unbounded = self.console.options.update(max_width=1_000_000)
+        return Measurement.get(self.console, unbounded, self._table(narrowest)).maximum
+
+    def _print_vertical(self) -> None:
+        self.console.print(Text(self.title, style="bold"))
+        width = max(len(column.header) for column in self.columns)
+        for index, row in enumerate(self.rows):
+            if index:
+                self.console.print()
+            for column, cell in zip(self.columns, row, strict=True):
+                line = Text.assemble((f"{column.header:<{width}}  ", "dim"), (cell, column.style or ""))
+                self.console.print(line, soft_wrap=True)
+        if self.caption:
+            self.console.print(Text(self.caption, style="dim"))
+
+
+class EventTable:
+    """Collects events and prints them on :meth:`finish` (see :class:`Records`)."""
+
+    def __init__(self, console: Console, title: str) -> None:
+        self.records = Records(
+            console,
+            title,
+            [
+                Column("Pos", "number", "cyan"),
+                Column("Stream", "id", "magenta"),
+                Column("Ver", "number"),
+                Column("Type", "id", "green"),
+                Column("Time (UTC)", "id", "dim"),
+                Column("Data"),
+            ],
+            empty="no events",
+        )
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
 
     def add(self, recorded: RecordedEvent) -> None:
-        self.count += 1
-        self.table.add_row(
+        self.records.add(
             str(recorded.position),
-            Text(recorded.stream_id),
+            recorded.stream_id,
             str(recorded.version),
-            Text(recorded.event_type),
+            recorded.event_type,
             _when(recorded),
-            Text(_compact(event_data(recorded))),
+            _compact(event_data(recorded)),
         )
 
     def finish(self) -> None:
-        if self.count:
-            self.console.print(self.table)
-        else:
-            self.console.print(Text(f"{self.title}: no events", style="dim"))
+        self.records.finish()
 
 
 class EventLines:
@@ -138,25 +234,24 @@ class EventLines:
 
 
 class StreamTable:
-    """Collects streams and prints them as one table on :meth:`finish` (or a note if there are none)."""
+    """Collects streams and prints them on :meth:`finish` (see :class:`Records`)."""
 
     def __init__(self, console: Console) -> None:
-        self.console = console
-        self.count = 0
-        self.table = Table(
-            title="Streams", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+        self.records = Records(
+            console,
+            "Streams",
+            [
+                Column("Stream", "id", "magenta"),
+                Column("Version", "number"),
+                Column("Last position", "number", "cyan"),
+            ],
+            empty="no streams",
         )
-        self.table.add_column("Stream", style="magenta")
-        self.table.add_column("Version", justify="right")
-        self.table.add_column("Last position", justify="right", style="cyan")
 
     def add(self, info: StreamInfo) -> None:
-        self.count += 1
-        self.table.add_row(Text(info.stream_id), str(info.version), str(info.position))
+        self.records.add(info.stream_id, str(info.version), str(info.position))
 
     def finish(self) -> None:
-        if self.count:
-            self.table.caption = f"{self.count} stream{'s' if self.count != 1 else ''}"
-            self.console.print(self.table)
-        else:
-            self.console.print(Text("no streams", style="dim"))
+        count = len(self.records)
+        self.records.caption = f"{count} stream{'s' if count != 1 else ''}"
+        self.records.finish()

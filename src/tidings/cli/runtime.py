@@ -20,7 +20,17 @@ from tidings.errors import StoreError, TidingsError
 from tidings.store import EventStore, open_store
 from tidings.store.sqlite import SQLiteConfig, sqlite_path_exists
 
-__all__ = ["DEFAULT_STORE", "STORE_ENV", "StoreOption", "fail", "open_existing", "run"]
+__all__ = [
+    "DEFAULT_STORE",
+    "STORE_ENV",
+    "STORE_PRECEDENCE",
+    "ServiceStoreOption",
+    "StoreOption",
+    "fail",
+    "open_existing",
+    "require_existing",
+    "run",
+]
 
 T = TypeVar("T")
 
@@ -30,15 +40,31 @@ STORE_ENV = "TIDINGS_STORE"
 DEFAULT_STORE = "sqlite:///tidings.db"
 """The store used when neither ``--store`` nor ``TIDINGS_STORE`` is given."""
 
+STORE_PRECEDENCE = f"--store, then ${STORE_ENV}, then the service's own store, then {DEFAULT_STORE}"
+"""Where a command that loads a service finds its store, first match wins."""
+
 StoreOption = Annotated[
     str,
     typer.Option(
         "--store",
         envvar=STORE_ENV,
-        help="Store URL: sqlite:///path.db, postgresql://..., memory://",
+        metavar="URL",
+        help="Store URL: sqlite:///path.db, postgresql://user@host/db, memory://",
         show_default=True,
     ),
 ]
+
+ServiceStoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar=STORE_ENV,
+        metavar="URL",
+        help=f"Store URL; overrides the service's own. Precedence: {STORE_PRECEDENCE}.",
+        show_default=False,
+    ),
+]
+"""``--store`` of the commands that load a service: unset means the service's own store."""
 
 
 def open_existing(url: str) -> EventStore:
@@ -48,20 +74,28 @@ def open_existing(url: str) -> EventStore:
     behind a ``sqlite:`` URL does not exist, it raises :class:`~tidings.StoreError` naming the path
     and creates nothing. Other errors are those of :func:`tidings.open_store`.
     """
+    require_existing(url)
+    return open_store(url)
+
+
+def require_existing(url: str) -> None:
+    """Raise :class:`~tidings.StoreError` naming the path if ``url`` is a ``sqlite:`` URL whose file
+    does not exist; create nothing. For commands that operate on a store that must already be
+    there (reading, retrying dead letters, rebuilding a projection)."""
     if urlsplit(url).scheme == "sqlite" and not sqlite_path_exists(url):
         path = os.path.abspath(SQLiteConfig.from_url(url).path)
         raise StoreError(
             f"no tidings store at {url}: the file {path!r} does not exist (pass --store or set {STORE_ENV})"
         )
-    return open_store(url)
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``message`` as one red ``error:`` line on stderr and exit with code 1."""
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``message`` as one red ``error:`` line on stderr and exit with ``code`` (1: the
+    operation failed, 2: the command line is wrong)."""
     Console(stderr=True, soft_wrap=True, highlight=False).print(
         f"[bold red]error:[/] [red]{escape(message)}[/]"
     )
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -9,13 +9,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tidings.cli.helpformat import HelpGroup
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, open_existing, run
 from tidings.errors import InvalidArgument
 from tidings.sagas.queries import STATUSES, SagaSummary, list_sagas, saga_history, saga_state
 
 __all__ = ["sagas_app"]
 
-sagas_app = typer.Typer(help="Inspect sagas: their state, current step and history.", no_args_is_help=True)
+sagas_app = typer.Typer(
+    cls=HelpGroup, help="Inspect sagas: their state, current step and history.", no_args_is_help=True
+)
 
 
 def _summary_json(s: SagaSummary) -> dict[str, Any]:
@@ -39,7 +42,9 @@ def list_command(
     name: Annotated[
         str | None, typer.Option("--name", metavar="SAGA", help="Only sagas of this kind.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many, most recent first.")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, metavar="N", help="At most this many, most recent first.")
+    ] = 100,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:

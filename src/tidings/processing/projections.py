@@ -197,6 +197,15 @@ def _ensure(tx: Tx, projection: Projection) -> int:
     return 1
 
 
+def _forget_generation(tx: Tx, projection: Projection, generation: int) -> None:
+    """Drop a generation that no longer serves: its tables, checkpoint, dead letters and inbox."""
+    for physical in projection.physical(generation).values():
+        tx.execute(f"DROP TABLE IF EXISTS {physical}")
+    group = projection.group(generation)
+    for table in ("tidings_checkpoints", "tidings_dead_letters", "tidings_inbox"):
+        tx.execute(f"DELETE FROM {table} WHERE group_name = ?", (group,))
+
+
 def _check_generation(tx: Tx, projection: Projection, generation: int) -> None:
     row = _generation_row(tx, projection.name)
     if row is None or generation not in row:
@@ -338,17 +347,27 @@ async def rebuild_projection(
     The active generation keeps serving reads (and, in a running service, keeps being updated)
     until the new one has caught up with the head; then the views swap to the new tables in one
     transaction and the old tables are dropped.
+
+    Raises :class:`ProjectionError` if a rebuild is already under way, unless ``force``: then this
+    one takes over, dropping what the other had built, under a generation number of its own (so a
+    builder still running elsewhere fails at its next commit rather than mixing its rows in).
     """
 
     def begin(tx: Tx) -> tuple[int, int]:
         current = _ensure(tx, projection)
         row = _generation_row(tx, projection.name)
-        if row is not None and row[1] is not None and not force:
+        abandoned = None if row is None else row[1]
+        if abandoned is not None and not force:
             raise ProjectionError(
-                f"projection {projection.name!r} is already being rebuilt (generation {row[1]}); "
+                f"projection {projection.name!r} is already being rebuilt (generation {abandoned}); "
                 "if that rebuild was abandoned, rebuild with force=True (--force) to take over"
             )
-        new = current + 1
+        # A forced rebuild builds a generation of its own, past the one it takes over: should the
+        # builder of that one still be running somewhere, its next commit fails (its generation is
+        # neither active nor being built) instead of writing into this rebuild's tables.
+        new = max(current, abandoned or 0) + 1
+        if abandoned is not None:
+            _forget_generation(tx, projection, abandoned)
         _create_tables(tx, projection, new)
         tx.execute("UPDATE tidings_projections SET building = ? WHERE name = ?", (new, projection.name))
         tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(new),))
@@ -369,17 +388,13 @@ async def rebuild_projection(
                 f"projection {projection.name!r} changed during the rebuild (now {row}); not swapped"
             )
         _point_views(tx, projection, new)
-        for physical in projection.physical(old).values():
-            tx.execute(f"DROP TABLE IF EXISTS {physical}")
         tx.execute(
             "UPDATE tidings_projections SET generation = ?, building = NULL WHERE name = ?",
             (new, projection.name),
         )
-        tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(old),))
         # The old generation's parked events were replayed into the new one (and parked again
         # there if they still fail), so its dead letters and inbox are moot.
-        tx.execute("DELETE FROM tidings_dead_letters WHERE group_name = ?", (projection.group(old),))
-        tx.execute("DELETE FROM tidings_inbox WHERE group_name = ?", (projection.group(old),))
+        _forget_generation(tx, projection, old)
 
     await store.transaction(swap)
     return new
