@@ -273,6 +273,13 @@ class Service:
         return fn
 
     @property
+    def bus_url(self) -> str | None:
+        """The URL of the service's bus (as given, or the given bus's), or None if it has none."""
+        if self._bus is not None:
+            return self._bus.url
+        return self._bus_arg if isinstance(self._bus_arg, str) else None
+
+    @property
     def store_url(self) -> str | None:
         """The URL of the service's store (as given, or the given store's), or None if it has none."""
         if self._store is not None:

@@ -429,6 +429,12 @@ class Bus(ABC):
         ``registry`` (default: :data:`~tidings.events.default_registry`).
         """
 
+    async def setup(self, service: str) -> str:
+        """Create or check the durable state publishing ``service`` needs on the broker (what
+        ``tidings bus setup`` runs); return a line saying what there is. Nothing, by default."""
+        check_name("service", service)
+        return "nothing to set up (the in-process bus keeps no durable state)"
+
     @abstractmethod
     async def statistics(self) -> BusStatistics:
         """The bus's counters and its consumers' statistics, as data."""

@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from tidings import __version__
 from tidings.cli import processing, reading, render
+from tidings.cli.bus import bus_app
 from tidings.cli.db import db_app
 from tidings.cli.dlq import dlq_app
 from tidings.cli.helpformat import HelpGroup
@@ -166,6 +167,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(processing.projections_app, name="projections")
 app.add_typer(db_app, name="db")
 app.add_typer(sagas_app, name="sagas")
+app.add_typer(bus_app, name="bus")
 
 
 def _event_json_printer() -> reading.EventSink:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from tidings.cli.bus import BusOption
 from tidings.cli.helpformat import HelpGroup
 from tidings.cli.render import Column, JsonLines, Records
 from tidings.cli.runtime import (
@@ -28,6 +29,7 @@ from tidings.cli.runtime import (
 )
 from tidings.cli.services import AppArgument, AppOption, cli_service
 from tidings.processing.projections import projection_status, rebuild_projection
+from tidings.store.base import mask_url as safe_url
 
 __all__ = ["groups", "projections_app", "run_service"]
 
@@ -40,13 +42,15 @@ projections_app = typer.Typer(
 )
 
 
-def run_service(app: AppArgument, store: ServiceStoreOption = None) -> None:
+def run_service(app: AppArgument, store: ServiceStoreOption = None, bus: BusOption = None) -> None:
     """Run a service's handlers and projections until SIGINT/SIGTERM, then stop gracefully.
 
     A second Ctrl-C while stopping forces the exit at once (exit code 130); events in flight are
     not committed and are delivered again at the next start.
     """
     service = cli_service(app, store)
+    if bus is not None:
+        service.use_bus(bus)
     console = Console(stderr=True, highlight=False)
 
     def stopping() -> None:
@@ -56,9 +60,10 @@ def run_service(app: AppArgument, store: ServiceStoreOption = None) -> None:
         opened = await service.open()
 
         def started() -> None:
+            on_bus = "" if service.bus_url is None else f" and bus {escape(safe_url(service.bus_url))}"
             console.print(
                 f"[green]running[/] service [bold]{escape(service.name)}[/] on "
-                f"{escape(opened.safe_url)} — Ctrl-C to stop"
+                f"{escape(opened.safe_url)}{on_bus} — Ctrl-C to stop"
             )
 
         try:

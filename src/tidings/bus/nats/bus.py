@@ -15,6 +15,7 @@ from tidings.bus.base import (
     DeadLetterHandler,
     MessageHandler,
     PublishResult,
+    check_name,
     registry_or_default,
 )
 from tidings.bus.errors import BusClosed, BusError, BusUnavailable
@@ -32,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from tidings.bus.nats.config import NatsBusConfig
 from tidings.bus.nats.consumer import NatsMember
 from tidings.bus.nats.publisher import Publisher
+from tidings.bus.nats.setup import ensure_lease_stream, ensure_stream
 
 __all__ = ["NatsBus"]
 
@@ -108,6 +110,18 @@ class NatsBus(Bus):
                 await self._nc.drain()
             with contextlib.suppress(*_NATS_ERRORS):
                 await self._nc.close()
+
+    async def setup(self, service: str) -> str:
+        check_name("service", service)
+        try:
+            partitions = await ensure_stream(self.js, self.config, service)
+            leases = await ensure_lease_stream(self.js, self.config)
+        except _NATS_ERRORS as exc:
+            raise BusUnavailable(f"cannot set up the stream of {service!r}: {exc!r}") from exc
+        return (
+            f"stream {self.config.stream_name(service)} ({partitions} partitions, "
+            f"{self.config.replicas} replica(s), file storage); leases in {leases}"
+        )
 
     async def publish(self, service: str, envelopes: Iterable[RecordedEvent]) -> PublishResult:
         return await self.publisher.publish(service, envelopes)
