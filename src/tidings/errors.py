@@ -193,6 +193,13 @@ class CheckpointConflict(TidingsError):
         self.actual = actual
 
 
+class UnsupportedOperation(TidingsError):
+    """The store lacks a capability the operation needs (e.g. projections on ``memory://``, which
+    has no SQL database). The message names the backend, the capability and what needs it."""
+
+    permanent = True
+
+
 class ProjectionError(TidingsError):
     """A projection is misdeclared, or its tables cannot be managed on this backend."""
 

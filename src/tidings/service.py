@@ -35,7 +35,9 @@ from tidings.processing.subscription import (
     SubscriptionStats,
 )
 from tidings.store import open_store
-from tidings.store.base import ANY, AppendResult, EventStore, ExpectedVersion
+from tidings.store.append import ANY, AppendResult, ExpectedVersion
+from tidings.store.base import EventStore
+from tidings.store.tracking import SQLStore, TrackingStore, require
 
 __all__ = ["Service"]
 
@@ -152,13 +154,13 @@ class Service:
             url = self._store_arg if isinstance(self._store_arg, str) else "sqlite:///tidings.db"
             self._store = open_store(url)
             self._owns_store = True
-        if not self._store._opened:
+        if not self._store.is_open:
             await self._store.open()
         return self._store
 
     def subscription(self, group: str) -> Subscription:
         """A new runner for one of this service's groups (used by tools such as ``dlq retry``)."""
-        store = self.store
+        store = require(self.store, TrackingStore, f"service {self.name!r}")
         if group in self._handlers:
             dispatch, prefix, config = self._handlers[group]
             return HandlerSubscription(store, group, dispatch, stream_prefix=prefix, config=config)
@@ -186,7 +188,7 @@ class Service:
         self._running = True
         stopping, started = self._events()
         tasks: list[asyncio.Task[None]] = []
-        close_store = self._store is None or not self._store._opened
+        close_store = self._store is None or not self._store.is_open
         try:
             store = await self.open()
             if self._stop_requested:
@@ -287,7 +289,7 @@ class Service:
         ``group`` may be a handler group or a projection's name; a projection's group is looked
         up again while waiting, so a blue/green swap in the meantime is followed.
         """
-        store = self.store
+        store = require(self.store, TrackingStore, f"service {self.name!r}")
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         names = [group] if group is not None else [*self._handlers, *self._projections]
@@ -308,7 +310,6 @@ class Service:
         projection = self._projections.get(name)
         if projection is None:
             return name
-        rows = await self.store.query(
-            "SELECT generation FROM tidings_projections WHERE name = ?", (projection[0].name,)
-        )
-        return projection[0].group(int(rows[0][0]) if rows else 1)
+        entries = await require(self.store, SQLStore, "projections").projection_generations()
+        active = {e.name: e.generation for e in entries}
+        return projection[0].group(active.get(projection[0].name, 1))

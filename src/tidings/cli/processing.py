@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from tidings.cli.render import JsonLines
-from tidings.cli.runtime import DEFAULT_STORE, StoreOption, fail, open_existing, run
+from tidings.cli.runtime import DEFAULT_STORE, StoreOption, fail, open_existing, open_tracking, run
 from tidings.errors import InvalidArgument
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.service import Service
-from tidings.store.records import DeadLetter
+from tidings.store.tracking import DeadLetter, TrackingStore, require
 
 __all__ = ["dlq_app", "groups", "load_service", "projections_app", "run_service"]
 
@@ -89,7 +89,7 @@ def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) 
     """List the subscription groups with their checkpoint and lag."""
 
     async def fetch() -> tuple[dict[str, int], int]:
-        async with open_existing(store) as opened:
+        async with open_tracking(store, "tidings groups") as opened:
             return await opened.checkpoints(), await opened.head()
 
     checkpoints, head = run(fetch())
@@ -133,7 +133,7 @@ def dlq_list(
     """List parked events, oldest first."""
 
     async def fetch() -> list[DeadLetter]:
-        async with open_existing(store) as opened:
+        async with open_tracking(store, "tidings dlq list") as opened:
             return await opened.dead_letters(group)
 
     found = run(fetch())
@@ -154,7 +154,7 @@ def dlq_list(
 
 
 async def _one(store: str, id: int) -> DeadLetter:
-    async with open_existing(store) as opened:
+    async with open_tracking(store, "tidings dlq") as opened:
         dead = await opened.dead_letter(id)
     if dead is None:
         raise InvalidArgument(f"no dead letter with id {id}")
@@ -188,7 +188,7 @@ def dlq_retry(
 
     async def retry() -> bool:
         service = load_service(app, store)
-        opened = await service.open()
+        opened = require(await service.open(), TrackingStore, "tidings dlq retry")
         try:
             dead = await opened.dead_letter(id)
             if dead is None:
@@ -211,7 +211,7 @@ def dlq_discard(
     """Delete a parked event without processing it."""
 
     async def discard() -> bool:
-        async with open_existing(store) as opened:
+        async with open_tracking(store, "tidings dlq discard") as opened:
             return await opened.discard_dead_letter(id)
 
     if not run(discard()):

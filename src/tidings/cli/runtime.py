@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from tidings.errors import StoreError, TidingsError
-from tidings.store import EventStore, open_store
+from tidings.store import EventStore, TrackingStore, open_store, require
 from tidings.store.sqlite import SQLiteConfig, sqlite_path_exists
 
-__all__ = ["DEFAULT_STORE", "STORE_ENV", "StoreOption", "fail", "open_existing", "run"]
+__all__ = ["DEFAULT_STORE", "STORE_ENV", "StoreOption", "fail", "open_existing", "open_tracking", "run"]
 
 T = TypeVar("T")
 
@@ -54,6 +54,12 @@ def open_existing(url: str) -> EventStore:
             f"no tidings store at {url}: the file {path!r} does not exist (pass --store or set {STORE_ENV})"
         )
     return open_store(url)
+
+
+def open_tracking(url: str, command: str) -> TrackingStore:
+    """:func:`open_existing`, for commands that read checkpoints or dead letters: raises
+    :class:`~tidings.UnsupportedOperation` naming ``command`` if the backend has no such records."""
+    return require(open_existing(url), TrackingStore, command)
 
 
 def fail(message: str) -> NoReturn:

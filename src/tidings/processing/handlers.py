@@ -19,7 +19,8 @@ from typing import Any, ClassVar, get_type_hints
 
 from tidings.errors import InvalidArgument
 from tidings.events import Event, RecordedEvent
-from tidings.store.base import ANY, AppendRequest, EventStore, ExpectedVersion
+from tidings.store.append import ANY, AppendRequest, ExpectedVersion
+from tidings.store.base import EventStore
 
 __all__ = ["EventHandler", "HandlerContext", "HandlerFunction", "handler_methods"]
 

@@ -36,7 +36,15 @@ from tidings.events import Event, RecordedEvent
 from tidings.processing.handlers import Dispatch, handler_methods
 from tidings.processing.subscription import Subscription, SubscriptionConfig
 from tidings.store.base import EventStore
-from tidings.store.records import Tx
+from tidings.store.tracking import (
+    ProjectionGeneration,
+    SQLStore,
+    Tx,
+    forget_group,
+    load_generation,
+    require,
+    save_generation,
+)
 
 __all__ = [
     "Projection",
@@ -164,8 +172,8 @@ class Projection:
 
 
 def _generation_row(tx: Tx, name: str) -> tuple[int, int | None] | None:
-    row = tx.fetchone("SELECT generation, building FROM tidings_projections WHERE name = ?", (name,))
-    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
+    entry = load_generation(tx, name)
+    return None if entry is None else (entry.generation, entry.building)
 
 
 def _create_tables(tx: Tx, projection: Projection, generation: int) -> None:
@@ -189,10 +197,7 @@ def _ensure(tx: Tx, projection: Projection) -> int:
         return row[0]
     _create_tables(tx, projection, 1)
     _point_views(tx, projection, 1)
-    tx.execute(
-        "INSERT INTO tidings_projections (name, generation, building) VALUES (?, 1, NULL)",
-        (projection.name,),
-    )
+    save_generation(tx, ProjectionGeneration(projection.name, 1))
     return 1
 
 
@@ -205,7 +210,11 @@ def _check_generation(tx: Tx, projection: Projection, generation: int) -> None:
 
 
 class ProjectionSubscription(Subscription):
-    """Runs a :class:`Projection` over the log, in batches, each committed with its checkpoint."""
+    """Runs a :class:`Projection` over the log, in batches, each committed with its checkpoint.
+
+    Needs a :class:`~tidings.store.SQLStore`; any other store raises
+    :class:`~tidings.UnsupportedOperation` here, before anything runs.
+    """
 
     def __init__(
         self,
@@ -215,8 +224,9 @@ class ProjectionSubscription(Subscription):
         generation: int | None = None,
         config: SubscriptionConfig | None = None,
     ) -> None:
+        self.sql_store = require(store, SQLStore, f"projection {projection.name!r}")
         super().__init__(
-            store,
+            self.sql_store,
             projection.group(generation or 1),
             event_types=projection.dispatch.type_names,
             stream_prefix=projection.stream_prefix,
@@ -228,7 +238,7 @@ class ProjectionSubscription(Subscription):
 
     async def prepare(self) -> None:
         if not self._fixed:
-            self.generation = await self.store.transaction(lambda tx: _ensure(tx, self.projection))
+            self.generation = await self.sql_store.transaction(lambda tx: _ensure(tx, self.projection))
             self.group = self.projection.group(self.generation)
 
     async def on_conflict(self) -> None:
@@ -355,12 +365,13 @@ async def rebuild_projection(
             )
         new = current + 1
         _create_tables(tx, projection, new)
-        tx.execute("UPDATE tidings_projections SET building = ? WHERE name = ?", (new, projection.name))
-        tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(new),))
+        save_generation(tx, ProjectionGeneration(projection.name, current, building=new))
+        forget_group(tx, projection.group(new))
         return current, new
 
-    old, new = await store.transaction(begin)
-    builder = ProjectionSubscription(store, projection, generation=new, config=config)
+    sql_store = require(store, SQLStore, f"projection {projection.name!r}")
+    old, new = await sql_store.transaction(begin)
+    builder = ProjectionSubscription(sql_store, projection, generation=new, config=config)
     # Catch up repeatedly: events keep arriving while we build.
     while True:
         reached = await builder.run_until_caught_up()
@@ -376,17 +387,12 @@ async def rebuild_projection(
         _point_views(tx, projection, new)
         for physical in projection.physical(old).values():
             tx.execute(f"DROP TABLE IF EXISTS {physical}")
-        tx.execute(
-            "UPDATE tidings_projections SET generation = ?, building = NULL WHERE name = ?",
-            (new, projection.name),
-        )
-        tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(old),))
+        save_generation(tx, ProjectionGeneration(projection.name, new))
         # The old generation's parked events were replayed into the new one (and parked again
-        # there if they still fail), so its dead letters and inbox are moot.
-        tx.execute("DELETE FROM tidings_dead_letters WHERE group_name = ?", (projection.group(old),))
-        tx.execute("DELETE FROM tidings_inbox WHERE group_name = ?", (projection.group(old),))
+        # there if they still fail), so its checkpoint, dead letters and inbox are moot.
+        forget_group(tx, projection.group(old))
 
-    await store.transaction(swap)
+    await sql_store.transaction(swap)
     return new
 
 
@@ -404,11 +410,12 @@ class ProjectionStatus:
 
 async def projection_status(store: EventStore) -> list[ProjectionStatus]:
     """Status of every projection known to the store's database."""
-    rows = await store.query("SELECT name, generation, building FROM tidings_projections ORDER BY name")
-    checkpoints = await store.checkpoints()
+    sql_store = require(store, SQLStore, "projection status")
+    entries = await sql_store.projection_generations()
+    checkpoints = await sql_store.checkpoints()
     head = await store.head()
     out = []
-    for name, generation, building in rows:
+    for name, generation, building in ((e.name, e.generation, e.building) for e in entries):
         checkpoint = checkpoints.get(f"projection:{name}:g{generation}", 0)
         out.append(ProjectionStatus(name, generation, building, checkpoint, head, head - checkpoint))
     return out

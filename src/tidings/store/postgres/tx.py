@@ -1,7 +1,7 @@
 """The PostgreSQL store's transactions: :class:`PostgresTransaction` (async, can append) and the
 synchronous :class:`PostgresTx` handed to projection and handler code.
 
-Projection code is synchronous (:class:`~tidings.store.records.Tx`): it runs inside a store
+Projection code is synchronous (:class:`~tidings.store.tracking.Tx`): it runs inside a store
 transaction and calls ``tx.execute(...)`` without awaiting. On PostgreSQL the transaction lives on
 an async psycopg connection owned by the event loop, so the synchronous code runs in a worker
 thread and each of its calls is handed to the loop (``run_coroutine_threadsafe``) and waited for.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 
 from tidings.errors import StoreError, TidingsError
-from tidings.store.base import AppendRequest, AppendResult
+from tidings.store.append import AppendRequest, AppendResult
 from tidings.store.postgres.writer import append_locked
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class Result:
 
 
 class PostgresTx:
-    """:class:`~tidings.store.records.Tx` for synchronous code running in a worker thread.
+    """:class:`~tidings.store.tracking.Tx` for synchronous code running in a worker thread.
 
     Every call runs on ``connection`` (in an open transaction) on the event loop ``loop``, and
     blocks the calling thread until it is done. Must not be used from the loop's own thread.
