@@ -455,7 +455,7 @@ class PostgresStore(SQLStore):
         waited for before the cancellation goes on: otherwise the transaction would be rolled
         back while the thread still issues statements, which would then run outside it.
         """
-        tx = PostgresTx(conn, asyncio.get_running_loop())
+        tx = PostgresTx(conn, asyncio.get_running_loop(), self._translate)
         work = asyncio.ensure_future(asyncio.to_thread(fn, tx))
         try:
             return await asyncio.shield(work)

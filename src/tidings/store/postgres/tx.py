@@ -16,7 +16,7 @@ parameters; use ``jsonb_exists()`` and friends instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -122,13 +122,21 @@ class PostgresTx:
 
     Every call runs on ``connection`` (in an open transaction) on the event loop ``loop``, and
     blocks the calling thread until it is done. Must not be used from the loop's own thread.
+    Driver errors are raised as ``translate`` makes them (the store's :func:`translate`), so that
+    code running SQL here learns whether a retry can help.
     """
 
     dialect = "postgresql"
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        connection: psycopg.AsyncConnection[Any],
+        loop: asyncio.AbstractEventLoop,
+        translate: Callable[[BaseException], TidingsError],
+    ) -> None:
         self.connection = connection
         self.loop = loop
+        self.translate = translate
         self.closed = False
 
     def close(self) -> None:
@@ -139,7 +147,10 @@ class PostgresTx:
         if self.closed:
             coro.close()
             raise StoreError("the transaction was cancelled; no further statements run in it")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        except (psycopg.Error, UnicodeEncodeError, OverflowError) as exc:
+            raise self.translate(exc) from exc
 
     async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Result:
         cur = await self.connection.execute(to_psycopg(sql, params), params or None)

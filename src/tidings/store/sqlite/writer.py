@@ -256,7 +256,9 @@ class SQLiteWriter:
         """sqlite3's errors (and its binding errors) as tidings' own; anything else unchanged,
         such as the exception of a caller's job."""
         if isinstance(exc, (sqlite3.Error, *BINDING_ERRORS)):
-            return translate(exc, self.config.path)
+            translated = translate(exc, self.config.path)
+            translated.__cause__ = exc  # chained as by ``raise ... from exc``: it is raised elsewhere
+            return translated
         return exc
 
     def _run_appends(
