@@ -1,9 +1,12 @@
-"""The event store contract and the logic every backend shares.
+"""The event store contract -- streams, the global log, snapshots, change notification -- and the
+logic every backend shares.
 
-A backend subclasses :class:`EventStore` and implements a handful of primitives over stored rows
-(``_append``, ``_fetch_stream``, ``_fetch_all`` ...). Validation, encoding, decoding, upcasting and
-the expected-version / idempotent-append rules live here once, so every backend behaves the same and
-the contract suite in :mod:`tidings.testing` can hold them all to it.
+A backend subclasses :class:`EventStore` (or, with more capabilities, :class:`~tidings.store.tracking.
+TrackingStore` or :class:`~tidings.store.tracking.SQLStore`) and implements a handful of primitives
+over stored rows (``_append``, ``_fetch_stream``, ``_fetch_all`` ...). Validation, encoding,
+decoding and upcasting live here once, and the expected-version / idempotent-append rules in
+:mod:`tidings.store.append`, so every backend behaves the same and the contract suite in
+:mod:`tidings.testing` can hold them all to it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -26,7 +27,6 @@ from pydantic import ValidationError
 
 from tidings.errors import (
     InvalidArgument,
-    InvalidStreamId,
     StoreClosed,
 )
 from tidings.events import (
@@ -44,19 +44,21 @@ from tidings.store.append import (
     AppendResult,
     EncodedEvent,
     ExpectedVersion,
-    StreamState,
+    new_event_ids,
+    validate_expected,
+    validate_stream_id,
 )
 
 __all__ = [
-    "MAX_STREAM_ID_LENGTH",
     "EventStore",
     "Row",
     "Snapshot",
+    "StoredEvent",
     "StreamInfo",
+    "mask_password",
+    "now_micros",
+    "validate_position",
 ]
-
-MAX_STREAM_ID_LENGTH: Final = 512
-"""Longest accepted stream id, in characters."""
 
 PAGE_SIZE: Final = 1000
 """Rows fetched per round trip by the streaming readers; bounds their memory."""
@@ -106,55 +108,6 @@ timestamp, data, metadata). ``event_id`` is a UUID or its 16 bytes; ``timestamp`
 datetime or integer microseconds since the epoch; ``metadata`` JSON bytes or None."""
 
 
-def validate_stream_id(stream_id: object) -> str:
-    """Return ``stream_id`` if it is an acceptable stream id, else raise :class:`InvalidStreamId`."""
-    if not isinstance(stream_id, str):
-        raise InvalidStreamId(stream_id, f"must be a str, not {type(stream_id).__qualname__}")
-    if not stream_id:
-        raise InvalidStreamId(stream_id, "must not be empty")
-    if len(stream_id) > MAX_STREAM_ID_LENGTH:
-        raise InvalidStreamId(
-            stream_id, f"is {len(stream_id)} characters long; the limit is {MAX_STREAM_ID_LENGTH}"
-        )
-    if "\x00" in stream_id:
-        raise InvalidStreamId(stream_id, "must not contain NUL characters")
-    if not stream_id.isascii():
-        # A lone surrogate ("a\ud800") is a valid str but no database can store it; found only
-        # when the append is written, it would fail the writes batched with it.
-        try:
-            stream_id.encode()
-        except UnicodeEncodeError:
-            raise InvalidStreamId(stream_id, "cannot be encoded as UTF-8 (a lone surrogate)") from None
-    return stream_id
-
-
-MAX_GROUP_LENGTH: Final = 200
-
-
-def validate_group(group: object) -> str:
-    """Return ``group`` if it is an acceptable subscription group name, else raise."""
-    if (
-        not isinstance(group, str)
-        or not group
-        or len(group) > MAX_GROUP_LENGTH
-        or "\x00" in group
-        or not _utf8(group)
-    ):
-        raise InvalidArgument(
-            f"subscription group must be a non-empty str of at most {MAX_GROUP_LENGTH} characters, "
-            f"got {group!r:.80}"
-        )
-    return group
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def validate_position(name: str, value: object, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -163,22 +116,6 @@ def validate_position(name: str, value: object, *, allow_none: bool = False) -> 
     if value < 0:
         raise InvalidArgument(f"{name} must be >= 0, got {value}")
     return value
-
-
-def validate_expected(stream_id: str, expected: object) -> ExpectedVersion:
-    if isinstance(expected, StreamState):
-        return expected
-    if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 0:
-        return expected
-    raise InvalidArgument(
-        f"stream {stream_id!r}: expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an "
-        f"int >= 0, got {expected!r}"
-    )
-
-
-_new_object = object.__new__
-_set_attribute = object.__setattr__
-_from_bytes = int.from_bytes
 
 
 def mask_password(url: str) -> str:
@@ -199,28 +136,6 @@ def mask_password(url: str) -> str:
         head = masked.partition("?")[0]
         masked = f"{head}?{'&'.join(pairs)}" + (f"#{parts.fragment}" if parts.fragment else "")
     return masked
-
-
-def new_event_ids(count: int) -> list[uuid.UUID]:
-    """``count`` new event ids: time-ordered UUIDs (version 7, RFC 9562) from one system call.
-
-    Time order matters for the stores: ids that grow with time land at the right edge of the
-    unique event-id index, so a commit dirties a few pages instead of one random page per event
-    (random version 4 ids made commits several times slower on large stores). The 74 random bits
-    keep ids unguessable and collision-free.
-    """
-    raw = os.urandom(10 * count)
-    millis = time.time_ns() // 1_000_000
-    prefix = (millis & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76
-    out = []
-    for offset in range(0, 10 * count, 10):
-        rand = _from_bytes(raw[offset : offset + 10])  # 80 random bits; 74 are used
-        value = prefix | (rand >> 68) << 64 | 0b10 << 62 | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-        result = _new_object(uuid.UUID)
-        _set_attribute(result, "int", value)
-        _set_attribute(result, "is_safe", uuid.SafeUUID.unknown)
-        out.append(result)
-    return out
 
 
 def now_micros() -> int:

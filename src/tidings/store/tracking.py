@@ -28,12 +28,12 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
-from tidings.errors import UnsupportedOperation
+from tidings.errors import InvalidArgument, UnsupportedOperation
 from tidings.events import EventRegistry
 from tidings.store.append import AppendRequest, AppendResult
-from tidings.store.base import EventStore, validate_group, validate_position
+from tidings.store.base import EventStore, validate_position
 
 __all__ = [
     "DeadLetter",
@@ -48,10 +48,37 @@ __all__ = [
     "load_generation",
     "require",
     "save_generation",
+    "validate_group",
 ]
 
 T = TypeVar("T")
 S = TypeVar("S", bound=EventStore)
+
+MAX_GROUP_LENGTH: Final = 200
+
+
+def validate_group(group: object) -> str:
+    """Return ``group`` if it is an acceptable subscription group name, else raise."""
+    if (
+        not isinstance(group, str)
+        or not group
+        or len(group) > MAX_GROUP_LENGTH
+        or "\x00" in group
+        or not _encodable(group)
+    ):
+        raise InvalidArgument(
+            f"subscription group must be a non-empty str of at most {MAX_GROUP_LENGTH} characters, "
+            f"got {group!r:.80}"
+        )
+    return group
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Tx(Protocol):
