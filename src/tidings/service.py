@@ -310,6 +310,5 @@ class Service:
         projection = self._projections.get(name)
         if projection is None:
             return name
-        entries = await require(self.store, SQLStore, "projections").projection_generations()
-        active = {e.name: e.generation for e in entries}
-        return projection[0].group(active.get(projection[0].name, 1))
+        entry = await require(self.store, SQLStore, "projections").projection_generation(projection[0].name)
+        return projection[0].group(1 if entry is None else entry.generation)

@@ -311,6 +311,15 @@ class SQLStore(TrackingStore):
         self._check_open()
         return await self._query(sql, params)
 
+    async def projection_generation(self, name: str) -> ProjectionGeneration | None:
+        """Projection ``name``'s catalog entry; None if it was never set up."""
+        rows = await self.query(
+            "SELECT generation, building FROM tidings_projections WHERE name = ?", (name,)
+        )
+        if not rows:
+            return None
+        return ProjectionGeneration(name, int(rows[0][0]), None if rows[0][1] is None else int(rows[0][1]))
+
     async def projection_generations(self) -> list[ProjectionGeneration]:
         """Every projection's catalog entry (active generation, generation being built), by name."""
         rows = await self.query("SELECT name, generation, building FROM tidings_projections ORDER BY name")

@@ -215,3 +215,5 @@ class SQLContract:
             ProjectionGeneration("a", 2, 3),
             ProjectionGeneration("b", 1, None),
         ]
+        assert await sql.projection_generation("a") == ProjectionGeneration("a", 2, 3)
+        assert await sql.projection_generation("c") is None
