@@ -86,6 +86,9 @@ class Tx(Protocol):
 
     ``execute`` takes ``?`` placeholders on every backend, and replaces ``{name}`` for each table
     the projection declared with that table's physical name (blue/green rebuilds swap them).
+    Driver errors are raised as tidings' own: :class:`~tidings.StoreUnavailable` (transient: a lock,
+    a lost connection, a timeout), :class:`~tidings.StatementError` (permanent: the SQL or a value is
+    refused) or :class:`~tidings.IntegrityError` (a constraint), chained to the driver's error.
     """
 
     dialect: str
