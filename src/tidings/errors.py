@@ -194,7 +194,8 @@ class CheckpointConflict(TidingsError):
 
 
 class UnsupportedOperation(TidingsError):
-    """The backend lacks a capability the operation needs (SQL on ``memory://``, say)."""
+    """The store lacks a capability the operation needs (e.g. projections on ``memory://``, which
+    has no SQL database). The message names the backend, the capability and what needs it."""
 
     permanent = True
 

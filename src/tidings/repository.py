@@ -11,7 +11,8 @@ from typing import Any, Generic, TypeVar
 from tidings.aggregate import Aggregate
 from tidings.errors import AggregateNotFound, InvalidArgument, TidingsError
 from tidings.events import Event
-from tidings.store.base import AppendResult, EventStore, Snapshot, validate_position
+from tidings.store.append import AppendResult
+from tidings.store.base import EventStore, Snapshot, validate_position
 
 __all__ = ["Repository"]
 

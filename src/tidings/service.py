@@ -44,7 +44,9 @@ from tidings.sagas.clock import Clock, SystemClock
 from tidings.sagas.definition import Saga
 from tidings.sagas.runtime import DeadlineTimer, SagaHandler, ensure_saga_index
 from tidings.store import open_store
-from tidings.store.base import ANY, AppendResult, EventStore, ExpectedVersion
+from tidings.store.append import ANY, AppendResult, ExpectedVersion
+from tidings.store.base import EventStore
+from tidings.store.tracking import SQLStore, TrackingStore, require
 
 __all__ = ["Service"]
 
@@ -351,7 +353,7 @@ class Service:
         table = {cls: fn for cls, fn in dispatch.table.items() if not self._is_foreign(cls, bus)}
         return Dispatch(table) if table else None
 
-    def _bus_groups(self, store: EventStore, bus: Bus | None) -> list[BusHandlerGroup]:
+    def _bus_groups(self, store: TrackingStore, bus: Bus | None) -> list[BusHandlerGroup]:
         out: list[BusHandlerGroup] = []
         if bus is None:
             return out
@@ -382,7 +384,7 @@ class Service:
 
     def subscription(self, group: str) -> Subscription:
         """A new runner for one of this service's groups (used by tools such as ``dlq retry``)."""
-        store = self.store
+        store = require(self.store, TrackingStore, f"service {self.name!r}")
         if group == f"{self.name}.relay" and self._relay is not None:
             return self._relay
         if group in self._handlers:
@@ -426,14 +428,16 @@ class Service:
                     f"service {self.name!r}: projections and sagas need a SQL database, and "
                     f"{store.safe_url} has none; use a sqlite:/// or postgresql:// store"
                 )
-            if self._sagas:
-                await ensure_saga_index(store)
+            tracking = require(store, TrackingStore, f"service {self.name!r}")
+            sql_store = store if isinstance(store, SQLStore) else None
+            if sql_store is not None and self._sagas:
+                await ensure_saga_index(sql_store)
             bus = await self._open_bus()
             local_groups = [group for group in self._handlers if self._local_dispatch(group, bus) is not None]
             self._subscriptions = [self.subscription(group) for group in local_groups]
             if bus is not None and (self._published or self._translators or command_types(store)):
                 self._relay = OutboxRelay(
-                    store,
+                    tracking,
                     bus,
                     self.name,
                     published=self._published,
@@ -441,7 +445,7 @@ class Service:
                     config=self.config,
                 )
                 self._subscriptions.append(self._relay)
-            self._inbound = self._bus_groups(store, bus)
+            self._inbound = self._bus_groups(tracking, bus)
             for inbound in self._inbound:
                 await inbound.start()
             self._subscriptions += [
@@ -453,8 +457,9 @@ class Service:
                 for s in self._subscriptions
             ]
             self._timers = [
-                DeadlineTimer(store, saga, clock, self.config.poll_interval)
+                DeadlineTimer(sql_store, saga, clock, self.config.poll_interval)
                 for saga, clock in self._sagas.values()
+                if sql_store is not None
             ]
             tasks += [
                 asyncio.create_task(timer.run(stopping), name=f"tidings:saga-timer:{timer.saga.name}")
@@ -623,7 +628,7 @@ class Service:
         ``group`` may be a handler group or a projection's name; a projection's group is looked
         up again while waiting, so a blue/green swap in the meantime is followed.
         """
-        store = self.store
+        store = require(self.store, TrackingStore, f"service {self.name!r}")
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         names = [group] if group is not None else [*self._handlers, *self._projections]
@@ -644,10 +649,8 @@ class Service:
         projection = self._projections.get(name)
         if projection is None:
             return name
-        rows = await self.store.query(
-            "SELECT generation FROM tidings_projections WHERE name = ?", (projection[0].name,)
-        )
-        return projection[0].group(int(rows[0][0]) if rows else 1)
+        entry = await require(self.store, SQLStore, "projections").projection_generation(projection[0].name)
+        return projection[0].group(1 if entry is None else entry.generation)
 
 
 def _delivery_policy(config: SubscriptionConfig) -> DeliveryPolicy:
@@ -668,6 +671,4 @@ def _subclasses_of(cls: type[Event]) -> list[type[Event]]:
 
 def _has_sql(store: EventStore) -> bool:
     """Whether handlers of this store can write SQL with their effects (``ctx.execute``)."""
-    from tidings.store.memory import MemoryStore
-
-    return not isinstance(store, MemoryStore)
+    return isinstance(store, SQLStore)

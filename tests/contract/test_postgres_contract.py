@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tidings import EventStore, open_store
-from tidings.testing import StoreContract
+from tidings import EventStore, SQLStore, TrackingStore, open_store, require
+from tidings.testing import SQLContract, StoreContract, TrackingContract
 
 pytestmark = pytest.mark.postgres
 
@@ -21,3 +21,25 @@ class TestPostgresStore(StoreContract):
 
     async def make_store(self, tmp_path: Path) -> EventStore:
         return await open_store(self.url).open()
+
+
+class TestPostgresTracking(TrackingContract):
+    url: str
+
+    @pytest.fixture(autouse=True)
+    def _fresh_schema(self, pg_url: str) -> None:
+        self.url = pg_url
+
+    async def make_store(self, tmp_path: Path) -> TrackingStore:
+        return require(await open_store(self.url).open(), TrackingStore, "the tracking contract")
+
+
+class TestPostgresSQL(SQLContract):
+    url: str
+
+    @pytest.fixture(autouse=True)
+    def _fresh_schema(self, pg_url: str) -> None:
+        self.url = pg_url
+
+    async def make_store(self, tmp_path: Path) -> SQLStore:
+        return require(await open_store(self.url).open(), SQLStore, "the SQL contract")

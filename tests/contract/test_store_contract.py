@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tidings import EventStore, open_store
-from tidings.testing import StoreContract
+from tidings import EventStore, SQLStore, TrackingStore, open_store, require
+from tidings.testing import SQLContract, StoreContract, TrackingContract
 
 
 class TestMemoryStore(StoreContract):
@@ -16,3 +16,20 @@ class TestMemoryStore(StoreContract):
 class TestSQLiteStore(StoreContract):
     async def make_store(self, tmp_path: Path) -> EventStore:
         return await open_store(f"sqlite:///{tmp_path}/events.db").open()
+
+
+class TestMemoryTracking(TrackingContract):
+    async def make_store(self, tmp_path: Path) -> TrackingStore:
+        return require(await open_store("memory://").open(), TrackingStore, "the tracking contract")
+
+
+class TestSQLiteTracking(TrackingContract):
+    async def make_store(self, tmp_path: Path) -> TrackingStore:
+        store = await open_store(f"sqlite:///{tmp_path}/events.db").open()
+        return require(store, TrackingStore, "the tracking contract")
+
+
+class TestSQLiteSQL(SQLContract):
+    async def make_store(self, tmp_path: Path) -> SQLStore:
+        store = await open_store(f"sqlite:///{tmp_path}/events.db").open()
+        return require(store, SQLStore, "the SQL contract")

@@ -32,7 +32,7 @@ from tidings.store.postgres import (
     redact,
     to_psycopg,
 )
-from tidings.store.records import DeadLetterRecord, ProcessedBatch, Tx
+from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, Tx
 from tidings.testing import Credited, collect
 
 pytestmark = pytest.mark.postgres

@@ -309,7 +309,7 @@ def test_a_module_that_fails_to_import_is_named(shop: Path) -> None:
 def test_service_store_error_names_no_missing_method(shop: Path) -> None:
     import shop as module
 
-    with pytest.raises(Exception, match="await service.open\\(\\) or service.run\\(\\)") as raised:
+    with pytest.raises(Exception, match=r"await service.open\(\) or service.run\(\)") as raised:
         _ = module.make().store
     assert "start()" not in str(raised.value)
 

@@ -98,7 +98,7 @@ def test_generated_event_ids_are_time_ordered_uuid7() -> None:
     import time
     import uuid
 
-    from tidings.store.base import new_event_ids
+    from tidings.store.append import new_event_ids
 
     before = time.time_ns() // 1_000_000
     ids = new_event_ids(2000)

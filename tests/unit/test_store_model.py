@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tidings import ANY, NO_STREAM, STREAM_EXISTS, ConcurrencyError, DuplicateEventId, open_store
-from tidings.store.base import EventStore, ExpectedVersion
+from tidings.store import EventStore, ExpectedVersion
 from tidings.testing import Credited, Debited
 
 STREAMS = st.sampled_from(["a", "b", "order-1", "order-2"])

@@ -21,8 +21,7 @@ from tidings.bus.message import DeadLetter, IncomingMessage
 from tidings.events import RecordedEvent
 from tidings.processing.context import HandlerContext
 from tidings.processing.handlers import Dispatch, call_handler
-from tidings.store.base import EventStore
-from tidings.store.records import DeadLetterRecord, ProcessedBatch, Tx
+from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore, Tx
 
 __all__ = ["BusHandlerGroup", "bus_group_name", "inbox_group"]
 
@@ -46,7 +45,7 @@ class BusHandlerGroup:
 
     def __init__(
         self,
-        store: EventStore,
+        store: TrackingStore,
         bus: Bus,
         service: str,
         group: str,

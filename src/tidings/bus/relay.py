@@ -24,6 +24,7 @@ from tidings.events import Event, RecordedEvent
 from tidings.integration import IntegrationEvent
 from tidings.processing.subscription import Subscription, SubscriptionConfig
 from tidings.store.base import EventStore
+from tidings.store.tracking import TrackingStore
 
 __all__ = ["OutboxRelay", "Translator", "translated_id"]
 
@@ -50,7 +51,7 @@ class OutboxRelay(Subscription):
 
     def __init__(
         self,
-        store: EventStore,
+        store: TrackingStore,
         bus: Bus,
         service: str,
         *,

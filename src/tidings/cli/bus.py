@@ -42,7 +42,9 @@ bus_app = typer.Typer(cls=HelpGroup, help="The event bus between services.", no_
 def setup_command(
     services: Annotated[
         list[str],
-        typer.Argument(metavar="SERVICE...", help="The publishing services whose streams to create or check."),
+        typer.Argument(
+            metavar="SERVICE...", help="The publishing services whose streams to create or check."
+        ),
     ],
     bus: BusOption = None,
 ) -> None:

@@ -23,7 +23,7 @@ from tidings.cli.runtime import (
     ServiceStoreOption,
     StoreOption,
     fail,
-    open_existing,
+    open_tracking,
     require_existing,
     run,
 )
@@ -32,7 +32,7 @@ from tidings.errors import InvalidArgument, TidingsError
 from tidings.events import RecordedEvent
 from tidings.service import Service
 from tidings.store import EventStore
-from tidings.store.records import DeadLetter
+from tidings.store.tracking import DeadLetter, TrackingStore, require
 
 __all__ = ["dlq_app"]
 
@@ -72,7 +72,7 @@ def dlq_list(
     """List parked events, oldest first."""
 
     async def fetch() -> list[DeadLetter]:
-        async with open_existing(store) as opened:
+        async with open_tracking(store, "tidings dlq") as opened:
             return await opened.dead_letters(group)
 
     found = run(fetch())
@@ -113,7 +113,7 @@ def dlq_show(id: IdArgument, store: StoreOption = DEFAULT_STORE, json_output: Js
     """Show one parked event: where it came from, its data and metadata, its error and traceback."""
 
     async def fetch() -> tuple[DeadLetter, RecordedEvent | None]:
-        async with open_existing(store) as opened:
+        async with open_tracking(store, "tidings dlq") as opened:
             dead = await opened.dead_letter(id)
             if dead is None:
                 raise InvalidArgument(f"no dead letter with id {id}")
@@ -181,7 +181,7 @@ def _owns(service: Service, group: str) -> bool:
     )
 
 
-async def _retry_one(service: Service, store: EventStore, dead: DeadLetter) -> Outcome:
+async def _retry_one(service: Service, store: TrackingStore, dead: DeadLetter) -> Outcome:
     try:
         if await service.subscription(dead.group).retry_dead_letter(dead):
             return Outcome(dead, True, None)
@@ -195,7 +195,7 @@ async def _retry_one(service: Service, store: EventStore, dead: DeadLetter) -> O
 async def _retry(service: Service, url: str | None, id: int | None, group: str | None) -> list[Outcome]:
     if url is not None:
         require_existing(url)
-    store = await service.open()
+    store = require(await service.open(), TrackingStore, "tidings dlq retry")
     try:
         if id is not None:
             dead = await store.dead_letter(id)
@@ -296,7 +296,7 @@ def dlq_discard(id: IdArgument, store: StoreOption = DEFAULT_STORE) -> None:
     """Delete a parked event without processing it."""
 
     async def discard() -> bool:
-        async with open_existing(store) as opened:
+        async with open_tracking(store, "tidings dlq") as opened:
             return await opened.discard_dead_letter(id)
 
     if not run(discard()):

@@ -24,12 +24,13 @@ from tidings.cli.runtime import (
     StoreOption,
     fail,
     open_existing,
+    open_tracking,
     require_existing,
     run,
 )
 from tidings.cli.services import AppArgument, AppOption, cli_service
 from tidings.processing.projections import projection_status, rebuild_projection
-from tidings.store.base import mask_url as safe_url
+from tidings.store.base import mask_password
 
 __all__ = ["groups", "projections_app", "run_service"]
 
@@ -60,7 +61,7 @@ def run_service(app: AppArgument, store: ServiceStoreOption = None, bus: BusOpti
         opened = await service.open()
 
         def started() -> None:
-            on_bus = "" if service.bus_url is None else f" and bus {escape(safe_url(service.bus_url))}"
+            on_bus = "" if service.bus_url is None else f" and bus {escape(mask_password(service.bus_url))}"
             console.print(
                 f"[green]running[/] service [bold]{escape(service.name)}[/] on "
                 f"{escape(opened.safe_url)}{on_bus} — Ctrl-C to stop"
@@ -92,7 +93,7 @@ def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) 
     """List the subscription groups with their checkpoint and lag."""
 
     async def fetch() -> tuple[dict[str, int], int]:
-        async with open_existing(store) as opened:
+        async with open_tracking(store, "tidings groups") as opened:
             return await opened.checkpoints(), await opened.head()
 
     checkpoints, head = run(fetch())

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tidings.errors import StoreError, TidingsError
-from tidings.store import EventStore, open_store
+from tidings.store import EventStore, TrackingStore, open_store, require
 from tidings.store.sqlite import SQLiteConfig, sqlite_path_exists
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "StoreOption",
     "fail",
     "open_existing",
+    "open_tracking",
     "require_existing",
     "run",
 ]
@@ -87,6 +88,12 @@ def require_existing(url: str) -> None:
         raise StoreError(
             f"no tidings store at {url}: the file {path!r} does not exist (pass --store or set {STORE_ENV})"
         )
+
+
+def open_tracking(url: str, command: str) -> TrackingStore:
+    """:func:`open_existing`, for commands that read checkpoints or dead letters: raises
+    :class:`~tidings.UnsupportedOperation` naming ``command`` if the backend has no such records."""
+    return require(open_existing(url), TrackingStore, command)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -13,6 +13,7 @@ from tidings.cli.helpformat import HelpGroup
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, open_existing, run
 from tidings.errors import InvalidArgument
 from tidings.sagas.queries import STATUSES, SagaSummary, list_sagas, saga_history, saga_state
+from tidings.store.tracking import SQLStore, require
 
 __all__ = ["sagas_app"]
 
@@ -54,7 +55,9 @@ def list_command(
 
     async def fetch() -> list[SagaSummary]:
         async with open_existing(store) as opened:
-            return await list_sagas(opened, name=name, status=state, limit=limit)
+            return await list_sagas(
+                require(opened, SQLStore, "tidings sagas list"), name=name, status=state, limit=limit
+            )
 
     found = run(fetch())
     if json_output:

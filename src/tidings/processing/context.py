@@ -28,7 +28,8 @@ from tidings.commands import Command
 from tidings.errors import AggregateNotFound, InvalidArgument, UnsupportedOperation
 from tidings.events import Event, RecordedEvent
 from tidings.repository import Repository
-from tidings.store.base import ANY, AppendRequest, EventStore, ExpectedVersion, validate_stream_id
+from tidings.store.append import ANY, AppendRequest, ExpectedVersion, validate_stream_id
+from tidings.store.tracking import SQLStore, TrackingStore, require
 
 __all__ = ["BatchState", "HandlerContext"]
 
@@ -55,7 +56,7 @@ class BatchState:
     dropped with its context.
     """
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: TrackingStore) -> None:
         self.store = store
         self.pending: dict[str, list[Event]] = {}
         self.aggregates: dict[tuple[type[Aggregate], str], tuple[Aggregate, int]] = {}
@@ -129,17 +130,17 @@ class HandlerContext:
 
     def __init__(
         self,
-        store: EventStore,
+        store: TrackingStore,
         recorded: RecordedEvent,
         group: str,
         attempt: int,
         batch: BatchState | None = None,
         *,
-        sql: bool = True,
+        sql: bool | None = None,
     ) -> None:
         self._store = store
         self._batch = batch if batch is not None else BatchState(store)
-        self._sql = sql
+        self._sql = isinstance(store, SQLStore) if sql is None else sql
         self.recorded = recorded
         self.group = group
         self.attempt = attempt
@@ -272,7 +273,7 @@ class HandlerContext:
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Read the store's database (read models) as committed: this batch's pending SQL is not
         visible here. Raises :class:`~tidings.UnsupportedOperation` on a store without SQL."""
-        return await self._store.query(sql, params)
+        return await require(self._store, SQLStore, "ctx.query()").query(sql, params)
 
 
 def _derived_id(recorded: RecordedEvent, group: str, call: int, index: int) -> uuid.UUID:

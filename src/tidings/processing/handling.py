@@ -18,7 +18,7 @@ from tidings.processing.context import BatchState, HandlerContext
 from tidings.processing.handlers import Dispatch, call_handler
 from tidings.processing.retry import handler_failure, retry_event
 from tidings.processing.subscription import Subscription, SubscriptionConfig
-from tidings.store.base import EventStore
+from tidings.store.tracking import TrackingStore
 
 __all__ = ["HandlerSubscription", "split_on_conflict"]
 
@@ -56,13 +56,13 @@ class HandlerSubscription(Subscription):
 
     def __init__(
         self,
-        store: EventStore,
+        store: TrackingStore,
         group: str,
         dispatch: Dispatch,
         *,
         stream_prefix: str | None = None,
         config: SubscriptionConfig | None = None,
-        sql: bool = True,
+        sql: bool | None = None,
     ) -> None:
         super().__init__(
             store, group, event_types=dispatch.type_names, stream_prefix=stream_prefix, config=config

@@ -37,7 +37,15 @@ from tidings.processing.handlers import Dispatch, handler_methods
 from tidings.processing.retry import retry_event
 from tidings.processing.subscription import Subscription, SubscriptionConfig
 from tidings.store.base import EventStore
-from tidings.store.records import Tx
+from tidings.store.tracking import (
+    ProjectionGeneration,
+    SQLStore,
+    Tx,
+    forget_group,
+    load_generation,
+    require,
+    save_generation,
+)
 
 __all__ = [
     "Projection",
@@ -165,8 +173,8 @@ class Projection:
 
 
 def _generation_row(tx: Tx, name: str) -> tuple[int, int | None] | None:
-    row = tx.fetchone("SELECT generation, building FROM tidings_projections WHERE name = ?", (name,))
-    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
+    entry = load_generation(tx, name)
+    return None if entry is None else (entry.generation, entry.building)
 
 
 def _create_tables(tx: Tx, projection: Projection, generation: int) -> None:
@@ -190,10 +198,7 @@ def _ensure(tx: Tx, projection: Projection) -> int:
         return row[0]
     _create_tables(tx, projection, 1)
     _point_views(tx, projection, 1)
-    tx.execute(
-        "INSERT INTO tidings_projections (name, generation, building) VALUES (?, 1, NULL)",
-        (projection.name,),
-    )
+    save_generation(tx, ProjectionGeneration(projection.name, 1))
     return 1
 
 
@@ -201,9 +206,7 @@ def _forget_generation(tx: Tx, projection: Projection, generation: int) -> None:
     """Drop a generation that no longer serves: its tables, checkpoint, dead letters and inbox."""
     for physical in projection.physical(generation).values():
         tx.execute(f"DROP TABLE IF EXISTS {physical}")
-    group = projection.group(generation)
-    for table in ("tidings_checkpoints", "tidings_dead_letters", "tidings_inbox"):
-        tx.execute(f"DELETE FROM {table} WHERE group_name = ?", (group,))
+    forget_group(tx, projection.group(generation))
 
 
 def _check_generation(tx: Tx, projection: Projection, generation: int) -> None:
@@ -215,7 +218,11 @@ def _check_generation(tx: Tx, projection: Projection, generation: int) -> None:
 
 
 class ProjectionSubscription(Subscription):
-    """Runs a :class:`Projection` over the log, in batches, each committed with its checkpoint."""
+    """Runs a :class:`Projection` over the log, in batches, each committed with its checkpoint.
+
+    Needs a :class:`~tidings.store.SQLStore`; any other store raises
+    :class:`~tidings.UnsupportedOperation` here, before anything runs.
+    """
 
     def __init__(
         self,
@@ -225,8 +232,9 @@ class ProjectionSubscription(Subscription):
         generation: int | None = None,
         config: SubscriptionConfig | None = None,
     ) -> None:
+        self.sql_store = require(store, SQLStore, f"projection {projection.name!r}")
         super().__init__(
-            store,
+            self.sql_store,
             projection.group(generation or 1),
             event_types=projection.dispatch.type_names,
             stream_prefix=projection.stream_prefix,
@@ -238,7 +246,7 @@ class ProjectionSubscription(Subscription):
 
     async def prepare(self) -> None:
         if not self._fixed:
-            self.generation = await self.store.transaction(lambda tx: _ensure(tx, self.projection))
+            self.generation = await self.sql_store.transaction(lambda tx: _ensure(tx, self.projection))
             self.group = self.projection.group(self.generation)
 
     async def on_conflict(self) -> None:
@@ -369,12 +377,13 @@ async def rebuild_projection(
         if abandoned is not None:
             _forget_generation(tx, projection, abandoned)
         _create_tables(tx, projection, new)
-        tx.execute("UPDATE tidings_projections SET building = ? WHERE name = ?", (new, projection.name))
-        tx.execute("DELETE FROM tidings_checkpoints WHERE group_name = ?", (projection.group(new),))
+        save_generation(tx, ProjectionGeneration(projection.name, current, building=new))
+        forget_group(tx, projection.group(new))
         return current, new
 
-    old, new = await store.transaction(begin)
-    builder = ProjectionSubscription(store, projection, generation=new, config=config)
+    sql_store = require(store, SQLStore, f"projection {projection.name!r}")
+    old, new = await sql_store.transaction(begin)
+    builder = ProjectionSubscription(sql_store, projection, generation=new, config=config)
     # Catch up repeatedly: events keep arriving while we build.
     while True:
         reached = await builder.run_until_caught_up()
@@ -388,15 +397,14 @@ async def rebuild_projection(
                 f"projection {projection.name!r} changed during the rebuild (now {row}); not swapped"
             )
         _point_views(tx, projection, new)
-        tx.execute(
-            "UPDATE tidings_projections SET generation = ?, building = NULL WHERE name = ?",
-            (new, projection.name),
-        )
+        for physical in projection.physical(old).values():
+            tx.execute(f"DROP TABLE IF EXISTS {physical}")
+        save_generation(tx, ProjectionGeneration(projection.name, new))
         # The old generation's parked events were replayed into the new one (and parked again
-        # there if they still fail), so its dead letters and inbox are moot.
-        _forget_generation(tx, projection, old)
+        # there if they still fail), so its checkpoint, dead letters and inbox are moot.
+        forget_group(tx, projection.group(old))
 
-    await store.transaction(swap)
+    await sql_store.transaction(swap)
     return new
 
 
@@ -414,11 +422,12 @@ class ProjectionStatus:
 
 async def projection_status(store: EventStore) -> list[ProjectionStatus]:
     """Status of every projection known to the store's database."""
-    rows = await store.query("SELECT name, generation, building FROM tidings_projections ORDER BY name")
-    checkpoints = await store.checkpoints()
+    sql_store = require(store, SQLStore, "projection status")
+    entries = await sql_store.projection_generations()
+    checkpoints = await sql_store.checkpoints()
     head = await store.head()
     out = []
-    for name, generation, building in rows:
+    for name, generation, building in ((e.name, e.generation, e.building) for e in entries):
         checkpoint = checkpoints.get(f"projection:{name}:g{generation}", 0)
         out.append(ProjectionStatus(name, generation, building, checkpoint, head, head - checkpoint))
     return out

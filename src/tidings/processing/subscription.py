@@ -3,7 +3,7 @@
 A :class:`Subscription` reads the log from its group's checkpoint, catches up in batches, then
 waits for appends (woken by the store, with a backstop poll) — the switch from catch-up to live is
 the same loop, so nothing is missed or repeated at the switch. Each step commits its effects with
-the new checkpoint in one transaction (:meth:`EventStore.commit_processed`), guarded by a
+the new checkpoint in one transaction (:meth:`TrackingStore.commit_processed`), guarded by a
 compare-and-set on the checkpoint so that two runners of one group never both commit an event.
 
 Two kinds of work run on it: *handlers* (async, one event at a time, effects buffered in a
@@ -31,11 +31,10 @@ from tidings.errors import (
     TidingsError,
     is_transient,
 )
-from tidings.events import RecordedEvent, uuid_from_bytes
+from tidings.events import RecordedEvent
 from tidings.processing.context import HandlerContext
 from tidings.processing.retry import RetryPolicy, handler_failure
-from tidings.store.base import EventStore
-from tidings.store.records import DeadLetter, DeadLetterRecord, ProcessedBatch, Tx
+from tidings.store.tracking import DeadLetter, DeadLetterRecord, ProcessedBatch, TrackingStore, Tx
 
 __all__ = ["Subscription", "SubscriptionConfig", "SubscriptionStats"]
 
@@ -112,7 +111,7 @@ class Subscription(abc.ABC):
 
     def __init__(
         self,
-        store: EventStore,
+        store: TrackingStore,
         group: str,
         *,
         event_types: Sequence[str] | None = None,
@@ -351,15 +350,23 @@ class Subscription(abc.ABC):
         try:
             await self._read(self.checkpoint, 1)
         except (EventTypeError, SerializationError) as exc:
-            rows, _ = await self.store._fetch_all(self.checkpoint, self.event_types, self.stream_prefix, 1)
-            if not rows:
+            stored = [
+                s
+                async for s in self.store.read_all_stored(
+                    after=self.checkpoint,
+                    event_types=self.event_types,
+                    stream_prefix=self.stream_prefix,
+                    limit=1,
+                )
+            ]
+            if not stored:
                 return False
-            position, stream_id, _version, event_id, event_type = rows[0][:5]
+            position = stored[0].position
             record = DeadLetterRecord(
                 position,
-                uuid_from_bytes(event_id),
-                stream_id,
-                event_type,
+                stored[0].event_id,
+                stored[0].stream_id,
+                stored[0].event_type,
                 f"{type(exc).__name__}: {exc}",
                 "".join(traceback.format_exception(exc)),
                 1,

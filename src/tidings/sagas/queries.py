@@ -9,6 +9,7 @@ from tidings.errors import InvalidArgument, TidingsError
 from tidings.events import Event, RecordedEvent
 from tidings.sagas.state import TERMINAL, SagaInstance
 from tidings.store.base import EventStore
+from tidings.store.tracking import SQLStore
 
 __all__ = ["SagaSummary", "list_sagas", "saga_history", "saga_state"]
 
@@ -37,7 +38,7 @@ def _when(value: float | None) -> datetime | None:
 
 
 async def list_sagas(
-    store: EventStore, *, name: str | None = None, status: str | None = None, limit: int = 1000
+    store: SQLStore, *, name: str | None = None, status: str | None = None, limit: int = 1000
 ) -> list[SagaSummary]:
     """Saga instances, most recently changed first, optionally of one saga and/or one status."""
     if status is not None and status not in STATUSES:

@@ -40,7 +40,7 @@ from tidings.sagas.state import (
     StepStarted,
     StepSucceeded,
 )
-from tidings.store.base import EventStore
+from tidings.store.tracking import SQLStore
 
 __all__ = ["DeadlineTimer", "SagaHandler", "ensure_saga_index"]
 
@@ -64,7 +64,7 @@ _UPSERT = (
 )
 
 
-async def ensure_saga_index(store: EventStore) -> None:
+async def ensure_saga_index(store: SQLStore) -> None:
     """Create the ``tidings_sagas`` index table if it is missing (idempotent)."""
 
     def create(tx: Any) -> None:
@@ -231,7 +231,7 @@ class DeadlineTimer:
     deadline), so several timers, or a timer that crashed after appending, append it once.
     """
 
-    def __init__(self, store: EventStore, saga: Saga, clock: Clock, poll_interval: float) -> None:
+    def __init__(self, store: SQLStore, saga: Saga, clock: Clock, poll_interval: float) -> None:
         self.store = store
         self.saga = saga
         self.clock = clock

@@ -1,9 +1,12 @@
-"""The event store contract and the logic every backend shares.
+"""The event store contract -- streams, the global log, snapshots, change notification -- and the
+logic every backend shares.
 
-A backend subclasses :class:`EventStore` and implements a handful of primitives over stored rows
-(``_append``, ``_fetch_stream``, ``_fetch_all`` ...). Validation, encoding, decoding, upcasting and
-the expected-version / idempotent-append rules live here once, so every backend behaves the same and
-the contract suite in :mod:`tidings.testing` can hold them all to it.
+A backend subclasses :class:`EventStore` (or, with more capabilities, :class:`~tidings.store.tracking.
+TrackingStore` or :class:`~tidings.store.tracking.SQLStore`) and implements a handful of primitives
+over stored rows (``_append``, ``_fetch_stream``, ``_fetch_all`` ...). Validation, encoding,
+decoding and upcasting live here once, and the expected-version / idempotent-append rules in
+:mod:`tidings.store.append`, so every backend behaves the same and the contract suite in
+:mod:`tidings.testing` can hold them all to it.
 """
 
 from __future__ import annotations
@@ -12,25 +15,18 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-import enum
-import os
-import time
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeAlias, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Final, Self, TypeAlias
+from urllib.parse import unquote_plus, urlsplit
 
 import orjson
 from pydantic import ValidationError
 
 from tidings.errors import (
-    ConcurrencyError,
-    DuplicateEventId,
     InvalidArgument,
-    InvalidStreamId,
     StoreClosed,
 )
 from tidings.events import (
@@ -38,66 +34,36 @@ from tidings.events import (
     EventRegistry,
     RawEvent,
     RecordedEvent,
+    datetime_from_micros,
     default_registry,
     uuid_from_bytes,
 )
-
-if TYPE_CHECKING:
-    from tidings.store.records import DeadLetter, ProcessedBatch, Tx
-
-T = TypeVar("T")
+from tidings.store.append import (
+    ANY,
+    AppendRequest,
+    AppendResult,
+    EncodedEvent,
+    ExpectedVersion,
+    new_event_ids,
+    validate_expected,
+    validate_stream_id,
+)
 
 __all__ = [
-    "ANY",
-    "MAX_STREAM_ID_LENGTH",
-    "NO_STREAM",
-    "STREAM_EXISTS",
-    "AppendRequest",
-    "AppendResult",
-    "EncodedEvent",
     "EventStore",
-    "ExpectedVersion",
     "Row",
     "Snapshot",
+    "StoredEvent",
     "StreamInfo",
+    "mask_password",
+    "now_micros",
+    "validate_position",
 ]
-
-MAX_STREAM_ID_LENGTH: Final = 512
-"""Longest accepted stream id, in characters."""
 
 PAGE_SIZE: Final = 1000
 """Rows fetched per round trip by the streaming readers; bounds their memory."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class StreamState(enum.Enum):
-    """Symbolic expected versions for :meth:`EventStore.append`."""
-
-    ANY = "any"
-    NO_STREAM = "no stream"
-    STREAM_EXISTS = "stream exists"
-
-    def __str__(self) -> str:
-        return self.name
-
-
-ANY: Final = StreamState.ANY
-"""Append whatever the stream's version is."""
-NO_STREAM: Final = StreamState.NO_STREAM
-"""Append only if the stream has no events (same as ``expected_version=0``)."""
-STREAM_EXISTS: Final = StreamState.STREAM_EXISTS
-"""Append only if the stream has at least one event."""
-
-ExpectedVersion: TypeAlias = int | StreamState
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AppendResult:
-    """What an append did: the stream's version after it and the global position of its last event."""
-
-    version: int
-    position: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,121 +86,26 @@ class Snapshot:
     state: bytes
 
 
-class EncodedEvent(NamedTuple):
-    """An event ready to be written: id, type name, schema version and JSON bytes.
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event exactly as stored, not decoded: its envelope, type, schema version and JSON bytes
+    (see :meth:`EventStore.read_all_stored`)."""
 
-    A named tuple rather than a frozen dataclass: an append builds one per event, and a tuple
-    is built in C several times faster.
-    """
-
+    position: int
+    stream_id: str
+    version: int
     event_id: uuid.UUID
     event_type: str
     schema_version: int
+    timestamp: datetime
     data: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AppendRequest:
-    """One validated, encoded call to :meth:`EventStore.append`, as handed to a backend."""
-
-    stream_id: str
-    events: tuple[EncodedEvent, ...]
-    expected: ExpectedVersion
     metadata: bytes | None
-    explicit_ids: bool
-
-    def resolve(
-        self, current_version: int, current_position: int, existing: Sequence[tuple[Any, ...]]
-    ) -> AppendResult | None:
-        """Apply the idempotency and expected-version rules.
-
-        ``existing`` holds ``(event_id, stream_id, version, position)`` for those of this request's
-        event ids that are already stored (backends look them up only when ids were explicit).
-        Returns the original result for an exact retry, ``None`` when the append should go ahead,
-        and raises :class:`DuplicateEventId` or :class:`ConcurrencyError` otherwise.
-        """
-        if existing:
-            original = self._match_retry(existing)
-            if original is not None:
-                return original
-        check_expected(self.stream_id, self.expected, current_version)
-        if not self.events:
-            return AppendResult(current_version, current_position)
-        return None
-
-    def _match_retry(self, existing: Sequence[tuple[Any, ...]]) -> AppendResult | None:
-        found = {uuid_from_bytes(row[0]): row for row in existing}
-        first = found.get(self.events[0].event_id)
-        if len(found) == len(self.events) and first is not None and first[1] == self.stream_id:
-            start = int(first[2])
-            retry = all(
-                (row := found.get(e.event_id)) is not None
-                and row[1] == self.stream_id
-                and int(row[2]) == start + i
-                for i, e in enumerate(self.events)
-            )
-            expected_ok = not isinstance(self.expected, int) or self.expected == start - 1
-            if retry and expected_ok:
-                last = found[self.events[-1].event_id]
-                return AppendResult(int(last[2]), int(last[3]))
-        for e in self.events:
-            row = found.get(e.event_id)
-            if row is not None:
-                raise DuplicateEventId(
-                    e.event_id,
-                    self.stream_id,
-                    f"it is already stored in stream {row[1]!r} at version {row[2]}, and this "
-                    "append is not an exact retry of the one that stored it",
-                )
-        raise AssertionError("unreachable: existing rows match no requested id")
-
-
-def check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
-    """Raise :class:`ConcurrencyError` unless ``actual`` satisfies ``expected``."""
-    if expected is ANY:
-        return
-    if expected is NO_STREAM:
-        ok = actual == 0
-    elif expected is STREAM_EXISTS:
-        ok = actual > 0
-    else:
-        ok = actual == expected
-    if not ok:
-        raise ConcurrencyError(stream_id, expected, actual)
 
 
 Row: TypeAlias = tuple[Any, ...]
 """A stored event: (position, stream_id, version, event_id, event_type, schema_version,
 timestamp, data, metadata). ``event_id`` is a UUID or its 16 bytes; ``timestamp`` an aware
 datetime or integer microseconds since the epoch; ``metadata`` JSON bytes or None."""
-
-
-def validate_stream_id(stream_id: object) -> str:
-    """Return ``stream_id`` if it is an acceptable stream id, else raise :class:`InvalidStreamId`."""
-    if not isinstance(stream_id, str):
-        raise InvalidStreamId(stream_id, f"must be a str, not {type(stream_id).__qualname__}")
-    if not stream_id:
-        raise InvalidStreamId(stream_id, "must not be empty")
-    if len(stream_id) > MAX_STREAM_ID_LENGTH:
-        raise InvalidStreamId(
-            stream_id, f"is {len(stream_id)} characters long; the limit is {MAX_STREAM_ID_LENGTH}"
-        )
-    if "\x00" in stream_id:
-        raise InvalidStreamId(stream_id, "must not contain NUL characters")
-    return stream_id
-
-
-MAX_GROUP_LENGTH: Final = 200
-
-
-def validate_group(group: object) -> str:
-    """Return ``group`` if it is an acceptable subscription group name, else raise."""
-    if not isinstance(group, str) or not group or len(group) > MAX_GROUP_LENGTH or "\x00" in group:
-        raise InvalidArgument(
-            f"subscription group must be a non-empty str of at most {MAX_GROUP_LENGTH} characters, "
-            f"got {group!r:.80}"
-        )
-    return group
 
 
 def validate_position(name: str, value: object, *, allow_none: bool = False) -> int | None:
@@ -247,42 +118,24 @@ def validate_position(name: str, value: object, *, allow_none: bool = False) -> 
     return value
 
 
-def validate_expected(stream_id: str, expected: object) -> ExpectedVersion:
-    if isinstance(expected, StreamState):
-        return expected
-    if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 0:
-        return expected
-    raise InvalidArgument(
-        f"stream {stream_id!r}: expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an "
-        f"int >= 0, got {expected!r}"
-    )
-
-
-_new_object = object.__new__
-_set_attribute = object.__setattr__
-_from_bytes = int.from_bytes
-
-
-def new_event_ids(count: int) -> list[uuid.UUID]:
-    """``count`` new event ids: time-ordered UUIDs (version 7, RFC 9562) from one system call.
-
-    Time order matters for the stores: ids that grow with time land at the right edge of the
-    unique event-id index, so a commit dirties a few pages instead of one random page per event
-    (random version 4 ids made commits several times slower on large stores). The 74 random bits
-    keep ids unguessable and collision-free.
-    """
-    raw = os.urandom(10 * count)
-    millis = time.time_ns() // 1_000_000
-    prefix = (millis & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76
-    out = []
-    for offset in range(0, 10 * count, 10):
-        rand = _from_bytes(raw[offset : offset + 10])  # 80 random bits; 74 are used
-        value = prefix | (rand >> 68) << 64 | 0b10 << 62 | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-        result = _new_object(uuid.UUID)
-        _set_attribute(result, "int", value)
-        _set_attribute(result, "is_safe", uuid.SafeUUID.unknown)
-        out.append(result)
-    return out
+def mask_password(url: str) -> str:
+    """``url`` with the password of its authority and of any ``password=`` query option replaced
+    by ``***``; everything else unchanged."""
+    parts = urlsplit(url)
+    masked = url
+    if parts.password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        masked = masked.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{host}", 1)
+    if parts.query:
+        pairs = parts.query.split("&")
+        for i, pair in enumerate(pairs):
+            key = pair.partition("=")[0]
+            if unquote_plus(key).lower() == "password":
+                pairs[i] = f"{key}=***"
+        # Rebuilt by replacement, not urlunsplit, which would turn sqlite:///x into sqlite:/x.
+        head = masked.partition("?")[0]
+        masked = f"{head}?{'&'.join(pairs)}" + (f"#{parts.fragment}" if parts.fragment else "")
+    return masked
 
 
 def now_micros() -> int:
@@ -323,23 +176,19 @@ class EventStore(abc.ABC):
         self._opened = False
         self._closed = False
         self._head_changed = asyncio.Event()
-        self._checkpoint_changed = asyncio.Event()
 
     @property
     def safe_url(self) -> str:
-        """The store's URL with any password masked, for messages and logs."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
-
-    # -- lifecycle ------------------------------------------------------------------------------
+        """The store's URL with any password masked (in the authority and in a ``password=``
+        query option), for messages and logs."""
+        return mask_password(self.url)
 
     @property
     def is_open(self) -> bool:
         """True between a successful :meth:`open` and :meth:`close`."""
         return self._opened and not self._closed
+
+    # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> Self:
         """Connect and create (or check) the schema. Idempotent."""
@@ -555,6 +404,48 @@ class EventStore(abc.ABC):
                 return
             lower = scanned_to
 
+    async def read_all_stored(
+        self,
+        *,
+        after: int = 0,
+        event_types: Iterable[str | type[Event]] | None = None,
+        stream_prefix: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[StoredEvent]:
+        """Like :meth:`read_all`, but yield the events as stored, without decoding them.
+
+        For tools that must see an event even when it no longer decodes (an unknown type, data
+        that fails validation, a broken upcaster): a subscription parks such an event as a dead
+        letter by its envelope.
+        """
+        lower = validate_position("after", after)
+        remaining = validate_position("limit", limit, allow_none=True)
+        assert lower is not None
+        types = _type_names(event_types)
+        if stream_prefix is not None and not isinstance(stream_prefix, str):
+            raise InvalidArgument(f"stream_prefix must be a str, got {stream_prefix!r}")
+        self._check_open()
+        while remaining is None or remaining > 0:
+            page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
+            rows, scanned_to = await self._fetch_all(lower, types, stream_prefix, page)
+            for position, stream_id, version, event_id, event_type, schema, ts, data, meta in rows:
+                yield StoredEvent(
+                    position,
+                    stream_id,
+                    version,
+                    uuid_from_bytes(event_id),
+                    event_type,
+                    schema,
+                    datetime_from_micros(ts),
+                    _as_bytes(data),
+                    None if meta is None else _as_bytes(meta),
+                )
+            if remaining is not None:
+                remaining -= len(rows)
+            if scanned_to is None:
+                return
+            lower = scanned_to
+
     def decode_rows(self, rows: Sequence[Row], raw_unknown: bool = False) -> list[RecordedEvent]:
         """Decode a page of stored rows. The common case (a registered type at its current schema
         version) goes straight to the model's JSON validator; everything else takes
@@ -671,120 +562,6 @@ class EventStore(abc.ABC):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), remaining)
 
-    # -- processing records (checkpoints, inbox, dead letters) -------------------------------------
-
-    async def load_checkpoint(self, group: str) -> int:
-        """The position up to which ``group`` has processed the log (0 if never)."""
-        self._check_open()
-        return await self._load_checkpoint(validate_group(group))
-
-    async def checkpoints(self) -> dict[str, int]:
-        """Every subscription group's checkpoint."""
-        self._check_open()
-        return await self._checkpoints()
-
-    async def commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
-        """Commit one step of a subscription atomically (see :class:`ProcessedBatch`).
-
-        Returns the results of the batch's appends. Raises :class:`~tidings.CheckpointConflict`
-        when another runner moved the group's checkpoint; any error means nothing was written.
-        """
-        validate_group(batch.group)
-        self._check_open()
-        results = await self._commit_processed(batch)
-        self._notify_checkpoint()
-        if batch.appends:
-            self._notify_appended()
-        return results
-
-    async def processed_ids(self, group: str, event_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Those of ``event_ids`` that ``group`` has recorded as processed (its inbox)."""
-        self._check_open()
-        if not event_ids:
-            return set()
-        return await self._processed_ids(validate_group(group), list(event_ids))
-
-    async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
-        """Parked events, oldest first, optionally of one group."""
-        self._check_open()
-        return await self._dead_letters(None if group is None else validate_group(group), None)
-
-    async def dead_letter(self, id: int) -> DeadLetter | None:
-        """One parked event by its id, or None."""
-        self._check_open()
-        found = await self._dead_letters(None, id)
-        return found[0] if found else None
-
-    async def discard_dead_letter(self, id: int) -> bool:
-        """Delete a parked event without processing it; False if there was none with that id."""
-        self._check_open()
-        return await self._discard_dead_letter(id)
-
-    async def set_checkpoint(self, group: str, position: int | None) -> None:
-        """Move ``group``'s checkpoint by hand (None deletes it, so the group replays history)."""
-        validate_position("position", position, allow_none=True)
-        self._check_open()
-        await self._set_checkpoint(validate_group(group), position)
-        self._notify_checkpoint()
-
-    async def transaction(self, fn: Callable[[Tx], T]) -> T:
-        """Run ``fn(tx)`` in one write transaction of the store's database and return its result.
-
-        ``fn`` is synchronous and runs on the store's worker; it must not do other I/O.
-        """
-        self._check_open()
-        return await self._transaction(fn)
-
-    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only SQL query (``?`` placeholders) on the store's database: read models."""
-        self._check_open()
-        return await self._query(sql, params)
-
-    def group_lock(self, group: str) -> asyncio.Lock:
-        """The lock that lets one runner per subscription group work in this process at a time.
-
-        Shared by every store object of this process that opens the same database (two services
-        built from the same URL), so their runners of one group take turns instead of both
-        handling every event. Across processes the checkpoint's compare-and-set keeps commits
-        exactly-once.
-        """
-        key = (self.database_identity(), group)
-        lock = _GROUP_LOCKS.get(key)
-        if lock is None:
-            lock = asyncio.Lock()
-            _GROUP_LOCKS[key] = lock
-        return lock
-
-    def database_identity(self) -> str:
-        """A key naming the database behind this store (same database -> same key)."""
-        return f"{type(self).__name__}:{id(self)}"
-
-    def _notify_checkpoint(self) -> None:
-        event = self._checkpoint_changed
-        self._checkpoint_changed = asyncio.Event()
-        event.set()
-
-    async def wait_for(self, position: int, *, group: str, timeout: float | None = None) -> bool:
-        """Wait until ``group`` has processed ``position`` (read-your-writes for read models).
-
-        Returns True once the group's checkpoint is at or past ``position``, False on timeout.
-        Checkpoints committed in this process wake the waiter at once; others are polled.
-        """
-        validate_position("position", position)
-        group = validate_group(group)
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            changed = self._checkpoint_changed
-            if await self._load_checkpoint(group) >= position:
-                return True
-            wait = 0.05 if deadline is None else min(0.05, deadline - loop.time())
-            if wait <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), wait)
-
     # -- backend primitives -------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -826,33 +603,6 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     async def _load_snapshot(self, stream_id: str, max_version: int | None) -> Snapshot | None: ...
 
-    @abc.abstractmethod
-    async def _load_checkpoint(self, group: str) -> int: ...
-
-    @abc.abstractmethod
-    async def _checkpoints(self) -> dict[str, int]: ...
-
-    @abc.abstractmethod
-    async def _set_checkpoint(self, group: str, position: int | None) -> None: ...
-
-    @abc.abstractmethod
-    async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]: ...
-
-    @abc.abstractmethod
-    async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]: ...
-
-    @abc.abstractmethod
-    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]: ...
-
-    @abc.abstractmethod
-    async def _discard_dead_letter(self, id: int) -> bool: ...
-
-    @abc.abstractmethod
-    async def _transaction(self, fn: Callable[[Tx], T]) -> T: ...
-
-    @abc.abstractmethod
-    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]: ...
-
 
 def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, ...] | None:
     if event_types is None:
@@ -870,6 +620,13 @@ def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, .
     return tuple(dict.fromkeys(names))
 
 
+def _as_bytes(value: Any) -> bytes:
+    """Stored JSON as bytes (a database may hand back a memoryview, or text a foreign writer put in)."""
+    if isinstance(value, str):
+        return value.encode()
+    return bytes(value)
+
+
 def _load_metadata(meta: Any) -> Mapping[str, Any]:
     if meta is None:
         return _EMPTY
@@ -880,6 +637,3 @@ def _load_metadata(meta: Any) -> Mapping[str, Any]:
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-# Weak values: a group's lock lives as long as some runner holds or waits for it.
-_GROUP_LOCKS: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()

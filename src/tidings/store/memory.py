@@ -9,30 +9,27 @@ from __future__ import annotations
 
 import bisect
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from tidings.errors import CheckpointConflict, ProjectionError
+from tidings.errors import CheckpointConflict, TidingsError, UnsupportedOperation
 from tidings.events import EventRegistry
-from tidings.store.base import (
-    AppendRequest,
-    AppendResult,
-    EventStore,
-    Row,
-    Snapshot,
-    StreamInfo,
-    now_micros,
-)
-from tidings.store.records import DeadLetter, ProcessedBatch, Tx
+from tidings.store.append import AppendPlan, AppendRequest, AppendResult, StoredId, plan_appends
+from tidings.store.base import Row, Snapshot, StreamInfo, now_micros
+from tidings.store.tracking import DeadLetter, ProcessedBatch, TrackingStore
 
 T = TypeVar("T")
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore(EventStore):
-    """An :class:`~tidings.store.EventStore` held in process memory; for tests and tooling."""
+class MemoryStore(TrackingStore):
+    """A :class:`~tidings.store.TrackingStore` held in process memory; for tests and tooling.
+
+    It has no SQL database, so it is not a :class:`~tidings.store.SQLStore`: projections (SQL read
+    models) are refused on it with :class:`~tidings.UnsupportedOperation`.
+    """
 
     def __init__(self, url: str = "memory://", *, registry: EventRegistry | None = None) -> None:
         super().__init__(url, registry=registry)
@@ -52,39 +49,48 @@ class MemoryStore(EventStore):
         return None
 
     async def _append(self, request: AppendRequest) -> AppendResult:
-        stream = self._streams.get(request.stream_id, [])
-        version = len(stream)
+        [outcome] = self._write(self._plan([request]))
+        if isinstance(outcome, TidingsError):
+            raise outcome
+        return outcome
+
+    def _plan(self, requests: Sequence[AppendRequest]) -> AppendPlan:
+        """The shared append rules applied to ``requests`` against the current state."""
+        streams: dict[str, tuple[int, int]] = {}
+        stored: dict[uuid.UUID, StoredId] = {}
+        for request in requests:
+            stream = self._streams.get(request.stream_id)
+            if stream:
+                streams[request.stream_id] = (len(stream), stream[-1][0])
+            if request.explicit_ids:
+                for e in request.events:
+                    row = self._ids.get(e.event_id)
+                    if row is not None:
+                        stored[e.event_id] = StoredId(row[1], row[2], row[0])
+        return plan_appends(requests, streams, stored)
+
+    def _write(self, plan: AppendPlan) -> list[AppendResult | TidingsError]:
+        """Store the plan's events after the current head; return the outcomes."""
         head = len(self._log)
-        existing = []
-        if request.explicit_ids:
-            for e in request.events:
-                row = self._ids.get(e.event_id)
-                if row is not None:
-                    existing.append((row[3], row[1], row[2], row[0]))
-        resolved = request.resolve(version, stream[-1][0] if stream else 0, existing)
-        if resolved is not None:
-            return resolved
-        ts = now_micros()
-        rows = [
-            (
-                head + i + 1,
-                request.stream_id,
-                version + i + 1,
-                e.event_id,
-                e.event_type,
-                e.schema_version,
-                ts,
-                e.data,
-                request.metadata,
-            )
-            for i, e in enumerate(request.events)
-        ]
-        self._log.extend(rows)
-        self._streams.setdefault(request.stream_id, []).extend(rows)
-        for row in rows:
-            self._ids[row[3]] = row
-        self._notify_appended()
-        return AppendResult(rows[-1][2], rows[-1][0])
+        if plan.events:
+            ts = now_micros()
+            for offset, stream_id, version, e, meta in plan.events:
+                row = (
+                    head + offset,
+                    stream_id,
+                    version,
+                    e.event_id,
+                    e.event_type,
+                    e.schema_version,
+                    ts,
+                    e.data,
+                    meta,
+                )
+                self._log.append(row)
+                self._streams.setdefault(stream_id, []).append(row)
+                self._ids[e.event_id] = row
+            self._notify_appended()
+        return plan.outcomes_at(head)
 
     async def _fetch_stream(
         self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
@@ -166,34 +172,17 @@ class MemoryStore(EventStore):
         if actual != batch.expected_checkpoint:
             raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
         if batch.work is not None:
-            raise ProjectionError(_NO_SQL)
-        # Resolve every append against the state as it would be, before changing anything, so
-        # the batch stays all-or-nothing and follows the same rules (exact retries included).
-        versions: dict[str, tuple[int, int]] = {}
-        planned_ids: dict[uuid.UUID, tuple[Any, ...]] = {}
-        results: list[AppendResult | None] = []
-        head = len(self._log)
-        for request in batch.appends:
-            stream = self._streams.get(request.stream_id, [])
-            version, last = versions.get(request.stream_id, (len(stream), stream[-1][0] if stream else 0))
-            existing = []
-            for e in request.events:
-                row = self._ids.get(e.event_id)
-                if row is not None:
-                    existing.append((row[3], row[1], row[2], row[0]))
-                elif e.event_id in planned_ids:
-                    existing.append(planned_ids[e.event_id])
-            resolved = request.resolve(version, last, existing)
-            results.append(resolved)
-            if resolved is None:
-                for i, e in enumerate(request.events, start=1):
-                    planned_ids[e.event_id] = (e.event_id, request.stream_id, version + i, head + i)
-                head += len(request.events)
-                versions[request.stream_id] = (version + len(request.events), head)
-        out = [
-            resolved if resolved is not None else await self._append(request)
-            for request, resolved in zip(batch.appends, results, strict=True)
-        ]
+            raise UnsupportedOperation(
+                f"{self.safe_url}: a subscription step with SQL work (a projection) needs a SQL "
+                "store; use sqlite:///path.db or postgresql://... instead"
+            )
+        # Plan every append before changing anything, so the batch stays all-or-nothing and
+        # follows the same rules (exact retries included) as on every backend.
+        plan = self._plan(batch.appends)
+        for outcome in plan.outcomes:
+            if isinstance(outcome, TidingsError):
+                raise outcome
+        out = [o for o in self._write(plan) if isinstance(o, AppendResult)]
         self._inbox.setdefault(batch.group, set()).update(e for e, _ in batch.processed)
         for d in batch.dead_letters:
             parked = next(
@@ -232,15 +221,3 @@ class MemoryStore(EventStore):
 
     async def _discard_dead_letter(self, id: int) -> bool:
         return self._parked.pop(id, None) is not None
-
-    async def _transaction(self, fn: Callable[[Tx], T]) -> T:
-        raise ProjectionError(_NO_SQL)
-
-    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        raise ProjectionError(_NO_SQL)
-
-
-_NO_SQL = (
-    "the memory:// store has no SQL database for projections; use sqlite:///path.db "
-    "(or postgresql://) for SQL read models"
-)

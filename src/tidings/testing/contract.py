@@ -31,7 +31,8 @@ from tidings.errors import (
     UpcastError,
 )
 from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent
-from tidings.store.base import ANY, NO_STREAM, STREAM_EXISTS, EventStore, Snapshot
+from tidings.store.append import ANY, NO_STREAM, STREAM_EXISTS
+from tidings.store.base import EventStore, Snapshot
 from tidings.testing.events import Credited, Debited, Noted, Opaque
 
 __all__ = ["StoreContract", "collect"]

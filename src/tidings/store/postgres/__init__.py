@@ -37,7 +37,7 @@ The price is that appends to one schema commit one at a time. Two things make th
 
 * **Group commit.** Each store has one writer task. Appends made concurrently in the process queue
   up and are written together: one round trip reads the current versions of every stream in the
-  batch (and any explicit event ids), the shared rules of :meth:`AppendRequest.resolve` run in
+  batch (and any explicit event ids), the shared rules of :func:`~tidings.store.append.plan_appends` run in
   Python, and a *single* ``INSERT ... SELECT FROM unnest(...)`` statement takes the counter, inserts
   all events of all accepted appends, ``pg_notify``-s the listeners and commits. Eight tasks
   appending ten events each cost two round trips and one commit, not eight of each.
@@ -60,7 +60,7 @@ NOTIFY-ing transactions database-wide.
 Appends that share a transaction with other work (a subscription step that emits events with its
 checkpoint, :meth:`~EventStore.commit_processed`) lock the counter and hold it until that
 transaction commits; the work itself (a projection's writes) runs before the lock is taken.
-Synchronous projection code (:class:`~tidings.store.records.Tx`) runs in a worker thread whose
+Synchronous projection code (:class:`~tidings.store.tracking.Tx`) runs in a worker thread whose
 statements are executed on the event loop, on the transaction's connection
 (:mod:`tidings.store.postgres.tx`).
 

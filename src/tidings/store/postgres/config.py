@@ -10,6 +10,7 @@ import psycopg
 import psycopg.conninfo
 
 from tidings.errors import InvalidArgument
+from tidings.store.base import mask_password
 from tidings.store.postgres.schema import quote_schema
 
 __all__ = ["PostgresConfig", "redact"]
@@ -84,13 +85,4 @@ def _positive(
 
 def redact(url: str) -> str:
     """``url`` with its password (in the authority or a ``password=`` option) masked, for messages."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = urlencode(
-        [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return mask_password(url)

@@ -15,7 +15,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tidings.errors import CheckpointConflict, CorruptStore, StoreError, TidingsError
 from tidings.events import EventRegistry
-from tidings.store.base import AppendRequest, AppendResult, EventStore, Row, Snapshot, StreamInfo
+from tidings.store.append import AppendRequest, AppendResult
+from tidings.store.base import Row, Snapshot, StreamInfo
 from tidings.store.postgres.config import PostgresConfig, redact
 from tidings.store.postgres.errors import translate
 from tidings.store.postgres.schema import (
@@ -29,7 +30,7 @@ from tidings.store.postgres.schema import (
 )
 from tidings.store.postgres.tx import PostgresTransaction, PostgresTx, to_psycopg
 from tidings.store.postgres.writer import PostgresStatistics, PostgresWriter
-from tidings.store.records import DeadLetter, ProcessedBatch, Tx, dead_letter_filter
+from tidings.store.tracking import DeadLetter, ProcessedBatch, SQLStore, Tx, dead_letter_filter
 
 __all__ = ["PostgresStore", "migrate"]
 
@@ -43,8 +44,8 @@ _INT8_MAX: Final = 2**63 - 1
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class PostgresStore(EventStore):
-    """An :class:`~tidings.store.EventStore` in PostgreSQL (see the module docstring for the design).
+class PostgresStore(SQLStore):
+    """A :class:`~tidings.store.SQLStore` in PostgreSQL (see the module docstring for the design).
 
     Any number of processes may open the same URL; their appends interleave with gap-free,
     strictly increasing positions that readers never skip, and each process learns of the others'
@@ -454,7 +455,7 @@ class PostgresStore(EventStore):
         waited for before the cancellation goes on: otherwise the transaction would be rolled
         back while the thread still issues statements, which would then run outside it.
         """
-        tx = PostgresTx(conn, asyncio.get_running_loop())
+        tx = PostgresTx(conn, asyncio.get_running_loop(), self._translate)
         work = asyncio.ensure_future(asyncio.to_thread(fn, tx))
         try:
             return await asyncio.shield(work)

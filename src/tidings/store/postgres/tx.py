@@ -1,7 +1,7 @@
 """The PostgreSQL store's transactions: :class:`PostgresTransaction` (async, can append) and the
 synchronous :class:`PostgresTx` handed to projection and handler code.
 
-Projection code is synchronous (:class:`~tidings.store.records.Tx`): it runs inside a store
+Projection code is synchronous (:class:`~tidings.store.tracking.Tx`): it runs inside a store
 transaction and calls ``tx.execute(...)`` without awaiting. On PostgreSQL the transaction lives on
 an async psycopg connection owned by the event loop, so the synchronous code runs in a worker
 thread and each of its calls is handed to the loop (``run_coroutine_threadsafe``) and waited for.
@@ -16,13 +16,13 @@ parameters; use ``jsonb_exists()`` and friends instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
 from tidings.errors import StoreError, TidingsError
-from tidings.store.base import AppendRequest, AppendResult
+from tidings.store.append import AppendRequest, AppendResult
 from tidings.store.postgres.writer import append_locked
 
 if TYPE_CHECKING:
@@ -118,17 +118,25 @@ class Result:
 
 
 class PostgresTx:
-    """:class:`~tidings.store.records.Tx` for synchronous code running in a worker thread.
+    """:class:`~tidings.store.tracking.Tx` for synchronous code running in a worker thread.
 
     Every call runs on ``connection`` (in an open transaction) on the event loop ``loop``, and
     blocks the calling thread until it is done. Must not be used from the loop's own thread.
+    Driver errors are raised as ``translate`` makes them (the store's :func:`translate`), so that
+    code running SQL here learns whether a retry can help.
     """
 
     dialect = "postgresql"
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        connection: psycopg.AsyncConnection[Any],
+        loop: asyncio.AbstractEventLoop,
+        translate: Callable[[BaseException], TidingsError],
+    ) -> None:
         self.connection = connection
         self.loop = loop
+        self.translate = translate
         self.closed = False
 
     def close(self) -> None:
@@ -139,7 +147,10 @@ class PostgresTx:
         if self.closed:
             coro.close()
             raise StoreError("the transaction was cancelled; no further statements run in it")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        except (psycopg.Error, UnicodeEncodeError, OverflowError) as exc:
+            raise self.translate(exc) from exc
 
     async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Result:
         cur = await self.connection.execute(to_psycopg(sql, params), params or None)

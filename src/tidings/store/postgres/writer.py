@@ -18,8 +18,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
-from tidings.errors import ConcurrencyError, CorruptStore, DuplicateEventId, StoreError, TidingsError
-from tidings.store.base import AppendRequest, AppendResult
+from tidings.errors import CorruptStore, StoreError, TidingsError
+from tidings.store.append import AppendPlan, AppendRequest, AppendResult, StoredId, plan_appends
 from tidings.store.postgres.schema import Statements
 
 if TYPE_CHECKING:
@@ -35,73 +35,17 @@ _MAX_BATCH_REQUESTS: Final = 512
 _MAX_BATCH_EVENTS: Final = 20_000
 
 
-@dataclasses.dataclass(slots=True)
-class _Batch:
-    """The writes of one group commit, worked out in Python from the versions read.
-
-    ``outcomes[i]`` is request i's result or error. A position that depends on where the batch
-    lands in the log is *pending*: stored as ``-k`` for the batch's k-th event (1-based), and
-    turned into ``base + k`` once the insert has returned the base. Real positions are >= 0, so the
-    two never mix up; :meth:`AppendRequest.resolve` only passes positions through.
-    """
-
-    outcomes: list[AppendResult | TidingsError]
-    streams: list[str]
-    versions: list[int]
-    ids: list[uuid.UUID]
-    types: list[str]
-    schemas: list[int]
-    data: list[bytes]
-    meta: list[bytes | None]
-
-    def results(self, base: int) -> list[AppendResult | TidingsError]:
-        return [
-            AppendResult(o.version, base - o.position)
-            if isinstance(o, AppendResult) and o.position < 0
-            else o
-            for o in self.outcomes
-        ]
-
-
-def _plan(requests: Sequence[AppendRequest], found: Sequence[tuple[Any, ...]]) -> _Batch:
-    """Apply the shared append rules to ``requests`` in order, given the rows ``lookup`` returned.
-
-    Later requests see the effect of earlier ones of the same batch (same stream, same ids).
-    """
+def _plan(requests: Sequence[AppendRequest], found: Sequence[tuple[Any, ...]]) -> AppendPlan:
+    """The shared append rules (:func:`plan_appends`) applied to the rows ``lookup`` returned."""
     streams: dict[str, tuple[int, int]] = {}
-    stored: dict[uuid.UUID, tuple[Any, ...]] = {}
+    stored: dict[uuid.UUID, StoredId] = {}
     for kind, stream_id, version, position, event_id in found:
         if kind == 0:
-            streams[stream_id] = (0, 0) if version is None else (int(version), int(position))
+            if version is not None:
+                streams[stream_id] = (int(version), int(position))
         else:
-            stored[event_id] = (event_id, stream_id, int(version), int(position))
-    batch = _Batch([], [], [], [], [], [], [], [])
-    for request in requests:
-        version, last = streams.get(request.stream_id, (0, 0))
-        existing = []
-        if request.explicit_ids:
-            existing = [row for e in request.events if (row := stored.get(e.event_id)) is not None]
-        try:
-            resolved = request.resolve(version, last, existing)
-        except (ConcurrencyError, DuplicateEventId) as exc:
-            batch.outcomes.append(exc)
-            continue
-        if resolved is not None:
-            batch.outcomes.append(resolved)
-            continue
-        for offset, event in enumerate(request.events, start=1):
-            batch.streams.append(request.stream_id)
-            batch.versions.append(version + offset)
-            batch.ids.append(event.event_id)
-            batch.types.append(event.event_type)
-            batch.schemas.append(event.schema_version)
-            batch.data.append(event.data)
-            batch.meta.append(request.metadata)
-            stored[event.event_id] = (event.event_id, request.stream_id, version + offset, -len(batch.ids))
-        version += len(request.events)
-        streams[request.stream_id] = (version, -len(batch.ids))
-        batch.outcomes.append(AppendResult(version, -len(batch.ids)))
-    return batch
+            stored[event_id] = StoredId(stream_id, int(version), int(position))
+    return plan_appends(requests, streams, stored)
 
 
 async def _lookup(
@@ -113,19 +57,20 @@ async def _lookup(
     return await cur.fetchall()
 
 
-async def _insert(conn: Connection, sql: Statements, batch: _Batch, channel: str) -> int:
-    """Run the insert statement for ``batch``; return the position before its first event."""
+async def _insert(conn: Connection, sql: Statements, plan: AppendPlan, channel: str) -> int:
+    """Run the insert statement for ``plan``; return the position before its first event."""
+    events = plan.events
     cur = await conn.execute(
         sql.insert,
         {
-            "n": len(batch.ids),
-            "streams": batch.streams,
-            "versions": batch.versions,
-            "ids": batch.ids,
-            "types": batch.types,
-            "schemas": batch.schemas,
-            "data": batch.data,
-            "meta": batch.meta,
+            "n": len(events),
+            "streams": [p.stream_id for p in events],
+            "versions": [p.version for p in events],
+            "ids": [p.event.event_id for p in events],
+            "types": [p.event.event_type for p in events],
+            "schemas": [p.event.schema_version for p in events],
+            "data": [p.event.data for p in events],
+            "meta": [p.metadata for p in events],
             "channel": channel,
         },
     )
@@ -145,10 +90,10 @@ async def append_locked(
     transaction ends.
     """
     await conn.execute(sql.lock_head)
-    batch = _plan(requests, await _lookup(conn, sql, requests))
-    if not batch.ids:
-        return batch.outcomes
-    return batch.results(await _insert(conn, sql, batch, channel))
+    plan = _plan(requests, await _lookup(conn, sql, requests))
+    if not plan.events:
+        return plan.outcomes
+    return plan.outcomes_at(await _insert(conn, sql, plan, channel))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -253,7 +198,7 @@ class PostgresWriter:
                 raise
             except psycopg.OperationalError as exc:
                 # The connection broke (or the server cancelled us). Whether the commit happened
-                # is unknown, so re-send every request as an exact retry of itself: resolve()
+                # is unknown, so re-send every request as an exact retry of itself: the planner
                 # recognises events that did get stored by their ids and returns their result.
                 _log.warning("append batch failed (%s); retrying on a fresh connection", exc)
                 await self.store._recover()
@@ -268,20 +213,25 @@ class PostgresWriter:
             return [error] * len(requests)
         except TidingsError as exc:
             return [exc] * len(requests)
+        except Exception as exc:
+            # A value the driver could not even send (it should not happen either): the same.
+            if len(requests) > 1:
+                return [(await self._write([r]))[0] for r in requests]
+            return [self.store._translate(exc)]
 
     async def _write_batch(self, requests: list[AppendRequest]) -> list[AppendResult | TidingsError]:
         store = self.store
         assert store._pool is not None
         async with store._pool.connection() as conn:
-            batch = _plan(requests, await _lookup(conn, store._sql, requests))
-            if not batch.ids:
-                return batch.outcomes
+            plan = _plan(requests, await _lookup(conn, store._sql, requests))
+            if not plan.events:
+                return plan.outcomes
             try:
-                base = await _insert(conn, store._sql, batch, store._channel)
+                base = await _insert(conn, store._sql, plan, store._channel)
             except pg_errors.UniqueViolation:
                 # Another process appended to one of these streams (or stored one of these ids)
                 # after our read. Nothing was written; redo the batch under the counter lock.
                 self.stats["locked_redos"] += 1
                 async with conn.pipeline(), conn.transaction():
                     return await append_locked(conn, store._sql, store._channel, requests)
-            return batch.results(base)
+            return plan.outcomes_at(base)

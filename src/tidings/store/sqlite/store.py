@@ -24,21 +24,14 @@ from typing import Any, Final, TypeVar
 
 from tidings.errors import StoreClosed, StoreError, TidingsError
 from tidings.events import EventRegistry
-from tidings.store.base import (
-    AppendRequest,
-    AppendResult,
-    EventStore,
-    Row,
-    Snapshot,
-    StreamInfo,
-    now_micros,
-)
-from tidings.store.records import DeadLetter, ProcessedBatch, Tx, dead_letter_filter
+from tidings.store.append import AppendRequest, AppendResult
+from tidings.store.base import Row, Snapshot, StreamInfo, now_micros
 from tidings.store.sqlite.config import SQLiteConfig, connect
-from tidings.store.sqlite.errors import translate
+from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.schema import ROW_COLUMNS
 from tidings.store.sqlite.tx import SQLiteTx, commit_processed_in, dead_letter_from_row
 from tidings.store.sqlite.writer import SQLiteStatistics, SQLiteWriter, WriteJob, append_in
+from tidings.store.tracking import DeadLetter, ProcessedBatch, SQLStore, Tx, dead_letter_filter
 
 __all__ = ["SQLiteStore"]
 
@@ -47,8 +40,8 @@ T = TypeVar("T")
 _READERS: Final = 2
 
 
-class SQLiteStore(EventStore):
-    """An :class:`~tidings.store.EventStore` in a SQLite file, with group commit.
+class SQLiteStore(SQLStore):
+    """A :class:`~tidings.store.SQLStore` in a SQLite file, with group commit.
 
     Several processes may open the same file: SQLite's file lock serialises their writes and
     positions stay gap-free. Appends made in this process wake its subscribers at once; appends by
@@ -88,7 +81,7 @@ class SQLiteStore(EventStore):
         def run() -> T:
             try:
                 return fn(self._reader())
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, *BINDING_ERRORS) as exc:
                 raise translate(exc, self.config.path) from exc
 
         try:
@@ -293,7 +286,7 @@ class SQLiteStore(EventStore):
         await self.write(run)
 
     async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
-        return await self.write(lambda conn: commit_processed_in(conn, batch))
+        return await self.write(lambda conn: commit_processed_in(conn, batch, self.config.path))
 
     async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         def query(c: sqlite3.Connection) -> set[uuid.UUID]:
@@ -326,7 +319,7 @@ class SQLiteStore(EventStore):
         )
 
     async def _transaction(self, fn: Callable[[Tx], T]) -> T:
-        return await self.write(lambda conn: fn(SQLiteTx(conn)))
+        return await self.write(lambda conn: fn(SQLiteTx(conn, self.config.path)))
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await self._read(lambda c: c.execute(sql, params).fetchall())

@@ -1,4 +1,4 @@
-"""The SQLite store's SQL transactions: the :class:`~tidings.store.records.Tx` handed to projection
+"""The SQLite store's SQL transactions: the :class:`~tidings.store.tracking.Tx` handed to projection
 and handler code, and the commit of one subscription step (:class:`ProcessedBatch`)."""
 
 from __future__ import annotations
@@ -10,36 +10,55 @@ from typing import Any
 
 from tidings.errors import CheckpointConflict
 from tidings.events import datetime_from_micros
-from tidings.store.base import AppendResult, now_micros
-from tidings.store.records import DeadLetter, ProcessedBatch
+from tidings.store.append import AppendResult
+from tidings.store.base import now_micros
+from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.writer import append_in
+from tidings.store.tracking import DeadLetter, ProcessedBatch
 
 __all__ = ["SQLiteTx", "commit_processed_in", "dead_letter_from_row"]
 
 
 class SQLiteTx:
-    """:class:`~tidings.store.records.Tx` over the writer's connection (``?`` placeholders)."""
+    """:class:`~tidings.store.tracking.Tx` over the writer's connection (``?`` placeholders).
+
+    Driver errors are raised as tidings' own (:mod:`tidings.store.sqlite.errors`), so that code
+    running SQL here learns whether a retry can help.
+    """
 
     dialect = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         self.conn = conn
+        self.path = path
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
+        try:
+            return self.conn.execute(sql, params)
+        except (sqlite3.Error, *BINDING_ERRORS) as exc:
+            raise translate(exc, self.path) from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> sqlite3.Cursor:
-        return self.conn.executemany(sql, rows)
+        try:
+            return self.conn.executemany(sql, rows)
+        except (sqlite3.Error, *BINDING_ERRORS) as exc:
+            raise translate(exc, self.path) from exc
 
     def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
+        try:
+            row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
+        except (sqlite3.Error, *BINDING_ERRORS) as exc:
+            raise translate(exc, self.path) from exc
         return row
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.conn.execute(sql, params).fetchall()
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except (sqlite3.Error, *BINDING_ERRORS) as exc:
+            raise translate(exc, self.path) from exc
 
 
-def commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch) -> list[AppendResult]:
+def commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch, path: str) -> list[AppendResult]:
     """Commit one subscription step in the writer's open transaction (see :class:`ProcessedBatch`).
 
     Raises :class:`CheckpointConflict` if the group's checkpoint is not the expected one."""
@@ -50,7 +69,7 @@ def commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch) -> list
     if actual != batch.expected_checkpoint:
         raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
     if batch.work is not None:
-        batch.work(SQLiteTx(conn))
+        batch.work(SQLiteTx(conn, path))
     results = [append_in(conn, request) for request in batch.appends]
     if batch.processed:
         conn.executemany(

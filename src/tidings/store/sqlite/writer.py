@@ -21,13 +21,16 @@ import functools
 import queue
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from tidings.errors import CorruptStore, TidingsError
-from tidings.store.base import AppendRequest, AppendResult, now_micros
+from tidings.events import uuid_from_bytes
+from tidings.store.append import AppendRequest, AppendResult, StoredId, plan_appends
+from tidings.store.base import now_micros
 from tidings.store.sqlite.config import SQLiteConfig, connect
-from tidings.store.sqlite.errors import translate
+from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.schema import init_schema
 
 __all__ = ["SQLiteStatistics", "SQLiteWriter", "WriteJob", "append_in"]
@@ -217,7 +220,7 @@ class SQLiteWriter:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            failure = translate(exc, self.config.path) if isinstance(exc, sqlite3.Error) else exc
+            failure = self._translate(exc)
             for job in batch:
                 job.loop.call_soon_threadsafe(_settle, job.future, None, failure)
             return
@@ -244,10 +247,19 @@ class SQLiteWriter:
             conn.execute("ROLLBACK" if single else "ROLLBACK TO job")
             if not single:
                 conn.execute("RELEASE job")
-            return None, translate(exc, self.config.path) if isinstance(exc, sqlite3.Error) else exc
+            return None, self._translate(exc)
         if not single:
             conn.execute("RELEASE job")
         return result, None
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """sqlite3's errors (and its binding errors) as tidings' own; anything else unchanged,
+        such as the exception of a caller's job."""
+        if isinstance(exc, (sqlite3.Error, *BINDING_ERRORS)):
+            translated = translate(exc, self.config.path)
+            translated.__cause__ = exc  # chained as by ``raise ... from exc``: it is raised elsewhere
+            return translated
+        return exc
 
     def _run_appends(
         self, conn: sqlite3.Connection, jobs: list[_Job]
@@ -263,7 +275,9 @@ class SQLiteWriter:
             conn.execute("SAVEPOINT appends")
         try:
             outcomes = append_many_in(conn, requests)
-        except sqlite3.Error:
+        except Exception:
+            # Requests arrive validated, so this should not happen; if a value still cannot be
+            # stored, it must fail its own append only, not the others merged with it.
             if guarded:
                 conn.execute("ROLLBACK TO appends")
                 conn.execute("RELEASE appends")
@@ -286,9 +300,10 @@ def append_many_in(
 ) -> list[tuple[AppendResult | None, BaseException | None]]:
     """Perform several appends in the open transaction with one state query and one INSERT.
 
-    The expected-version and idempotency rules run in Python against the state read once and
-    updated as each request is accepted, so a rejected request simply contributes no rows and
-    gets its own error, exactly as if the appends had run one after another.
+    :func:`~tidings.store.append.plan_appends` decides each request's fate against the state read
+    once, so a rejected request simply contributes no rows and gets its own error, exactly as if
+    the appends had run one after another. A failure of the statements themselves is raised (the
+    caller redoes the requests one by one to pin it on its own request).
     """
     streams = list(dict.fromkeys(r.stream_id for r in requests))
     state: dict[str, tuple[int, int]] = {}
@@ -306,49 +321,40 @@ def append_many_in(
                 head = int(position or 0)
             else:
                 state[stream_id] = (int(version), int(position))
-    known: dict[bytes, tuple[Any, ...]] = {}
+    stored: dict[uuid.UUID, StoredId] = {}
     explicit = [e.event_id.bytes for r in requests if r.explicit_ids for e in r.events]
     for start in range(0, len(explicit), 500):
         ids = explicit[start : start + 500]
-        for row in conn.execute(
+        for event_id, stream_id, version, position in conn.execute(
             "SELECT event_id, stream_id, version, position FROM tidings_events "
             f"WHERE event_id IN ({', '.join('?' * len(ids))})",
             ids,
         ):
-            known[bytes(row[0])] = row
-    ts = now_micros()
-    rows: list[tuple[Any, ...]] = []
-    outcomes: list[tuple[AppendResult | None, BaseException | None]] = []
-    for request in requests:
-        stream_id = request.stream_id
-        version, last_position = state.get(stream_id, (0, 0))
-        existing = []
-        if request.explicit_ids:
-            existing = [known[key] for e in request.events if (key := e.event_id.bytes) in known]
-        try:
-            resolved = request.resolve(version, last_position, existing)
-        except TidingsError as exc:
-            outcomes.append((None, exc))
-            continue
-        if resolved is not None:
-            outcomes.append((resolved, None))
-            continue
-        meta = request.metadata
-        for i, e in enumerate(request.events, start=1):
-            key = e.event_id.bytes
-            rows.append(
-                (head + i, stream_id, version + i, key, e.event_type, e.schema_version, ts, e.data, meta)
+            stored[uuid_from_bytes(event_id)] = StoredId(stream_id, int(version), int(position))
+    plan = plan_appends(requests, state, stored)
+    if plan.events:
+        ts = now_micros()
+        rows = [
+            (
+                head + offset,
+                stream_id,
+                version,
+                e.event_id.bytes,
+                e.event_type,
+                e.schema_version,
+                ts,
+                e.data,
+                meta,
             )
-            if request.explicit_ids:
-                known[key] = (key, stream_id, version + i, head + i)
-        n = len(request.events)
-        head += n
-        state[stream_id] = (version + n, head)
-        outcomes.append((AppendResult(version + n, head), None))
-    for start in range(0, len(rows), _INSERT_CHUNK):
-        chunk_rows = rows[start : start + _INSERT_CHUNK]
-        conn.execute(_insert_sql(len(chunk_rows)), [value for row in chunk_rows for value in row])
-    return outcomes
+            for offset, stream_id, version, e, meta in plan.events
+        ]
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            chunk_rows = rows[start : start + _INSERT_CHUNK]
+            conn.execute(_insert_sql(len(chunk_rows)), [value for row in chunk_rows for value in row])
+    return [
+        (None, outcome) if isinstance(outcome, TidingsError) else (outcome, None)
+        for outcome in plan.outcomes_at(head)
+    ]
 
 
 def append_in(conn: sqlite3.Connection, request: AppendRequest) -> AppendResult:
