@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from tidings.errors import (
     ConcurrencyError,
+    CorruptEvent,
     DuplicateEventId,
     InvalidArgument,
     InvalidStreamId,
@@ -516,7 +517,10 @@ class EventStore(abc.ABC):
                         continue
                     except ValidationError:
                         pass
-                yield row[2], decode(row[4], row[5], row[7], stream_id=stream_id, position=row[0])
+                yield (
+                    row[2],
+                    decode(row[4], row[5], row[7], stream_id=stream_id, position=row[0], version=row[2]),
+                )
             if remaining is not None:
                 remaining -= len(rows)
             if len(rows) < page:
@@ -563,14 +567,22 @@ class EventStore(abc.ABC):
         decode = self.registry.decode
         out: list[RecordedEvent] = []
         append = out.append
-        for position, stream_id, version, event_id, event_type, schema_version, ts, data, meta in rows:
+        for row in rows:
+            position, stream_id, version, event_id, event_type, schema_version, ts, data, meta = row
             validate = validators.get((event_type, schema_version))
             event: Event | RawEvent
             if validate is not None:
                 try:
                     event = validate(data)
                 except ValidationError:
-                    event = decode(event_type, schema_version, data, stream_id=stream_id, position=position)
+                    event = decode(
+                        event_type,
+                        schema_version,
+                        data,
+                        stream_id=stream_id,
+                        position=position,
+                        version=version,
+                    )
             else:
                 event = decode(
                     event_type,
@@ -579,6 +591,7 @@ class EventStore(abc.ABC):
                     raw_unknown=raw_unknown,
                     stream_id=stream_id,
                     position=position,
+                    version=version,
                 )
             append(
                 RecordedEvent(
@@ -589,7 +602,7 @@ class EventStore(abc.ABC):
                     position,
                     ts,
                     event,
-                    _EMPTY if meta is None else _load_metadata(meta),
+                    _EMPTY if meta is None else _load_metadata(meta, row),
                     schema_version,
                 )
             )
@@ -870,12 +883,24 @@ def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, .
     return tuple(dict.fromkeys(names))
 
 
-def _load_metadata(meta: Any) -> Mapping[str, Any]:
+def _load_metadata(meta: Any, row: Row) -> Mapping[str, Any]:
     if meta is None:
         return _EMPTY
     if isinstance(meta, dict):
         return meta
-    value: dict[str, Any] = orjson.loads(meta)
+    try:
+        value = orjson.loads(meta)
+    except orjson.JSONDecodeError as exc:
+        value = exc
+    if not isinstance(value, dict):
+        raise CorruptEvent(
+            f"its metadata is not a JSON object: {value}",
+            event_type=row[4],
+            schema_version=row[5],
+            stream_id=row[1],
+            version=row[2],
+            position=row[0],
+        ) from (value if isinstance(value, Exception) else None)
     return value
 
 
