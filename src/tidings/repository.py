@@ -11,7 +11,13 @@ from typing import Any, Generic, TypeVar
 from tidings.aggregate import Aggregate
 from tidings.errors import AggregateNotFound, InvalidArgument, TidingsError
 from tidings.events import Event
-from tidings.store.base import AppendResult, EventStore, Snapshot, validate_position
+from tidings.store.base import (
+    AppendResult,
+    EventStore,
+    Snapshot,
+    validate_position,
+    validate_stream_id,
+)
 
 __all__ = ["Repository"]
 
@@ -32,7 +38,13 @@ class Repository(Generic[A]):
     def __init__(
         self, store: EventStore, aggregate_class: type[A], *, snapshot_every: int | None = None
     ) -> None:
-        if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1):
+        if not isinstance(store, EventStore):
+            raise InvalidArgument(f"Repository needs an EventStore, got {type(store).__qualname__}")
+        if not isinstance(aggregate_class, type) or not issubclass(aggregate_class, Aggregate):
+            raise InvalidArgument(f"Repository needs an Aggregate subclass, got {aggregate_class!r:.80}")
+        if snapshot_every is not None and (
+            not isinstance(snapshot_every, int) or isinstance(snapshot_every, bool) or snapshot_every < 1
+        ):
             raise InvalidArgument(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
         self.store = store
         self.aggregate_class = aggregate_class
@@ -53,6 +65,7 @@ class Repository(Generic[A]):
         unless ``create`` is true: then a new, empty aggregate (version 0) is returned, ready to
         record its first events and be saved (get-or-create; only for the current state).
         """
+        id = validate_stream_id(id)
         if at_version is not None and at_time is not None:
             raise InvalidArgument("pass at_version or at_time, not both")
         if at_time is not None and not isinstance(at_time, datetime):
@@ -103,6 +116,11 @@ class Repository(Generic[A]):
         :class:`~tidings.ConcurrencyError` if another writer got there first; the aggregate keeps
         its pending events, and the caller may reload and retry the command.
         """
+        if not isinstance(aggregate, self.aggregate_class):
+            raise InvalidArgument(
+                f"this repository saves {self.aggregate_class.__name__} aggregates, got "
+                f"{type(aggregate).__qualname__}"
+            )
         pending = aggregate.pending_events
         if not pending:
             return None

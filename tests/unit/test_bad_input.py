@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from tests import servers
 
+from tests import servers
 from tidings import (
     Aggregate,
     CorruptEvent,
     Event,
     EventStore,
+    InvalidArgument,
+    InvalidStreamId,
     Repository,
     SerializationError,
+    Snapshot,
+    TidingsError,
     UnknownEventType,
     open_store,
 )
@@ -129,6 +135,32 @@ async def test_non_finite_float_is_refused_and_nothing_is_written(store: EventSt
     assert first.event == Priced(price=1.5) and second.event == Opaque(payload="NaN Infinity")
 
 
+async def test_text_that_cannot_be_encoded_is_refused(store: EventStore) -> None:
+    await store.append("s", [Credited(amount=1)])
+    before = await state(store)
+    with pytest.raises(SerializationError):
+        await store.append("s", [Opaque(payload="lone \ud800 surrogate")])
+    with pytest.raises(SerializationError):
+        await store.append("s", [Credited(amount=1)], metadata={"user": "\udcff"})
+    with pytest.raises(SerializationError):
+        await store.append("s", [Credited(amount=1)], metadata={"\ud800": 1})
+    with pytest.raises(InvalidArgument, match="stream_prefix"):
+        await collect(store.read_all(stream_prefix="s\ud800"))
+    with pytest.raises(InvalidArgument, match="event type"):
+        await collect(store.read_all(event_types=["\ud800"]))
+    with pytest.raises(InvalidArgument, match="prefix"):
+        await collect(store.streams(prefix="\udfff"))
+    with pytest.raises(InvalidArgument, match="subscription group"):
+        await store.load_checkpoint("group-\ud800")
+    with pytest.raises(InvalidArgument, match="subscription group"):
+        await store.set_checkpoint("group-\ud800", 1)
+    with pytest.raises(InvalidArgument, match="aggregate_type"):
+        await store.save_snapshot(Snapshot("s", 1, "W\ud800", "h", b"{}"))
+    assert await state(store) == before
+    assert await store.checkpoints() == {}
+    assert await store.load_snapshot("s") is None
+
+
 async def test_unicode_edge_cases_round_trip(store: EventStore) -> None:
     texts = ["", "\x01\x7f", "e\u0301", "\U0001f600" * 100, "\u202eevil", "\ufeff", "a\u2028b", "\uffff"]
     for i, text in enumerate(texts):
@@ -224,3 +256,228 @@ async def test_unknown_type_with_corrupt_data_read_raw(store: EventStore) -> Non
         await collect(store.read_all(raw_unknown=True))
     with pytest.raises(UnknownEventType):
         await Repository(store, Wallet).get("w")
+
+
+# -- wrong types and out-of-range values in every public call ------------------------------------------
+
+
+BIG = [2**63, 2**64, 2**70]
+
+
+@pytest.mark.parametrize("big", BIG)
+async def test_numbers_beyond_64_bits(store: EventStore, big: int) -> None:
+    await store.append("s", [Credited(amount=1)])
+    before = await state(store)
+    calls = [
+        lambda: collect(store.read_all(after=big)),
+        lambda: collect(store.read_stream("s", after=big)),
+        lambda: collect(store.read_stream("s", before=big)),
+        lambda: collect(store.read_stream("s", limit=big)),
+        lambda: collect(store.stream_events("s", after=big)),
+        lambda: store.append("s", [Credited(amount=1)], expected_version=big),
+        lambda: store.load_snapshot("s", max_version=big),
+        lambda: store.save_snapshot(Snapshot("s", big, "Wallet", "h", b"{}")),
+        lambda: store.set_checkpoint("g", big),
+        lambda: store.wait_for_append(big, timeout=0),
+        lambda: Repository(store, Wallet).get("s", at_version=big),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument, match="2\\*\\*63"):
+            await call()
+    assert await state(store) == before
+    assert await store.checkpoints() == {}
+    # An int64 itself is accepted.
+    assert await collect(store.read_all(after=2**63 - 1)) == []
+    assert await store.load_snapshot("s", max_version=2**63 - 1) is None
+
+
+NOT_EVENT_LISTS: list[Any] = [None, 5, 1.5, "abc", b"abc", {"amount": 1}, Credited(amount=1), object()]
+
+
+@pytest.mark.parametrize("events", NOT_EVENT_LISTS, ids=lambda v: type(v).__name__)
+async def test_append_given_no_list_of_events(store: EventStore, events: Any) -> None:
+    before = await state(store)
+    with pytest.raises(InvalidArgument, match="append takes a list of events") as info:
+        await store.append("s", events)
+    assert type(events).__qualname__ in str(info.value)
+    assert await state(store) == before
+
+
+@pytest.mark.parametrize("item", [None, 1, "event", {"amount": 1}, Credited, Wallet("w")])
+async def test_append_given_a_list_with_a_non_event(store: EventStore, item: Any) -> None:
+    before = await state(store)
+    with pytest.raises(SerializationError, match=r"events\[1\] is not a tidings.Event"):
+        await store.append("s", [Credited(amount=1), item])
+    with pytest.raises(SerializationError, match=r"events\[0\]"):
+        await store.append("s", (e for e in [item]))
+    assert await state(store) == before
+
+
+@pytest.mark.parametrize("metadata", [[("a", 1)], "user=1", 5, b"{}", ["x"], 0, ""])
+async def test_metadata_that_is_not_a_mapping(store: EventStore, metadata: Any) -> None:
+    before = await state(store)
+    with pytest.raises(InvalidArgument, match="metadata must be a mapping"):
+        await store.append("s", [Credited(amount=1)], metadata=metadata)
+    assert await state(store) == before
+
+
+async def test_metadata_values_json_cannot_hold(store: EventStore) -> None:
+    before = await state(store)
+    for metadata in [{1: "int key"}, {"when": object()}, {"set": {1, 2}}, {"nan": [math.nan]}]:
+        with pytest.raises(SerializationError):
+            await store.append("s", [Credited(amount=1)], metadata=metadata)
+    assert await state(store) == before
+    # Empty metadata and the documented conveniences (UUIDs, datetimes) are stored.
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    ident = uuid.uuid4()
+    await store.append("s", [Credited(amount=1)], metadata={})
+    await store.append("s", [Credited(amount=1)], metadata={"id": ident, "at": when, "none": None})
+    [plain, rich] = await collect(store.read_stream("s"))
+    assert dict(plain.metadata) == {}
+    assert dict(rich.metadata) == {"id": str(ident), "at": when.isoformat(), "none": None}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"expected_version": -1},
+        {"expected_version": "1"},
+        {"expected_version": 1.0},
+        {"expected_version": True},
+        {"expected_version": None},
+        {"event_ids": 5},
+        {"event_ids": "abc"},
+        {"event_ids": [str(uuid.uuid4())]},
+        {"event_ids": []},
+    ],
+    ids=repr,
+)
+async def test_append_options_of_the_wrong_type(store: EventStore, kwargs: dict[str, Any]) -> None:
+    before = await state(store)
+    with pytest.raises(InvalidArgument):
+        await store.append("s", [Credited(amount=1)], **kwargs)
+    assert await state(store) == before
+
+
+WRONG_STREAM_IDS: list[Any] = [None, 1, b"s", ["s"], "", "a\x00b", "x" * 513]
+
+
+@pytest.mark.parametrize("stream_id", WRONG_STREAM_IDS, ids=repr)
+async def test_stream_id_of_the_wrong_type(store: EventStore, stream_id: Any) -> None:
+    calls = [
+        lambda: store.append(stream_id, [Credited(amount=1)]),
+        lambda: collect(store.read_stream(stream_id)),
+        lambda: collect(store.stream_events(stream_id)),
+        lambda: store.stream_version(stream_id),
+        lambda: store.version_at(stream_id, datetime.now(UTC)),
+        lambda: store.load_snapshot(stream_id),
+        lambda: Repository(store, Wallet).get(stream_id),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidStreamId):
+            await call()
+    assert await state(store) == (0, [])
+
+
+@pytest.mark.parametrize("value", [None, "1", 1.5, -1, True, [1]], ids=repr)
+async def test_positions_of_the_wrong_type(store: EventStore, value: Any) -> None:
+    await store.append("s", [Credited(amount=1)])
+    nullable = value is None
+    calls = [
+        lambda: collect(store.read_all(after=value)),
+        lambda: collect(store.read_stream("s", after=value)),
+        lambda: collect(store.stream_events("s", after=value)),
+        lambda: store.wait_for_append(value, timeout=0),
+    ]
+    if not nullable:
+        calls += [
+            lambda: collect(store.read_all(limit=value)),
+            lambda: collect(store.read_stream("s", before=value)),
+            lambda: store.load_snapshot("s", max_version=value),
+            lambda: store.set_checkpoint("g", value),
+            lambda: Repository(store, Wallet).get("s", at_version=value),
+        ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            await call()
+    assert await store.checkpoints() == {}
+
+
+async def test_other_arguments_of_the_wrong_type(store: EventStore) -> None:
+    await store.append("s", [Credited(amount=1)])
+    before = await state(store)
+    calls: list[Callable[[], Any]] = [
+        lambda: collect(store.read_all(event_types=5)),
+        lambda: collect(store.read_all(event_types=[5])),
+        lambda: collect(store.read_all(event_types=[Wallet])),
+        lambda: collect(store.read_all(stream_prefix=5)),
+        lambda: collect(store.streams(prefix=b"s")),
+        lambda: store.version_at("s", "2020-01-01"),
+        lambda: store.version_at("s", 0),
+        lambda: store.version_at("s", datetime(2020, 1, 1)),
+        lambda: store.wait_for_append(0, timeout="1"),
+        lambda: store.wait_for_append(0, timeout=-1),
+        lambda: store.wait_for_append(0, timeout=math.nan),
+        lambda: store.save_snapshot("snapshot"),
+        lambda: store.save_snapshot(Snapshot("s", 1, "W", "h", "state")),
+        lambda: store.save_snapshot(Snapshot("s", 1, 5, "h", b"{}")),
+        lambda: store.load_checkpoint(5),
+        lambda: store.load_checkpoint(""),
+        lambda: store.set_checkpoint(None, 1),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            await call()
+    assert await state(store) == before
+    assert await store.load_snapshot("s") is None
+    # A single Event class (not in a list) is a valid filter.
+    assert len(await collect(store.read_all(event_types=Credited))) == 1
+
+
+async def test_repository_and_aggregate_wrong_types(store: EventStore) -> None:
+    repository = Repository(store, Wallet)
+    for args in [(None, Wallet), ("memory://", Wallet), (store, Credited), (store, Wallet("w")), (store, 5)]:
+        with pytest.raises(InvalidArgument):
+            Repository(*args)
+    for every in [0, -1, True, "5", 1.5]:
+        with pytest.raises(InvalidArgument):
+            Repository(store, Wallet, snapshot_every=every)
+    with pytest.raises(InvalidArgument):
+        await repository.get("w", at_time="yesterday")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        await repository.get("w", at_time=datetime(2020, 1, 1))
+    with pytest.raises(InvalidArgument):
+        await repository.save("not an aggregate")  # type: ignore[arg-type]
+
+    class Other(Aggregate):
+        pass
+
+    with pytest.raises(InvalidArgument):
+        await repository.save(Other("o"))  # type: ignore[arg-type]
+    wallet = Wallet("w")
+    wallet.credit(5)
+    with pytest.raises(InvalidArgument):
+        await repository.save(wallet, metadata=["not", "a", "mapping"])  # type: ignore[arg-type]
+    assert wallet.pending_events == [Credited(amount=5)]  # kept for a retry
+    for bad_id in [None, 5, ""]:
+        with pytest.raises(InvalidArgument):
+            Wallet(bad_id)
+    for bad_event in [None, {"amount": 1}, Credited]:
+        with pytest.raises(InvalidArgument):
+            wallet.record(bad_event)
+    for bad_events in [None, 5, Credited(amount=1), "events"]:
+        with pytest.raises(InvalidArgument):
+            Wallet("x").replay(bad_events)
+    with pytest.raises(InvalidArgument):
+        Wallet("x").replay([Credited(amount=1), "not an event"])
+    assert await state(store) == (0, [])
+    # And the right types still work after all that.
+    await repository.save(wallet)
+    assert (await repository.get("w")).balance == 5
+
+
+async def test_every_error_above_is_a_tidings_error() -> None:
+    """The errors the tests above expect are all in the library's family (no ValueError leaks)."""
+    for cls in (InvalidArgument, InvalidStreamId, SerializationError, CorruptEvent, UnknownEventType):
+        assert issubclass(cls, TidingsError)
+    assert CorruptEvent.permanent and issubclass(CorruptEvent, SerializationError)

@@ -32,6 +32,7 @@ from tidings.errors import (
     DuplicateEventId,
     InvalidArgument,
     InvalidStreamId,
+    SerializationError,
     StoreClosed,
 )
 from tidings.events import (
@@ -235,28 +236,59 @@ def validate_group(group: object) -> str:
             f"subscription group must be a non-empty str of at most {MAX_GROUP_LENGTH} characters, "
             f"got {group!r:.80}"
         )
-    return group
+    return validate_text("subscription group", group)
+
+
+MAX_POSITION: Final = 2**63 - 1
+"""Largest position, version or count the stores accept: their columns are signed 64-bit."""
 
 
 def validate_position(name: str, value: object, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be an int, got {value!r}")
+        raise InvalidArgument(f"{name} must be an int, got {value!r:.80}")
     if value < 0:
         raise InvalidArgument(f"{name} must be >= 0, got {value}")
+    if value > MAX_POSITION:
+        raise InvalidArgument(f"{name} must be at most 2**63 - 1, got {value}")
     return value
 
 
 def validate_expected(stream_id: str, expected: object) -> ExpectedVersion:
     if isinstance(expected, StreamState):
         return expected
-    if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 0:
+    if isinstance(expected, int) and not isinstance(expected, bool) and 0 <= expected <= MAX_POSITION:
         return expected
     raise InvalidArgument(
         f"stream {stream_id!r}: expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an "
-        f"int >= 0, got {expected!r}"
+        f"int from 0 to 2**63 - 1, got {expected!r:.80}"
     )
+
+
+def validate_timeout(timeout: object) -> float | None:
+    """Return ``timeout`` if it is None or a number of seconds >= 0, else raise :class:`InvalidArgument`."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0:
+        raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, got {timeout!r:.80}")
+    return float(timeout)
+
+
+def validate_text(name: str, value: object) -> str:
+    """Return ``value`` if it is a str that can be stored (UTF-8 encodable, no NUL), else raise
+    :class:`InvalidArgument` naming ``name``: a lone surrogate would fail deep in the driver."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a str, got {type(value).__qualname__}")
+    if "\x00" in value:
+        raise InvalidArgument(f"{name} must not contain NUL characters, got {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{name} {value!r:.80} is not valid Unicode text ({exc.reason} at index {exc.start})"
+        ) from None
+    return value
 
 
 _new_object = object.__new__
@@ -293,6 +325,8 @@ def now_micros() -> int:
 
 
 def to_micros(instant: datetime) -> int:
+    if not isinstance(instant, datetime):
+        raise InvalidArgument(f"time travel needs an aware datetime, got {type(instant).__qualname__}")
     if instant.tzinfo is None:
         raise InvalidArgument(f"time travel needs an aware datetime, got naive {instant!r}")
     delta = instant - _EPOCH
@@ -420,16 +454,32 @@ class EventStore(abc.ABC):
         """Validate and encode an append without performing it (used by batching writers)."""
         stream_id = validate_stream_id(stream_id)
         expected = validate_expected(stream_id, expected_version)
-        if isinstance(events, Event):
+        if isinstance(events, Event | str | bytes | Mapping) or not isinstance(events, Iterable):
             raise InvalidArgument(
-                f"stream {stream_id!r}: append takes a list of events, got a single "
-                f"{type(events).__qualname__}"
+                f"stream {stream_id!r}: append takes a list of events, got "
+                f"{'a single ' if isinstance(events, Event) else ''}{type(events).__qualname__}"
             )
         event_list = list(events)
+        for i, item in enumerate(event_list):
+            if not isinstance(item, Event):
+                # SerializationError, as the contract has it: the item cannot be stored as an event.
+                raise SerializationError(
+                    f"stream {stream_id!r}: events[{i}] is not a tidings.Event but "
+                    f"{type(item).__qualname__} {item!r:.60}"
+                )
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidArgument(
+                f"stream {stream_id!r}: metadata must be a mapping, got {type(metadata).__qualname__}"
+            )
         encode = self.registry.encode
         if event_ids is None:
             ids = new_event_ids(len(event_list))
         else:
+            if isinstance(event_ids, str | bytes) or not isinstance(event_ids, Iterable):
+                raise InvalidArgument(
+                    f"stream {stream_id!r}: event_ids must be a list of uuid.UUID, got "
+                    f"{type(event_ids).__qualname__}"
+                )
             ids = list(event_ids)
             if len(ids) != len(event_list):
                 raise InvalidArgument(
@@ -545,8 +595,8 @@ class EventStore(abc.ABC):
         remaining = validate_position("limit", limit, allow_none=True)
         assert lower is not None
         types = _type_names(event_types)
-        if stream_prefix is not None and not isinstance(stream_prefix, str):
-            raise InvalidArgument(f"stream_prefix must be a str, got {stream_prefix!r}")
+        if stream_prefix is not None:
+            validate_text("stream_prefix", stream_prefix)
         self._check_open()
         while remaining is None or remaining > 0:
             page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
@@ -621,6 +671,8 @@ class EventStore(abc.ABC):
 
     async def streams(self, *, prefix: str | None = None) -> AsyncIterator[StreamInfo]:
         """Yield every stream (optionally only ids starting with ``prefix``), ordered by id."""
+        if prefix is not None:
+            validate_text("prefix", prefix)
         self._check_open()
         after: str | None = None
         while True:
@@ -642,8 +694,14 @@ class EventStore(abc.ABC):
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store a snapshot; one per (stream, version), a later save for the same pair replaces it."""
+        if not isinstance(snapshot, Snapshot):
+            raise InvalidArgument(f"save_snapshot takes a Snapshot, got {type(snapshot).__qualname__}")
         validate_stream_id(snapshot.stream_id)
         validate_position("snapshot version", snapshot.version)
+        validate_text("snapshot aggregate_type", snapshot.aggregate_type)
+        validate_text("snapshot schema", snapshot.schema)
+        if not isinstance(snapshot.state, bytes):
+            raise InvalidArgument(f"snapshot state must be bytes, got {type(snapshot.state).__qualname__}")
         self._check_open()
         await self._save_snapshot(snapshot)
 
@@ -668,6 +726,8 @@ class EventStore(abc.ABC):
         In-process appends wake waiters at once; appends by other processes are seen by the
         backend's change detection (a cheap poll, or LISTEN/NOTIFY), bounded by ``timeout``.
         """
+        validate_position("position", position)
+        validate_timeout(timeout)
         self._check_open()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -870,12 +930,16 @@ class EventStore(abc.ABC):
 def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, ...] | None:
     if event_types is None:
         return None
-    if isinstance(event_types, str):
+    if isinstance(event_types, str) or (isinstance(event_types, type) and issubclass(event_types, Event)):
         event_types = [event_types]
+    if not isinstance(event_types, Iterable):
+        raise InvalidArgument(
+            f"event_types must be a list of type names or Event classes, got {event_types!r:.80}"
+        )
     names: list[str] = []
     for item in event_types:
         if isinstance(item, str):
-            names.append(item)
+            names.append(validate_text("event type", item))
         elif isinstance(item, type) and issubclass(item, Event):
             names.append(item.__event_type__)
         else:
