@@ -19,10 +19,9 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from tidings.errors import StoreClosed, StoreError, TidingsError
+from tidings.errors import InvalidArgument, StatementError, StoreClosed, TidingsError
 from tidings.events import EventRegistry
 from tidings.store.base import (
     AppendRequest,
@@ -34,7 +33,7 @@ from tidings.store.base import (
     now_micros,
 )
 from tidings.store.records import DeadLetter, ProcessedBatch, Tx, dead_letter_filter
-from tidings.store.sqlite.config import SQLiteConfig, connect
+from tidings.store.sqlite.config import SQLiteConfig, check_location, connect
 from tidings.store.sqlite.errors import translate
 from tidings.store.sqlite.schema import ROW_COLUMNS
 from tidings.store.sqlite.tx import SQLiteTx, commit_processed_in, dead_letter_from_row
@@ -90,6 +89,9 @@ class SQLiteStore(EventStore):
                 return fn(self._reader())
             except sqlite3.Error as exc:
                 raise translate(exc, self.config.path) from exc
+            except (OverflowError, UnicodeEncodeError) as exc:
+                # A parameter SQLite cannot hold (an int beyond 64 bits, text with a lone surrogate).
+                raise InvalidArgument(f"a value cannot be passed to SQLite: {exc}") from exc
 
         try:
             return await loop.run_in_executor(self._readers, run)
@@ -106,14 +108,14 @@ class SQLiteStore(EventStore):
         here. Used by appends and by processing code that must commit with a checkpoint.
         """
         self._check_open()
+        if self.config.read_only:
+            raise StatementError(f"store {self.safe_url} is opened read-only (mode=ro): writes are refused")
         return await self._writer.submit(fn, _request)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _open(self) -> None:
-        parent = Path(self.config.path).parent
-        if not parent.exists():
-            raise StoreError(f"cannot open {self.config.path!r}: directory {parent} does not exist")
+        check_location(self.config)
         await self._writer.start(self._notify_appended)
         self._readers = concurrent.futures.ThreadPoolExecutor(
             max_workers=_READERS, thread_name_prefix="tidings-sqlite-reader"

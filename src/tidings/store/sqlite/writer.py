@@ -24,11 +24,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from tidings.errors import CorruptStore, TidingsError
+from tidings.errors import CorruptStore, StatementError, TidingsError
 from tidings.store.base import AppendRequest, AppendResult, now_micros
-from tidings.store.sqlite.config import SQLiteConfig, connect
+from tidings.store.sqlite.config import SQLiteConfig, connect, is_read_only_error, read_only_message
 from tidings.store.sqlite.errors import translate
-from tidings.store.sqlite.schema import init_schema
+from tidings.store.sqlite.schema import check_schema, init_schema
 
 __all__ = ["SQLiteStatistics", "SQLiteWriter", "WriteJob", "append_in"]
 
@@ -150,12 +150,25 @@ class SQLiteWriter:
 
     def _main(self, ready: concurrent.futures.Future[None]) -> None:
         try:
-            conn = connect(self.config)
+            # Not in WAL mode yet: the switch is a lasting change to the file, made only once the
+            # file is known to be empty or a tidings store. A refused file is left as it was.
+            conn = connect(self.config, wal=False)
             try:
-                init_schema(conn, self.config.path)
+                path = self.config.path
+                if self.config.read_only:
+                    if not check_schema(conn, path):
+                        raise CorruptStore(f"{path!r} is not a tidings store (opened read-only)")
+                else:
+                    check_schema(conn, path)
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    init_schema(conn, path)
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                raise CorruptStore(f"{self.config.path!r} is not a tidings store: {exc}") from exc
+                if is_read_only_error(exc):
+                    raise StatementError(read_only_message(self.config)) from exc
+                if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_CANTOPEN:
+                    raise StatementError(f"cannot open {path!r}: {exc} (check permissions)") from exc
+                raise CorruptStore(f"{path!r} is not a tidings store: {exc}") from exc
             except BaseException:
                 conn.close()
                 raise
