@@ -289,8 +289,14 @@ class EventRegistry:
 
     def add_upcaster(self, event_type: str, from_version: int, fn: Upcaster) -> None:
         """Register ``fn`` to turn ``event_type`` data of ``from_version`` into ``from_version + 1``."""
-        if from_version < 1:
-            raise EventTypeError(f"upcaster for {event_type!r}: from_version must be >= 1")
+        if not isinstance(event_type, str) or not event_type:
+            raise EventTypeError(
+                f"upcaster: event_type must be a type name or Event class, got {event_type!r}"
+            )
+        if not isinstance(from_version, int) or isinstance(from_version, bool) or from_version < 1:
+            raise EventTypeError(f"upcaster for {event_type!r}: from_version must be an int >= 1")
+        if not callable(fn):
+            raise EventTypeError(f"upcaster for {event_type!r}: {fn!r} is not callable")
         key = (event_type, from_version)
         if key in self._upcasters and self._upcasters[key] is not fn:
             raise EventTypeError(
@@ -493,7 +499,12 @@ def upcaster(
     ... def _add_currency(data: dict) -> dict:
     ...     return {**data, "currency": "EUR"}
     """
-    name = event_type if isinstance(event_type, str) else event_type.__event_type__
+    if isinstance(event_type, type) and issubclass(event_type, Event):
+        name = event_type.__event_type__
+    elif isinstance(event_type, str):
+        name = event_type
+    else:
+        raise EventTypeError(f"upcaster: event_type must be a type name or Event class, got {event_type!r}")
     target = registry if registry is not None else default_registry
 
     def decorate(fn: Upcaster) -> Upcaster:

@@ -25,7 +25,9 @@ from tidings import (
     Aggregate,
     CorruptEvent,
     Event,
+    EventRegistry,
     EventStore,
+    EventTypeError,
     InvalidArgument,
     InvalidStreamId,
     Repository,
@@ -34,6 +36,7 @@ from tidings import (
     TidingsError,
     UnknownEventType,
     open_store,
+    upcaster,
 )
 from tidings.store.memory import MemoryStore
 from tidings.store.postgres import PostgresStore
@@ -432,6 +435,50 @@ async def test_other_arguments_of_the_wrong_type(store: EventStore) -> None:
     assert await store.load_snapshot("s") is None
     # A single Event class (not in a list) is a valid filter.
     assert len(await collect(store.read_all(event_types=Credited))) == 1
+
+
+async def test_processing_calls_with_wrong_types(store: EventStore) -> None:
+    await store.append("s", [Credited(amount=1)])
+    before = await state(store)
+
+    async def not_sync(tx: Any) -> None:
+        return None
+
+    calls: list[Callable[[], Any]] = [
+        lambda: store.query(5),
+        lambda: store.query(b"SELECT 1"),
+        lambda: store.query("SELECT '\ud800'"),
+        lambda: store.query("SELECT ?", 5),
+        lambda: store.query("SELECT ?", "a"),
+        lambda: store.transaction(5),
+        lambda: store.transaction(not_sync),
+        lambda: store.dead_letter("1"),
+        lambda: store.dead_letter(2**70),
+        lambda: store.discard_dead_letter(2**70),
+        lambda: store.discard_dead_letter(None),
+        lambda: store.processed_ids("g", ["not-a-uuid"]),
+        lambda: store.processed_ids("g", None),
+        lambda: store.processed_ids("g", str(uuid.uuid4())),
+        lambda: store.wait_for(1, group="g", timeout="soon"),
+        lambda: store.wait_for("1", group="g", timeout=0),
+        lambda: store.dead_letters(5),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            await call()
+    with pytest.raises(InvalidArgument):
+        store.group_lock(5)  # type: ignore[arg-type]
+    assert await state(store) == before
+    assert await store.processed_ids("g", []) == set()
+
+
+async def test_upcaster_registration_with_wrong_types() -> None:
+    registry = EventRegistry()
+    for args in [("T", "1"), ("T", 0), ("T", True), (5, 1), ("", 1)]:
+        with pytest.raises(EventTypeError):
+            upcaster(args[0], args[1], registry=registry)(lambda data: data)  # type: ignore[arg-type]
+    with pytest.raises(EventTypeError):
+        registry.add_upcaster("T", 1, "not callable")  # type: ignore[arg-type]
 
 
 async def test_repository_and_aggregate_wrong_types(store: EventStore) -> None:

@@ -772,10 +772,12 @@ class EventStore(abc.ABC):
 
     async def processed_ids(self, group: str, event_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Those of ``event_ids`` that ``group`` has recorded as processed (its inbox)."""
+        group = validate_group(group)
+        ids = _uuid_list("event_ids", event_ids)
         self._check_open()
-        if not event_ids:
+        if not ids:
             return set()
-        return await self._processed_ids(validate_group(group), list(event_ids))
+        return await self._processed_ids(group, ids)
 
     async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
         """Parked events, oldest first, optionally of one group."""
@@ -784,12 +786,14 @@ class EventStore(abc.ABC):
 
     async def dead_letter(self, id: int) -> DeadLetter | None:
         """One parked event by its id, or None."""
+        validate_position("dead letter id", id)
         self._check_open()
         found = await self._dead_letters(None, id)
         return found[0] if found else None
 
     async def discard_dead_letter(self, id: int) -> bool:
         """Delete a parked event without processing it; False if there was none with that id."""
+        validate_position("dead letter id", id)
         self._check_open()
         return await self._discard_dead_letter(id)
 
@@ -805,11 +809,16 @@ class EventStore(abc.ABC):
 
         ``fn`` is synchronous and runs on the store's worker; it must not do other I/O.
         """
+        if not callable(fn) or asyncio.iscoroutinefunction(fn):
+            raise InvalidArgument(f"transaction() takes a synchronous function of a Tx, got {fn!r:.80}")
         self._check_open()
         return await self._transaction(fn)
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query (``?`` placeholders) on the store's database: read models."""
+        validate_text("SQL", sql)
+        if isinstance(params, str | bytes) or not isinstance(params, Sequence | Mapping):
+            raise InvalidArgument(f"query parameters must be a sequence, got {type(params).__qualname__}")
         self._check_open()
         return await self._query(sql, params)
 
@@ -821,7 +830,7 @@ class EventStore(abc.ABC):
         handling every event. Across processes the checkpoint's compare-and-set keeps commits
         exactly-once.
         """
-        key = (self.database_identity(), group)
+        key = (self.database_identity(), validate_group(group))
         lock = _GROUP_LOCKS.get(key)
         if lock is None:
             lock = asyncio.Lock()
@@ -844,6 +853,7 @@ class EventStore(abc.ABC):
         Checkpoints committed in this process wake the waiter at once; others are polled.
         """
         validate_position("position", position)
+        validate_timeout(timeout)
         group = validate_group(group)
         self._check_open()
         loop = asyncio.get_running_loop()
@@ -945,6 +955,16 @@ def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, .
         else:
             raise InvalidArgument(f"event_types must hold type names or Event classes, got {item!r}")
     return tuple(dict.fromkeys(names))
+
+
+def _uuid_list(name: str, values: object) -> list[uuid.UUID]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise InvalidArgument(f"{name} must be a list of uuid.UUID, got {type(values).__qualname__}")
+    out = list(values)
+    for i, value in enumerate(out):
+        if not isinstance(value, uuid.UUID):
+            raise InvalidArgument(f"{name}[{i}] must be a uuid.UUID, got {value!r:.80}")
+    return out
 
 
 def _load_metadata(meta: Any, row: Row) -> Mapping[str, Any]:
