@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from tidings.errors import CorruptStore, StatementError, TidingsError
+from tidings.errors import CorruptStore, InvalidArgument, StatementError, TidingsError
 from tidings.store.base import AppendRequest, AppendResult, now_micros
 from tidings.store.sqlite.config import SQLiteConfig, connect, is_read_only_error, read_only_message
 from tidings.store.sqlite.errors import translate
@@ -257,6 +257,13 @@ class SQLiteWriter:
             conn.execute("ROLLBACK" if single else "ROLLBACK TO job")
             if not single:
                 conn.execute("RELEASE job")
+            if job.request is not None and isinstance(exc, OverflowError | UnicodeEncodeError):
+                # An append whose values SQLite cannot bind: the caller's mistake, not the store's.
+                failure = InvalidArgument(
+                    f"stream {job.request.stream_id!r:.80}: a value cannot be stored in SQLite: {exc}"
+                )
+                failure.__cause__ = exc
+                return None, failure
             return None, translate(exc, self.config.path) if isinstance(exc, sqlite3.Error) else exc
         if not single:
             conn.execute("RELEASE job")
@@ -276,7 +283,9 @@ class SQLiteWriter:
             conn.execute("SAVEPOINT appends")
         try:
             outcomes = append_many_in(conn, requests)
-        except sqlite3.Error:
+        except Exception:
+            # Any failure of the merged write (a driver error, a value SQLite cannot bind) is
+            # retried call by call, so that one bad call fails only itself.
             if guarded:
                 conn.execute("ROLLBACK TO appends")
                 conn.execute("RELEASE appends")
