@@ -71,6 +71,18 @@ class Event(BaseModel):
         # Only a class's own __event_type__ counts: a subclass must not inherit its parent's name.
         if "__event_type__" not in cls.__dict__:
             cls.__event_type__ = cls.__name__
+        name = cls.__event_type__
+        if not isinstance(name, str) or not name or "\x00" in name or len(name) > 200:
+            raise EventTypeError(
+                f"{cls.__qualname__}.__event_type__ must be a non-empty str of at most 200 "
+                f"characters without NUL, got {name!r:.80}"
+            )
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EventTypeError(
+                f"{cls.__qualname__}.__event_type__ {name!r:.80} is not valid Unicode text"
+            ) from None
         version = cls.__dict__.get("__event_version__", 1)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise EventTypeError(f"{cls.__qualname__}.__event_version__ must be an int >= 1")

@@ -472,6 +472,12 @@ async def test_processing_calls_with_wrong_types(store: EventStore) -> None:
     assert await store.processed_ids("g", []) == set()
 
 
+@pytest.mark.parametrize("name", ["", "bad-\ud800", "nul\x00", 5, "x" * 201])
+def test_event_type_names_that_cannot_be_stored(name: Any) -> None:
+    with pytest.raises(EventTypeError):
+        type("Weird", (Event,), {"__event_type__": name, "__annotations__": {"a": int}})
+
+
 async def test_upcaster_registration_with_wrong_types() -> None:
     registry = EventRegistry()
     for args in [("T", "1"), ("T", 0), ("T", True), (5, 1), ("", 1)]:
