@@ -132,6 +132,7 @@ class UpcastError(EventTypeError):
         self.event_type = event_type
         self.from_version = from_version
         self.to_version = to_version
+        self.detail = detail
 
 
 class SerializationError(TidingsError):

@@ -417,6 +417,15 @@ class EventRegistry:
                     "the stored schema version is newer than the class; deploy the newer code",
                 )
             return cls.model_validate(self.upcast(event_type, schema_version, target, data))
+        except UpcastError as exc:
+            if stream_id is None:
+                raise
+            raise UpcastError(
+                event_type,
+                exc.from_version,
+                exc.to_version,
+                f"{exc.detail} (stream {stream_id!r}, version {version}, position {position})",
+            ) from exc
         except (ValidationError, orjson.JSONDecodeError, _NotAnObject) as exc:
             if isinstance(exc, ValidationError):
                 assert cls is not None

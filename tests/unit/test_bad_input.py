@@ -35,6 +35,7 @@ from tidings import (
     Snapshot,
     TidingsError,
     UnknownEventType,
+    UpcastError,
     open_store,
     upcaster,
 )
@@ -248,6 +249,19 @@ async def test_corrupt_stored_event_is_named_by_every_reader(
     # The rest of the store reads, and reading the good part of the stream still works.
     assert [e.version async for e in store.read_stream("w", limit=1)] == [1]
     assert await Repository(store, Wallet).get("other") is not None
+
+
+async def test_event_from_newer_code_names_where_it_is(store: EventStore) -> None:
+    wallet = Wallet("w")
+    wallet.credit(1)
+    wallet.credit(2)
+    await Repository(store, Wallet).save(wallet)
+    await overwrite_row(store, 2, schema_version=5)
+    for read in envelope_readers(store) + event_readers(store):
+        with pytest.raises(UpcastError) as info:
+            await read()
+        assert "stream 'w', version 2, position 2" in str(info.value)
+        assert (info.value.from_version, info.value.to_version) == (5, 1)
 
 
 async def test_unknown_type_with_corrupt_data_read_raw(store: EventStore) -> None:
