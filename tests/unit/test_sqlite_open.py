@@ -1,20 +1,18 @@
 """Opening SQLite stores: bad URLs, foreign and read-only files, folders this user cannot enter.
 
-A refused open changes nothing on disk. Permission cases run a small subprocess as an
-unprivileged user (``nobody`` through ``setpriv`` when the suite runs as root, where file modes
-do not restrict; the current user otherwise).
+A refused open changes nothing on disk. Permission cases run a small subprocess for which file
+modes bind (see :func:`as_unprivileged`: as root, one without capabilities).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import pwd
 import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,19 +192,19 @@ asyncio.run(main(sys.argv[1]))
 
 
 def as_unprivileged(url: str) -> dict[str, object]:
-    """Open ``url`` in a subprocess run by a user without special rights; what it saw."""
+    """Open ``url`` in a subprocess for which file modes bind; return what it saw.
+
+    As root, the subprocess stays root but without any capability (``setpriv`` clears the bounding
+    and inheritable sets, so none are regained on exec): it can no longer override file modes, so
+    a 0o444 file or a 0o555 folder is read-only and a 0o000 folder cannot be entered, exactly as for
+    an ordinary user -- and it can still run this interpreter from a private (0o700) checkout,
+    which ``nobody`` could not. Otherwise the subprocess runs as the current user.
+    """
     command = [sys.executable, "-c", _PROBE, url]
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         assert setpriv is not None, "setpriv (util-linux) is needed to test permissions as root"
-        nobody = pwd.getpwnam("nobody")
-        command = [
-            setpriv,
-            f"--reuid={nobody.pw_uid}",
-            f"--regid={nobody.pw_gid}",
-            "--clear-groups",
-            *command,
-        ]
+        command = [setpriv, "--bounding-set=-all", "--inh-caps=-all", *command]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert done.returncode == 0, done.stderr
@@ -215,26 +213,31 @@ def as_unprivileged(url: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder the unprivileged user can enter (pytest's tmp_path is private to root)."""
-    folder = Path(tempfile.mkdtemp(prefix="tidings-perm-"))
-    folder.chmod(0o755)
-    try:
-        yield folder
-    finally:
-        for path in [folder, *folder.rglob("*")]:
+def restore_modes(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path``, with every mode set back afterwards so that pytest can remove it."""
+    yield tmp_path
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        with contextlib.suppress(OSError):
             path.chmod(0o755 if path.is_dir() else 0o644)
-        shutil.rmtree(folder)
 
 
-async def test_read_only_file_is_reported_read_only_not_corrupt(shared_dir: Path) -> None:
-    folder = shared_dir / "store"
+def test_the_probe_really_lacks_the_rights(restore_modes: Path) -> None:
+    """The fault is real: the subprocess cannot enter a 0o000 folder even as root."""
+    locked = restore_modes / "locked"
+    locked.mkdir()
+    locked.chmod(0o000)
+    seen = as_unprivileged(f"sqlite:///{locked}/x.db")
+    assert seen["open"][0] == "StatementError"  # type: ignore[index]
+    locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+async def test_read_only_file_is_reported_read_only_not_corrupt(restore_modes: Path) -> None:
+    folder = restore_modes / "store"
     folder.mkdir()
     path = folder / "events.db"
     await make_store(path)
-    path.chmod(0o444)
-    if os.geteuid() == 0:
-        os.chown(folder, pwd.getpwnam("nobody").pw_uid, -1)  # the folder stays writable for it
+    path.chmod(0o444)  # the folder stays writable: SQLite can add the -wal/-shm files it reads with
     content = path.read_bytes()
     seen = as_unprivileged(f"sqlite:///{path}")
     assert seen["open"][0] == "StatementError"  # type: ignore[index]
@@ -245,8 +248,8 @@ async def test_read_only_file_is_reported_read_only_not_corrupt(shared_dir: Path
     assert path.read_bytes() == content
 
 
-async def test_read_only_folder_is_reported_read_only_not_corrupt(shared_dir: Path) -> None:
-    folder = shared_dir / "store"
+async def test_read_only_folder_is_reported_read_only_not_corrupt(restore_modes: Path) -> None:
+    folder = restore_modes / "store"
     folder.mkdir()
     path = folder / "events.db"
     await make_store(path)
@@ -262,14 +265,15 @@ async def test_read_only_folder_is_reported_read_only_not_corrupt(shared_dir: Pa
     assert listing(folder) == before
 
 
-async def test_folder_that_cannot_be_entered(shared_dir: Path) -> None:
-    private = shared_dir / "private"
+async def test_folder_that_cannot_be_entered(restore_modes: Path) -> None:
+    private = restore_modes / "private"
     (private / "sub").mkdir(parents=True)
-    private.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    private.chmod(0o000)
     for path in (private / "x.db", private / "sub" / "x.db"):
         seen = as_unprivileged(f"sqlite:///{path}")
         kind, message = seen["open"]  # type: ignore[misc]
         assert kind == "StatementError", seen
         assert "permission denied" in message and str(path) in message
     private.chmod(0o755)
-    assert listing(private) == {"sub": listing(private)["sub"]}
+    assert [p.name for p in private.iterdir()] == ["sub"]
+    assert list((private / "sub").iterdir()) == []
