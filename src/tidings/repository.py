@@ -64,6 +64,9 @@ class Repository(Generic[A]):
         Raises :class:`AggregateNotFound` when the stream has no events (at that version or time),
         unless ``create`` is true: then a new, empty aggregate (version 0) is returned, ready to
         record its first events and be saved (get-or-create; only for the current state).
+        A stored event of the aggregate that cannot be read back raises
+        :class:`~tidings.CorruptEvent`, :class:`~tidings.UnknownEventType` or
+        :class:`~tidings.UpcastError` naming its stream, version and position.
         """
         id = validate_stream_id(id)
         if at_version is not None and at_time is not None:

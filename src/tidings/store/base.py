@@ -520,6 +520,11 @@ class EventStore(abc.ABC):
 
         Forwards in version order, or newest first with ``backwards=True``; at most ``limit``
         events. A missing stream yields nothing. Rows are fetched in pages, so memory stays flat.
+
+        A stored event that cannot be read back raises, when the reader reaches it,
+        :class:`~tidings.CorruptEvent` (data or metadata that is not JSON or does not validate),
+        :class:`~tidings.UnknownEventType` (unless ``raw_unknown``) or :class:`~tidings.UpcastError`,
+        each naming the event's stream, version and position.
         """
         stream_id = validate_stream_id(stream_id)
         lower = validate_position("after", after)
@@ -589,7 +594,8 @@ class EventStore(abc.ABC):
         """Yield the global log in position order, from position ``after`` (exclusive).
 
         ``event_types`` keeps only those types (names or classes); ``stream_prefix`` only streams
-        whose id starts with it (a category such as ``"order-"``). Streamed in pages.
+        whose id starts with it (a category such as ``"order-"``). Streamed in pages. Unreadable
+        stored events raise as in :meth:`read_stream`.
         """
         lower = validate_position("after", after)
         remaining = validate_position("limit", limit, allow_none=True)

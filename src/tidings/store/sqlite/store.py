@@ -7,6 +7,10 @@ connections serves reads; WAL mode lets them run while the writer commits.
 Durability: ``synchronous=FULL`` by default (a committed append survives power loss). Add
 ``?synchronous=normal`` to the URL to trade the last transactions on power loss (never on a
 process crash) for faster commits.
+
+``?mode=ro`` opens an existing store read-only: reads work, writes raise
+:class:`~tidings.StatementError`. A file that is not a tidings store is refused before anything
+in it changes (its journal mode included); see :class:`~tidings.store.sqlite.SQLiteConfig`.
 """
 
 from __future__ import annotations
