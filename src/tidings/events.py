@@ -429,7 +429,11 @@ class EventRegistry:
         except (ValidationError, orjson.JSONDecodeError, _NotAnObject) as exc:
             if isinstance(exc, ValidationError):
                 assert cls is not None
-                detail = f"it does not validate as {cls.__module__}.{cls.__qualname__}: {exc}"
+                detail = (
+                    f"it does not validate as {cls.__module__}.{cls.__qualname__} (if the class "
+                    "changed, raise its __event_version__ and register an upcaster): "
+                    f"{exc}"
+                )
             else:
                 detail = f"its data is not a JSON object: {exc}"
             raise CorruptEvent(
