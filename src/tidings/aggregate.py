@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Self, cast, get_origin, get_type_hints
 import orjson
 from pydantic import BaseModel, ValidationError, create_model
 
-from tidings.errors import SnapshotError
+from tidings.errors import InvalidArgument, InvalidStreamId, SnapshotError, UnknownEventType
 from tidings.events import Event, RecordedEvent
 
 __all__ = ["Aggregate"]
@@ -64,6 +64,8 @@ class Aggregate:
         cls._state_schema = None
 
     def __init__(self, id: str) -> None:
+        if not isinstance(id, str) or not id:
+            raise InvalidStreamId(id, f"a {type(self).__name__} id must be a non-empty str (its stream id)")
         self.id = id
         self.version = 0
         self._pending: list[Event] = []
@@ -107,7 +109,7 @@ class Aggregate:
     def record(self, event: Event) -> None:
         """Apply ``event`` now and queue it to be saved. The only way commands change state."""
         if not isinstance(event, Event):
-            raise TypeError(f"record() takes a tidings.Event, got {type(event).__qualname__}")
+            raise InvalidArgument(f"record() takes a tidings.Event, got {type(event).__qualname__}")
         self.apply(event)
         self.version += 1
         self._pending.append(event)
@@ -132,17 +134,23 @@ class Aggregate:
 
     def replay(self, events: Iterable[RecordedEvent | Event]) -> Self:
         """Apply already-stored events (no queuing); returns ``self``."""
+        if isinstance(events, Event | RecordedEvent | str | bytes) or not isinstance(events, Iterable):
+            raise InvalidArgument(f"replay() takes an iterable of events, got {type(events).__qualname__}")
         apply = self.apply
         for item in events:
             if isinstance(item, RecordedEvent):
                 event = item.event
                 if not isinstance(event, Event):
-                    raise TypeError(f"cannot replay raw event {item.event_type!r} into {type(self).__name__}")
+                    raise UnknownEventType(item.event_type, stream_id=item.stream_id, position=item.position)
                 apply(event)
                 self.version = item.version
-            else:
+            elif isinstance(item, Event):
                 apply(item)
                 self.version += 1
+            else:
+                raise InvalidArgument(
+                    f"replay() takes events or recorded events, got {type(item).__qualname__}"
+                )
         return self
 
     # -- snapshots ------------------------------------------------------------------------------

@@ -132,12 +132,51 @@ class UpcastError(EventTypeError):
         self.event_type = event_type
         self.from_version = from_version
         self.to_version = to_version
+        self.detail = detail
 
 
 class SerializationError(TidingsError):
     """An event or its metadata could not be turned into (or back from) the stored form."""
 
     permanent = True
+
+
+class CorruptEvent(SerializationError):
+    """A stored event cannot be read back: its data is not valid JSON, or it no longer validates as
+    its event class (written by an older class without an upcaster, or edited by hand).
+
+    The message and attributes name the event: ``stream_id``, ``version``, ``position``,
+    ``event_type`` and ``schema_version``. Reading the stream cannot succeed until the class accepts
+    the stored data (register an upcaster, raise ``__event_version__``, relax the field) or the row
+    is repaired. Permanent.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        event_type: str,
+        schema_version: int,
+        stream_id: str | None = None,
+        version: int | None = None,
+        position: int | None = None,
+    ) -> None:
+        where = []
+        if stream_id is not None:
+            where.append(f"stream {stream_id!r}")
+        if version is not None:
+            where.append(f"version {version}")
+        if position is not None:
+            where.append(f"position {position}")
+        at = f" at {', '.join(where)}" if where else ""
+        super().__init__(
+            f"stored event {event_type!r} (schema version {schema_version}){at} cannot be read: {detail}"
+        )
+        self.event_type = event_type
+        self.schema_version = schema_version
+        self.stream_id = stream_id
+        self.version = version
+        self.position = position
 
 
 class StoreError(TidingsError):

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 from uuid import UUID, SafeUUID
 
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tidings.errors import (
+    CorruptEvent,
     DuplicateEventType,
     EventTypeError,
+    InvalidArgument,
     SerializationError,
     UnknownEventType,
     UpcastError,
@@ -54,7 +57,10 @@ class Event(BaseModel):
     (and so survive renames), and raise ``__event_version__`` when the schema changes.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and infinities are written as the bare tokens NaN/Infinity (not JSON) instead of a silent
+    # null, so that the registry's encode can see and refuse them: null would store an event whose
+    # float field no longer validates, and the stream could never be read again.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
     __event_type__: ClassVar[str]
     __event_version__: ClassVar[int] = 1
@@ -65,6 +71,18 @@ class Event(BaseModel):
         # Only a class's own __event_type__ counts: a subclass must not inherit its parent's name.
         if "__event_type__" not in cls.__dict__:
             cls.__event_type__ = cls.__name__
+        name = cls.__event_type__
+        if not isinstance(name, str) or not name or "\x00" in name or len(name) > 200:
+            raise EventTypeError(
+                f"{cls.__qualname__}.__event_type__ must be a non-empty str of at most 200 "
+                f"characters without NUL, got {name!r:.80}"
+            )
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EventTypeError(
+                f"{cls.__qualname__}.__event_type__ {name!r:.80} is not valid Unicode text"
+            ) from None
         version = cls.__dict__.get("__event_version__", 1)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise EventTypeError(f"{cls.__qualname__}.__event_version__ must be an int >= 1")
@@ -283,8 +301,14 @@ class EventRegistry:
 
     def add_upcaster(self, event_type: str, from_version: int, fn: Upcaster) -> None:
         """Register ``fn`` to turn ``event_type`` data of ``from_version`` into ``from_version + 1``."""
-        if from_version < 1:
-            raise EventTypeError(f"upcaster for {event_type!r}: from_version must be >= 1")
+        if not isinstance(event_type, str) or not event_type:
+            raise EventTypeError(
+                f"upcaster: event_type must be a type name or Event class, got {event_type!r}"
+            )
+        if not isinstance(from_version, int) or isinstance(from_version, bool) or from_version < 1:
+            raise EventTypeError(f"upcaster for {event_type!r}: from_version must be an int >= 1")
+        if not callable(fn):
+            raise EventTypeError(f"upcaster for {event_type!r}: {fn!r} is not callable")
         key = (event_type, from_version)
         if key in self._upcasters and self._upcasters[key] is not fn:
             raise EventTypeError(
@@ -296,26 +320,58 @@ class EventRegistry:
 
     @staticmethod
     def encode(event: Event) -> bytes:
-        """The JSON bytes stored for ``event``; raises :class:`SerializationError`."""
+        """The JSON bytes stored for ``event``; raises :class:`SerializationError`.
+
+        A float that is NaN or infinite anywhere in the event is refused (JSON has no such value;
+        storing it as null would make the event unreadable), naming the field.
+        """
         if not isinstance(event, Event):
             raise SerializationError(f"expected a tidings.Event instance, got {type(event).__qualname__}")
         try:
-            return event.__pydantic_serializer__.to_json(event)
+            data = event.__pydantic_serializer__.to_json(event)
         except Exception as exc:  # pydantic raises several types here; all mean the same
             raise SerializationError(
                 f"event {type(event).__qualname__} cannot be serialised to JSON: {exc}"
             ) from exc
+        # Cheap byte scans on the hot path; the full parse runs only when a NaN/Infinity token may
+        # be there, or when the data may nest deeper than a reader can parse.
+        suspect = b"NaN" in data or b"Infinity" in data
+        deep = len(data) > 2 * _MAX_DEPTH and data.count(b"[") + data.count(b"{") > _MAX_DEPTH
+        if (suspect or deep) and not _is_json(data):
+            where = _non_finite_path(event.model_dump(mode="python"))
+            problem = (
+                "nests deeper than JSON readers accept (1024 levels)"
+                if where is None
+                else f"{where} is NaN or infinite, which JSON cannot represent"
+            )
+            raise SerializationError(
+                f"event {type(event).__qualname__} ({event.__event_type__!r}) cannot be stored: {problem}"
+            )
+        return data
 
     @staticmethod
     def encode_metadata(metadata: Mapping[str, Any] | None) -> bytes | None:
-        if not metadata:
+        """The JSON bytes stored for an append's metadata (None when empty); raises
+        :class:`SerializationError` for values JSON cannot hold (NaN, infinities, text with lone
+        surrogates, non-str keys, unknown types) and :class:`InvalidArgument` for a non-mapping."""
+        if metadata is None:
             return None
         if not isinstance(metadata, Mapping):
-            raise SerializationError(f"metadata must be a mapping, got {type(metadata).__qualname__}")
+            raise InvalidArgument(f"metadata must be a mapping, got {type(metadata).__qualname__}")
+        if not metadata:
+            return None
         try:
-            return orjson.dumps(metadata, default=_json_default)
+            data = orjson.dumps(metadata, default=_json_default)
         except TypeError as exc:
             raise SerializationError(f"metadata cannot be serialised to JSON: {exc}") from exc
+        # orjson writes NaN and infinities as null: look for them only when a null was written.
+        if b"null" in data:
+            where = _non_finite_path(metadata, "metadata")
+            if where is not None:
+                raise SerializationError(
+                    f"metadata cannot be stored: {where} is NaN or infinite, which JSON cannot represent"
+                )
+        return data
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -328,21 +384,31 @@ class EventRegistry:
         raw_unknown: bool = False,
         stream_id: str | None = None,
         position: int | None = None,
+        version: int | None = None,
     ) -> Event | RawEvent:
         """Turn stored data back into a typed event, upcasting older schema versions.
 
         Raises :class:`UnknownEventType` for unregistered types unless ``raw_unknown`` is true,
-        in which case a :class:`RawEvent` is returned.
+        in which case a :class:`RawEvent` is returned. Stored data that is not JSON, or that does
+        not validate as the class, raises :class:`~tidings.errors.CorruptEvent` naming the
+        stream, version, position and type.
         """
         cls = self._types.get(event_type)
-        if cls is None:
-            if raw_unknown:
-                return RawEvent(event_type, schema_version, orjson.loads(data))
-            raise UnknownEventType(event_type, stream_id=stream_id, position=position)
-        target = cls.__event_version__
         try:
+            if cls is None:
+                if raw_unknown:
+                    return RawEvent(event_type, schema_version, _json_object(data))
+                raise UnknownEventType(event_type, stream_id=stream_id, position=position)
+            target = cls.__event_version__
             if schema_version == target:
-                return cls.model_validate_json(data)
+                try:
+                    return cls.model_validate_json(data)
+                except ValidationError as exc:
+                    # pydantic's JSON parser stops at 200 levels of nesting; what encode accepted
+                    # (up to 1024) must read back, so parse deep data with orjson instead.
+                    if "recursion limit" not in str(exc):
+                        raise
+                    return cls.model_validate(_json_object(data))
             if schema_version > target:
                 raise UpcastError(
                     event_type,
@@ -351,16 +417,38 @@ class EventRegistry:
                     "the stored schema version is newer than the class; deploy the newer code",
                 )
             return cls.model_validate(self.upcast(event_type, schema_version, target, data))
-        except ValidationError as exc:
-            raise SerializationError(
-                f"stored {event_type!r} (schema version {schema_version}) at position {position} "
-                f"does not validate as {cls.__qualname__}: {exc}"
+        except UpcastError as exc:
+            if stream_id is None:
+                raise
+            raise UpcastError(
+                event_type,
+                exc.from_version,
+                exc.to_version,
+                f"{exc.detail} (stream {stream_id!r}, version {version}, position {position})",
+            ) from exc
+        except (ValidationError, orjson.JSONDecodeError, _NotAnObject) as exc:
+            if isinstance(exc, ValidationError):
+                assert cls is not None
+                detail = (
+                    f"it does not validate as {cls.__module__}.{cls.__qualname__} (if the class "
+                    "changed, raise its __event_version__ and register an upcaster): "
+                    f"{exc}"
+                )
+            else:
+                detail = f"its data is not a JSON object: {exc}"
+            raise CorruptEvent(
+                detail,
+                event_type=event_type,
+                schema_version=schema_version,
+                stream_id=stream_id,
+                version=version,
+                position=position,
             ) from exc
 
     def upcast(
         self, event_type: str, from_version: int, to_version: int, data: bytes | str
     ) -> dict[str, Any]:
-        value: dict[str, Any] = orjson.loads(data)
+        value = _json_object(data)
         for version in range(from_version, to_version):
             fn = self._upcasters.get((event_type, version))
             if fn is None:
@@ -372,6 +460,46 @@ class EventRegistry:
             if not isinstance(value, dict):
                 raise UpcastError(event_type, version, version + 1, "the upcaster did not return a dict")
         return value
+
+
+class _NotAnObject(ValueError):
+    """Stored event data parsed as JSON but is not an object."""
+
+
+def _json_object(data: bytes | str) -> dict[str, Any]:
+    value = orjson.loads(data)
+    if not isinstance(value, dict):
+        raise _NotAnObject(f"found {type(value).__name__}")
+    return value
+
+
+_MAX_DEPTH: Final = 200
+"""Nesting beyond which encode makes sure the data still parses (orjson reads up to 1024 levels)."""
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _non_finite_path(value: Any, path: str = "") -> str | None:
+    """The path (``field.key[2]``) of the first NaN or infinite float in ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path or "the value")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _non_finite_path(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple | set | frozenset):
+        for index, item in enumerate(value):
+            found = _non_finite_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _json_default(value: Any) -> Any:
@@ -396,7 +524,12 @@ def upcaster(
     ... def _add_currency(data: dict) -> dict:
     ...     return {**data, "currency": "EUR"}
     """
-    name = event_type if isinstance(event_type, str) else event_type.__event_type__
+    if isinstance(event_type, type) and issubclass(event_type, Event):
+        name = event_type.__event_type__
+    elif isinstance(event_type, str):
+        name = event_type
+    else:
+        raise EventTypeError(f"upcaster: event_type must be a type name or Event class, got {event_type!r}")
     target = registry if registry is not None else default_registry
 
     def decorate(fn: Upcaster) -> Upcaster:

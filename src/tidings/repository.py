@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from tidings.aggregate import Aggregate
 from tidings.errors import AggregateNotFound, InvalidArgument, TidingsError
 from tidings.events import Event
-from tidings.store.append import AppendResult
+from tidings.store.append import AppendResult, validate_stream_id
 from tidings.store.base import EventStore, Snapshot, validate_position
 
 __all__ = ["Repository"]
@@ -33,7 +33,13 @@ class Repository(Generic[A]):
     def __init__(
         self, store: EventStore, aggregate_class: type[A], *, snapshot_every: int | None = None
     ) -> None:
-        if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1):
+        if not isinstance(store, EventStore):
+            raise InvalidArgument(f"Repository needs an EventStore, got {type(store).__qualname__}")
+        if not isinstance(aggregate_class, type) or not issubclass(aggregate_class, Aggregate):
+            raise InvalidArgument(f"Repository needs an Aggregate subclass, got {aggregate_class!r:.80}")
+        if snapshot_every is not None and (
+            not isinstance(snapshot_every, int) or isinstance(snapshot_every, bool) or snapshot_every < 1
+        ):
             raise InvalidArgument(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
         self.store = store
         self.aggregate_class = aggregate_class
@@ -53,7 +59,11 @@ class Repository(Generic[A]):
         Raises :class:`AggregateNotFound` when the stream has no events (at that version or time),
         unless ``create`` is true: then a new, empty aggregate (version 0) is returned, ready to
         record its first events and be saved (get-or-create; only for the current state).
+        A stored event of the aggregate that cannot be read back raises
+        :class:`~tidings.CorruptEvent`, :class:`~tidings.UnknownEventType` or
+        :class:`~tidings.UpcastError` naming its stream, version and position.
         """
+        id = validate_stream_id(id)
         if at_version is not None and at_time is not None:
             raise InvalidArgument("pass at_version or at_time, not both")
         if at_time is not None and not isinstance(at_time, datetime):
@@ -104,6 +114,11 @@ class Repository(Generic[A]):
         :class:`~tidings.ConcurrencyError` if another writer got there first; the aggregate keeps
         its pending events, and the caller may reload and retry the command.
         """
+        if not isinstance(aggregate, self.aggregate_class):
+            raise InvalidArgument(
+                f"this repository saves {self.aggregate_class.__name__} aggregates, got "
+                f"{type(aggregate).__qualname__}"
+            )
         pending = aggregate.pending_events
         if not pending:
             return None

@@ -74,7 +74,9 @@ async def test_an_undecodable_event_is_dead_lettered_not_blocking(store: EventSt
     assert sorted(r[0] for r in await store.query("SELECT parcel FROM tally")) == ["a", "b"]
     dead = await store.dead_letters()
     assert sorted(d.group for d in dead) == ["faults.ship", "projection:tally:g1"]
-    assert all(d.position == 2 and "SerializationError" in d.error for d in dead)
+    # The dead letter names the unreadable event: its stream, version and position.
+    assert all(d.position == 2 and "CorruptEvent" in d.error for d in dead)
+    assert all("'parcel-poison', version 1, position 2" in d.error for d in dead)
 
 
 async def test_stop_while_waiting_to_retry_commits_nothing(store: EventStore) -> None:

@@ -16,7 +16,7 @@ from tidings import (
     StoreUnavailable,
     open_store,
 )
-from tidings.errors import is_transient
+from tidings.errors import InvalidArgument, is_transient
 from tidings.store.append import AppendRequest, EncodedEvent
 from tidings.store.sqlite import SQLiteStore
 from tidings.store.sqlite.writer import append_in
@@ -99,7 +99,8 @@ async def test_a_request_the_writer_cannot_store_fails_alone(tmp_path: Path) -> 
             return_exceptions=True,
         )
         assert isinstance(outcomes[0], AppendResult) and isinstance(outcomes[2], AppendResult)
-        assert isinstance(outcomes[1], StatementError)
+        # The value was the caller's to fix: a permanent InvalidArgument naming the stream.
+        assert isinstance(outcomes[1], InvalidArgument) and outcomes[1].permanent
         assert isinstance(outcomes[1].__cause__, UnicodeEncodeError)
         assert [e.stream_id async for e in store.read_all()] == ["x", "y"]
     finally:

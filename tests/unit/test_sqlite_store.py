@@ -147,3 +147,21 @@ def test_open_in_subprocess_without_extras() -> None:
         check=True,
     )
     assert out.stdout.strip() == "False"
+
+
+async def test_one_bad_append_in_a_group_commit_fails_only_itself(tmp_path: Path) -> None:
+    """Appends merged into one transaction: a value SQLite cannot bind fails its own call only."""
+    async with open_store(f"sqlite:///{tmp_path}/gc.db") as store:
+        results = await asyncio.gather(
+            *(store.append(f"s-{i}", [Credited(amount=i)]) for i in range(8)),
+            store.append("bad-\ud800", [Credited(amount=99)]),
+            *(store.append(f"t-{i}", [Credited(amount=i)]) for i in range(8)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[8], InvalidArgument)
+        good = results[:8] + results[9:]
+        assert all(not isinstance(r, BaseException) for r in good), good
+        assert await store.head() == 16
+        assert sorted([e.stream_id async for e in store.read_all()]) == sorted(
+            [f"s-{i}" for i in range(8)] + [f"t-{i}" for i in range(8)]
+        )

@@ -37,6 +37,7 @@ from tidings.processing.handlers import Dispatch, handler_methods
 from tidings.processing.retry import retry_event
 from tidings.processing.subscription import Subscription, SubscriptionConfig
 from tidings.store.base import EventStore
+from tidings.store.sqltext import split_statements
 from tidings.store.tracking import (
     ProjectionGeneration,
     SQLStore,
@@ -181,7 +182,7 @@ def _create_tables(tx: Tx, projection: Projection, generation: int) -> None:
     ptx = ProjectionTx(tx, projection.physical(generation))
     for table, ddl in projection.tables.items():
         tx.execute(f"DROP TABLE IF EXISTS {ptx.table(table)}")
-        for statement in ddl.split(";"):
+        for statement in split_statements(ddl, tx.dialect):
             if statement.strip():
                 ptx.execute(statement)
 

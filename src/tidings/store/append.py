@@ -268,11 +268,11 @@ def validate_stream_id(stream_id: object) -> str:
 def validate_expected(stream_id: str, expected: object) -> ExpectedVersion:
     if isinstance(expected, StreamState):
         return expected
-    if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 0:
+    if isinstance(expected, int) and not isinstance(expected, bool) and 0 <= expected <= 2**63 - 1:
         return expected
     raise InvalidArgument(
         f"stream {stream_id!r}: expected_version must be ANY, NO_STREAM, STREAM_EXISTS or an "
-        f"int >= 0, got {expected!r}"
+        f"int from 0 to 2**63 - 1, got {expected!r:.80}"
     )
 
 

@@ -26,7 +26,9 @@ import orjson
 from pydantic import ValidationError
 
 from tidings.errors import (
+    CorruptEvent,
     InvalidArgument,
+    SerializationError,
     StoreClosed,
 )
 from tidings.events import (
@@ -108,13 +110,19 @@ timestamp, data, metadata). ``event_id`` is a UUID or its 16 bytes; ``timestamp`
 datetime or integer microseconds since the epoch; ``metadata`` JSON bytes or None."""
 
 
+MAX_POSITION: Final = 2**63 - 1
+"""Largest position, version or count the stores accept: their columns are signed 64-bit."""
+
+
 def validate_position(name: str, value: object, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be an int, got {value!r}")
+        raise InvalidArgument(f"{name} must be an int, got {value!r:.80}")
     if value < 0:
         raise InvalidArgument(f"{name} must be >= 0, got {value}")
+    if value > MAX_POSITION:
+        raise InvalidArgument(f"{name} must be at most 2**63 - 1, got {value}")
     return value
 
 
@@ -138,6 +146,31 @@ def mask_password(url: str) -> str:
     return masked
 
 
+def validate_timeout(timeout: object) -> float | None:
+    """Return ``timeout`` if it is None or a number of seconds >= 0, else raise :class:`InvalidArgument`."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0:
+        raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, got {timeout!r:.80}")
+    return float(timeout)
+
+
+def validate_text(name: str, value: object) -> str:
+    """Return ``value`` if it is a str that can be stored (UTF-8 encodable, no NUL), else raise
+    :class:`InvalidArgument` naming ``name``: a lone surrogate would fail deep in the driver."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a str, got {type(value).__qualname__}")
+    if "\x00" in value:
+        raise InvalidArgument(f"{name} must not contain NUL characters, got {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{name} {value!r:.80} is not valid Unicode text ({exc.reason} at index {exc.start})"
+        ) from None
+    return value
+
+
 def now_micros() -> int:
     """The current UTC instant as integer microseconds since the epoch (stored timestamps)."""
     now = datetime.now(UTC) - _EPOCH
@@ -145,6 +178,8 @@ def now_micros() -> int:
 
 
 def to_micros(instant: datetime) -> int:
+    if not isinstance(instant, datetime):
+        raise InvalidArgument(f"time travel needs an aware datetime, got {type(instant).__qualname__}")
     if instant.tzinfo is None:
         raise InvalidArgument(f"time travel needs an aware datetime, got naive {instant!r}")
     delta = instant - _EPOCH
@@ -268,16 +303,32 @@ class EventStore(abc.ABC):
         """Validate and encode an append without performing it (used by batching writers)."""
         stream_id = validate_stream_id(stream_id)
         expected = validate_expected(stream_id, expected_version)
-        if isinstance(events, Event):
+        if isinstance(events, Event | str | bytes | Mapping) or not isinstance(events, Iterable):
             raise InvalidArgument(
-                f"stream {stream_id!r}: append takes a list of events, got a single "
-                f"{type(events).__qualname__}"
+                f"stream {stream_id!r}: append takes a list of events, got "
+                f"{'a single ' if isinstance(events, Event) else ''}{type(events).__qualname__}"
             )
         event_list = list(events)
+        for i, item in enumerate(event_list):
+            if not isinstance(item, Event):
+                # SerializationError, as the contract has it: the item cannot be stored as an event.
+                raise SerializationError(
+                    f"stream {stream_id!r}: events[{i}] is not a tidings.Event but "
+                    f"{type(item).__qualname__} {item!r:.60}"
+                )
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidArgument(
+                f"stream {stream_id!r}: metadata must be a mapping, got {type(metadata).__qualname__}"
+            )
         encode = self.registry.encode
         if event_ids is None:
             ids = new_event_ids(len(event_list))
         else:
+            if isinstance(event_ids, str | bytes) or not isinstance(event_ids, Iterable):
+                raise InvalidArgument(
+                    f"stream {stream_id!r}: event_ids must be a list of uuid.UUID, got "
+                    f"{type(event_ids).__qualname__}"
+                )
             ids = list(event_ids)
             if len(ids) != len(event_list):
                 raise InvalidArgument(
@@ -318,6 +369,11 @@ class EventStore(abc.ABC):
 
         Forwards in version order, or newest first with ``backwards=True``; at most ``limit``
         events. A missing stream yields nothing. Rows are fetched in pages, so memory stays flat.
+
+        A stored event that cannot be read back raises, when the reader reaches it,
+        :class:`~tidings.CorruptEvent` (data or metadata that is not JSON or does not validate),
+        :class:`~tidings.UnknownEventType` (unless ``raw_unknown``) or :class:`~tidings.UpcastError`,
+        each naming the event's stream, version and position.
         """
         stream_id = validate_stream_id(stream_id)
         lower = validate_position("after", after)
@@ -365,7 +421,10 @@ class EventStore(abc.ABC):
                         continue
                     except ValidationError:
                         pass
-                yield row[2], decode(row[4], row[5], row[7], stream_id=stream_id, position=row[0])
+                yield (
+                    row[2],
+                    decode(row[4], row[5], row[7], stream_id=stream_id, position=row[0], version=row[2]),
+                )
             if remaining is not None:
                 remaining -= len(rows)
             if len(rows) < page:
@@ -384,14 +443,15 @@ class EventStore(abc.ABC):
         """Yield the global log in position order, from position ``after`` (exclusive).
 
         ``event_types`` keeps only those types (names or classes); ``stream_prefix`` only streams
-        whose id starts with it (a category such as ``"order-"``). Streamed in pages.
+        whose id starts with it (a category such as ``"order-"``). Streamed in pages. Unreadable
+        stored events raise as in :meth:`read_stream`.
         """
         lower = validate_position("after", after)
         remaining = validate_position("limit", limit, allow_none=True)
         assert lower is not None
         types = _type_names(event_types)
-        if stream_prefix is not None and not isinstance(stream_prefix, str):
-            raise InvalidArgument(f"stream_prefix must be a str, got {stream_prefix!r}")
+        if stream_prefix is not None:
+            validate_text("stream_prefix", stream_prefix)
         self._check_open()
         while remaining is None or remaining > 0:
             page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
@@ -454,14 +514,22 @@ class EventStore(abc.ABC):
         decode = self.registry.decode
         out: list[RecordedEvent] = []
         append = out.append
-        for position, stream_id, version, event_id, event_type, schema_version, ts, data, meta in rows:
+        for row in rows:
+            position, stream_id, version, event_id, event_type, schema_version, ts, data, meta = row
             validate = validators.get((event_type, schema_version))
             event: Event | RawEvent
             if validate is not None:
                 try:
                     event = validate(data)
                 except ValidationError:
-                    event = decode(event_type, schema_version, data, stream_id=stream_id, position=position)
+                    event = decode(
+                        event_type,
+                        schema_version,
+                        data,
+                        stream_id=stream_id,
+                        position=position,
+                        version=version,
+                    )
             else:
                 event = decode(
                     event_type,
@@ -470,6 +538,7 @@ class EventStore(abc.ABC):
                     raw_unknown=raw_unknown,
                     stream_id=stream_id,
                     position=position,
+                    version=version,
                 )
             append(
                 RecordedEvent(
@@ -480,7 +549,7 @@ class EventStore(abc.ABC):
                     position,
                     ts,
                     event,
-                    _EMPTY if meta is None else _load_metadata(meta),
+                    _EMPTY if meta is None else _load_metadata(meta, row),
                     schema_version,
                 )
             )
@@ -499,6 +568,8 @@ class EventStore(abc.ABC):
 
     async def streams(self, *, prefix: str | None = None) -> AsyncIterator[StreamInfo]:
         """Yield every stream (optionally only ids starting with ``prefix``), ordered by id."""
+        if prefix is not None:
+            validate_text("prefix", prefix)
         self._check_open()
         after: str | None = None
         while True:
@@ -520,8 +591,14 @@ class EventStore(abc.ABC):
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store a snapshot; one per (stream, version), a later save for the same pair replaces it."""
+        if not isinstance(snapshot, Snapshot):
+            raise InvalidArgument(f"save_snapshot takes a Snapshot, got {type(snapshot).__qualname__}")
         validate_stream_id(snapshot.stream_id)
         validate_position("snapshot version", snapshot.version)
+        validate_text("snapshot aggregate_type", snapshot.aggregate_type)
+        validate_text("snapshot schema", snapshot.schema)
+        if not isinstance(snapshot.state, bytes):
+            raise InvalidArgument(f"snapshot state must be bytes, got {type(snapshot.state).__qualname__}")
         self._check_open()
         await self._save_snapshot(snapshot)
 
@@ -546,6 +623,8 @@ class EventStore(abc.ABC):
         In-process appends wake waiters at once; appends by other processes are seen by the
         backend's change detection (a cheap poll, or LISTEN/NOTIFY), bounded by ``timeout``.
         """
+        validate_position("position", position)
+        validate_timeout(timeout)
         self._check_open()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -607,12 +686,16 @@ class EventStore(abc.ABC):
 def _type_names(event_types: Iterable[str | type[Event]] | None) -> tuple[str, ...] | None:
     if event_types is None:
         return None
-    if isinstance(event_types, str):
+    if isinstance(event_types, str) or (isinstance(event_types, type) and issubclass(event_types, Event)):
         event_types = [event_types]
+    if not isinstance(event_types, Iterable):
+        raise InvalidArgument(
+            f"event_types must be a list of type names or Event classes, got {event_types!r:.80}"
+        )
     names: list[str] = []
     for item in event_types:
         if isinstance(item, str):
-            names.append(item)
+            names.append(validate_text("event type", item))
         elif isinstance(item, type) and issubclass(item, Event):
             names.append(item.__event_type__)
         else:
@@ -627,12 +710,34 @@ def _as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def _load_metadata(meta: Any) -> Mapping[str, Any]:
+def _uuid_list(name: str, values: object) -> list[uuid.UUID]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise InvalidArgument(f"{name} must be a list of uuid.UUID, got {type(values).__qualname__}")
+    out = list(values)
+    for i, value in enumerate(out):
+        if not isinstance(value, uuid.UUID):
+            raise InvalidArgument(f"{name}[{i}] must be a uuid.UUID, got {value!r:.80}")
+    return out
+
+
+def _load_metadata(meta: Any, row: Row) -> Mapping[str, Any]:
     if meta is None:
         return _EMPTY
     if isinstance(meta, dict):
         return meta
-    value: dict[str, Any] = orjson.loads(meta)
+    try:
+        value = orjson.loads(meta)
+    except orjson.JSONDecodeError as exc:
+        value = exc
+    if not isinstance(value, dict):
+        raise CorruptEvent(
+            f"its metadata is not a JSON object: {value}",
+            event_type=row[4],
+            schema_version=row[5],
+            stream_id=row[1],
+            version=row[2],
+            position=row[0],
+        ) from (value if isinstance(value, Exception) else None)
     return value
 
 

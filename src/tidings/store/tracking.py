@@ -26,14 +26,14 @@ import contextlib
 import dataclasses
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, Protocol, TypeVar, cast
 
 from tidings.errors import InvalidArgument, UnsupportedOperation
 from tidings.events import EventRegistry
 from tidings.store.append import AppendRequest, AppendResult
-from tidings.store.base import EventStore, validate_position
+from tidings.store.base import EventStore, validate_position, validate_text, validate_timeout
 
 __all__ = [
     "DeadLetter",
@@ -200,10 +200,12 @@ class TrackingStore(EventStore):
 
     async def processed_ids(self, group: str, event_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Those of ``event_ids`` that ``group`` has recorded as processed (its inbox)."""
+        group = validate_group(group)
+        ids = _uuid_list("event_ids", event_ids)
         self._check_open()
-        if not event_ids:
+        if not ids:
             return set()
-        return await self._processed_ids(validate_group(group), list(event_ids))
+        return await self._processed_ids(group, ids)
 
     async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
         """Parked events, oldest first, optionally of one group."""
@@ -212,12 +214,14 @@ class TrackingStore(EventStore):
 
     async def dead_letter(self, id: int) -> DeadLetter | None:
         """One parked event by its id, or None."""
+        validate_position("dead letter id", id)
         self._check_open()
         found = await self._dead_letters(None, id)
         return found[0] if found else None
 
     async def discard_dead_letter(self, id: int) -> bool:
         """Delete a parked event without processing it; False if there was none with that id."""
+        validate_position("dead letter id", id)
         self._check_open()
         return await self._discard_dead_letter(id)
 
@@ -236,7 +240,7 @@ class TrackingStore(EventStore):
         handling every event. Across processes the checkpoint's compare-and-set keeps commits
         exactly-once.
         """
-        key = (self.database_identity(), group)
+        key = (self.database_identity(), validate_group(group))
         lock = _GROUP_LOCKS.get(key)
         if lock is None:
             lock = asyncio.Lock()
@@ -259,6 +263,7 @@ class TrackingStore(EventStore):
         Checkpoints committed in this process wake the waiter at once; others are polled.
         """
         validate_position("position", position)
+        validate_timeout(timeout)
         group = validate_group(group)
         self._check_open()
         loop = asyncio.get_running_loop()
@@ -306,11 +311,16 @@ class SQLStore(TrackingStore):
 
         ``fn`` is synchronous and runs on the store's worker; it must not do other I/O.
         """
+        if not callable(fn) or asyncio.iscoroutinefunction(fn):
+            raise InvalidArgument(f"transaction() takes a synchronous function of a Tx, got {fn!r:.80}")
         self._check_open()
         return await self._transaction(fn)
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query (``?`` placeholders) on the store's database: read models."""
+        validate_text("SQL", sql)
+        if isinstance(params, str | bytes) or not isinstance(params, Sequence | Mapping):
+            raise InvalidArgument(f"query parameters must be a sequence, got {type(params).__qualname__}")
         self._check_open()
         return await self._query(sql, params)
 
@@ -405,3 +415,13 @@ _CAPABILITIES = {
 
 # Weak values: a group's lock lives as long as some runner holds or waits for it.
 _GROUP_LOCKS: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+def _uuid_list(name: str, values: object) -> list[uuid.UUID]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise InvalidArgument(f"{name} must be a list of uuid.UUID, got {type(values).__qualname__}")
+    out = list(values)
+    for i, value in enumerate(out):
+        if not isinstance(value, uuid.UUID):
+            raise InvalidArgument(f"{name}[{i}] must be a uuid.UUID, got {value!r:.80}")
+    return out

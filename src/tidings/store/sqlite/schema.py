@@ -7,7 +7,7 @@ from typing import Final
 
 from tidings.errors import CorruptStore
 
-__all__ = ["ROW_COLUMNS", "SCHEMA_VERSION", "init_schema"]
+__all__ = ["ROW_COLUMNS", "SCHEMA_VERSION", "check_schema", "init_schema"]
 
 SCHEMA_VERSION: Final = 1
 """Version of the on-disk schema, stored in ``tidings_meta``; bumped by migrations."""
@@ -75,26 +75,37 @@ CREATE TABLE IF NOT EXISTS tidings_dead_letters (
 """
 
 
+def check_schema(conn: sqlite3.Connection, path: str) -> bool:
+    """Check, reading only, that the database behind ``conn`` is empty or a tidings store of this
+    schema version; return whether the tidings tables exist. Raise :class:`CorruptStore` if not.
+
+    Runs before anything is written, so that a foreign database is refused unchanged.
+    """
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "tidings_meta" in tables:
+        row = conn.execute("SELECT value FROM tidings_meta WHERE key = 'schema_version'").fetchone()
+        found = row[0] if row else None
+        if found != str(SCHEMA_VERSION):
+            raise CorruptStore(
+                f"{path!r} has tidings schema version {found}; this version "
+                f"of tidings reads schema version {SCHEMA_VERSION}"
+            )
+        return True
+    if tables:
+        raise CorruptStore(
+            f"{path!r} is a SQLite database but not a tidings store "
+            f"(it has tables {', '.join(sorted(tables)[:5])} and no tidings_meta)"
+        )
+    return False
+
+
 def init_schema(conn: sqlite3.Connection, path: str) -> None:
     """Create the tidings tables in the database behind ``conn`` (writer connection), or check that
     an existing database is a tidings store of this schema version; raise :class:`CorruptStore` if not.
     """
     try:
         conn.execute("BEGIN IMMEDIATE")
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "tidings_meta" in tables:
-            row = conn.execute("SELECT value FROM tidings_meta WHERE key = 'schema_version'").fetchone()
-            found = int(row[0]) if row else None
-            if found != SCHEMA_VERSION:
-                raise CorruptStore(
-                    f"{path!r} has tidings schema version {found}; this version "
-                    f"of tidings reads schema version {SCHEMA_VERSION}"
-                )
-        elif tables:
-            raise CorruptStore(
-                f"{path!r} is a SQLite database but not a tidings store "
-                f"(it has tables {', '.join(sorted(tables)[:5])} and no tidings_meta)"
-            )
+        check_schema(conn, path)
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)

@@ -7,6 +7,10 @@ connections serves reads; WAL mode lets them run while the writer commits.
 Durability: ``synchronous=FULL`` by default (a committed append survives power loss). Add
 ``?synchronous=normal`` to the URL to trade the last transactions on power loss (never on a
 process crash) for faster commits.
+
+``?mode=ro`` opens an existing store read-only: reads work, writes raise
+:class:`~tidings.StatementError`. A file that is not a tidings store is refused before anything
+in it changes (its journal mode included); see :class:`~tidings.store.sqlite.SQLiteConfig`.
 """
 
 from __future__ import annotations
@@ -19,14 +23,13 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from tidings.errors import StoreClosed, StoreError, TidingsError
+from tidings.errors import InvalidArgument, StatementError, StoreClosed, TidingsError
 from tidings.events import EventRegistry
 from tidings.store.append import AppendRequest, AppendResult
 from tidings.store.base import Row, Snapshot, StreamInfo, now_micros
-from tidings.store.sqlite.config import SQLiteConfig, connect
+from tidings.store.sqlite.config import SQLiteConfig, check_location, connect
 from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.schema import ROW_COLUMNS
 from tidings.store.sqlite.tx import SQLiteTx, commit_processed_in, dead_letter_from_row
@@ -81,6 +84,9 @@ class SQLiteStore(SQLStore):
         def run() -> T:
             try:
                 return fn(self._reader())
+            except (OverflowError, UnicodeEncodeError) as exc:
+                # A parameter SQLite cannot hold (an int beyond 64 bits, text with a lone surrogate).
+                raise InvalidArgument(f"a value cannot be passed to SQLite: {exc}") from exc
             except (sqlite3.Error, *BINDING_ERRORS) as exc:
                 raise translate(exc, self.config.path) from exc
 
@@ -99,14 +105,14 @@ class SQLiteStore(SQLStore):
         here. Used by appends and by processing code that must commit with a checkpoint.
         """
         self._check_open()
+        if self.config.read_only:
+            raise StatementError(f"store {self.safe_url} is opened read-only (mode=ro): writes are refused")
         return await self._writer.submit(fn, _request)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _open(self) -> None:
-        parent = Path(self.config.path).parent
-        if not parent.exists():
-            raise StoreError(f"cannot open {self.config.path!r}: directory {parent} does not exist")
+        check_location(self.config)
         await self._writer.start(self._notify_appended)
         self._readers = concurrent.futures.ThreadPoolExecutor(
             max_workers=_READERS, thread_name_prefix="tidings-sqlite-reader"

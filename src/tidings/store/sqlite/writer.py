@@ -25,13 +25,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from tidings.errors import CorruptStore, TidingsError
+from tidings.errors import CorruptStore, InvalidArgument, StatementError, TidingsError
 from tidings.events import uuid_from_bytes
 from tidings.store.append import AppendRequest, AppendResult, StoredId, plan_appends
 from tidings.store.base import now_micros
-from tidings.store.sqlite.config import SQLiteConfig, connect
+from tidings.store.sqlite.config import SQLiteConfig, connect, is_read_only_error, read_only_message
 from tidings.store.sqlite.errors import BINDING_ERRORS, translate
-from tidings.store.sqlite.schema import init_schema
+from tidings.store.sqlite.schema import check_schema, init_schema
 
 __all__ = ["SQLiteStatistics", "SQLiteWriter", "WriteJob", "append_in"]
 
@@ -153,12 +153,25 @@ class SQLiteWriter:
 
     def _main(self, ready: concurrent.futures.Future[None]) -> None:
         try:
-            conn = connect(self.config)
+            # Not in WAL mode yet: the switch is a lasting change to the file, made only once the
+            # file is known to be empty or a tidings store. A refused file is left as it was.
+            conn = connect(self.config, wal=False)
             try:
-                init_schema(conn, self.config.path)
+                path = self.config.path
+                if self.config.read_only:
+                    if not check_schema(conn, path):
+                        raise CorruptStore(f"{path!r} is not a tidings store (opened read-only)")
+                else:
+                    check_schema(conn, path)
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    init_schema(conn, path)
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                raise CorruptStore(f"{self.config.path!r} is not a tidings store: {exc}") from exc
+                if is_read_only_error(exc):
+                    raise StatementError(read_only_message(self.config)) from exc
+                if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_CANTOPEN:
+                    raise StatementError(f"cannot open {path!r}: {exc} (check permissions)") from exc
+                raise CorruptStore(f"{path!r} is not a tidings store: {exc}") from exc
             except BaseException:
                 conn.close()
                 raise
@@ -247,6 +260,13 @@ class SQLiteWriter:
             conn.execute("ROLLBACK" if single else "ROLLBACK TO job")
             if not single:
                 conn.execute("RELEASE job")
+            if job.request is not None and isinstance(exc, OverflowError | UnicodeEncodeError):
+                # An append whose values SQLite cannot bind: the caller's mistake, not the store's.
+                failure = InvalidArgument(
+                    f"stream {job.request.stream_id!r:.80}: a value cannot be stored in SQLite: {exc}"
+                )
+                failure.__cause__ = exc
+                return None, failure
             return None, self._translate(exc)
         if not single:
             conn.execute("RELEASE job")
@@ -276,8 +296,8 @@ class SQLiteWriter:
         try:
             outcomes = append_many_in(conn, requests)
         except Exception:
-            # Requests arrive validated, so this should not happen; if a value still cannot be
-            # stored, it must fail its own append only, not the others merged with it.
+            # Any failure of the merged write (a driver error, a value SQLite cannot bind) is
+            # retried call by call, so that one bad call fails only itself.
             if guarded:
                 conn.execute("ROLLBACK TO appends")
                 conn.execute("RELEASE appends")
