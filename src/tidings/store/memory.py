@@ -24,6 +24,7 @@ from tidings.store.base import (
     StreamInfo,
     now_micros,
 )
+from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.records import DeadLetter, ProcessedBatch, Tx
 
 T = TypeVar("T")
@@ -167,6 +168,8 @@ class MemoryStore(EventStore):
             raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
         if batch.work is not None:
             raise ProjectionError(_NO_SQL)
+        if batch.remove_dead_letter is not None and batch.remove_dead_letter not in self._parked:
+            raise DeadLetterNotFound(batch.group, batch.remove_dead_letter)
         # Resolve every append against the state as it would be, before changing anything, so
         # the batch stays all-or-nothing and follows the same rules (exact retries included).
         versions: dict[str, tuple[int, int]] = {}
@@ -190,6 +193,10 @@ class MemoryStore(EventStore):
                     planned_ids[e.event_id] = (e.event_id, request.stream_id, version + i, head + i)
                 head += len(request.events)
                 versions[request.stream_id] = (version + len(request.events), head)
+        # Nothing above awaits: the dead letter checked at the top is still there, and removing it
+        # before the first await makes a concurrent retry of it fail at that check.
+        if batch.remove_dead_letter is not None:
+            del self._parked[batch.remove_dead_letter]
         out = [
             resolved if resolved is not None else await self._append(request)
             for request, resolved in zip(batch.appends, results, strict=True)
@@ -215,8 +222,6 @@ class MemoryStore(EventStore):
             )
             if parked is None:
                 self._next_dead_letter += 1
-        if batch.remove_dead_letter is not None:
-            self._parked.pop(batch.remove_dead_letter, None)
         self._checkpoints_by_group[batch.group] = batch.checkpoint
         return out
 

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from tidings.errors import CheckpointConflict, CorruptStore, StoreError, TidingsError
 from tidings.events import EventRegistry
 from tidings.store.base import AppendRequest, AppendResult, EventStore, Row, Snapshot, StreamInfo
+from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.postgres.config import PostgresConfig, redact
 from tidings.store.postgres.errors import translate
 from tidings.store.postgres.schema import (
@@ -399,6 +400,12 @@ class PostgresStore(EventStore):
             actual = 0 if row is None else int(row[0])
             if actual != batch.expected_checkpoint:
                 raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
+            if batch.remove_dead_letter is not None:
+                # First, so that a second retry of the same dead letter fails before its work
+                # runs; raising rolls the whole step back, so it is applied exactly once.
+                cur = await conn.execute(self._sql.delete_dead_letter, (batch.remove_dead_letter,))
+                if cur.rowcount == 0:
+                    raise DeadLetterNotFound(batch.group, batch.remove_dead_letter)
             if batch.work is not None:
                 await self._run_sync(conn, batch.work)
             # Appends last among the writes that take locks: the position counter stays locked
@@ -423,8 +430,6 @@ class PostgresStore(EventStore):
                         d.attempts,
                     ),
                 )
-            if batch.remove_dead_letter is not None:
-                await conn.execute(self._sql.delete_dead_letter, (batch.remove_dead_letter,))
             if batch.checkpoint != actual:
                 await conn.execute(self._sql.save_checkpoint, (batch.group, batch.checkpoint))
         return results
