@@ -61,6 +61,7 @@ from tidings.store import (
     StreamInfo,
     open_store,
 )
+from tidings.store.deadletters import DeadLetterNotFound
 
 __version__ = "0.1.0"
 
@@ -74,6 +75,7 @@ __all__ = [
     "CheckpointConflict",
     "ConcurrencyError",
     "CorruptStore",
+    "DeadLetterNotFound",
     "DuplicateEventId",
     "DuplicateEventType",
     "Event",

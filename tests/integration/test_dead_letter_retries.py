@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tidings import Event, EventStore, HandlerContext, RetryPolicy, Service, SubscriptionConfig, open_store
-from tidings.store.deadletters import DeadLetterNotFound
+from tidings import (
+    DeadLetterNotFound,
+    Event,
+    EventStore,
+    HandlerContext,
+    RetryPolicy,
+    Service,
+    SubscriptionConfig,
+    open_store,
+)
 from tidings.testing import collect
 
 FAST = SubscriptionConfig(

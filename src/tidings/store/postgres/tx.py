@@ -173,6 +173,10 @@ class Result:
 class PostgresTx:
     """:class:`~tidings.store.records.Tx` for synchronous code running in a worker thread.
 
+    SQL is translated by :func:`to_psycopg`: ``?`` (or ``:name``) placeholders, ``??`` for a literal
+    ``?`` (the JSON operators: ``items ?? 'sku'``, ``items ??| array['a']``, ``items ??& array['a']``;
+    or ``jsonb_exists(items, 'sku')`` and friends), ``%`` as is.
+
     Every call runs on ``connection`` (in an open transaction) on the event loop ``loop``, and
     blocks the calling thread until it is done. Must not be used from the loop's own thread.
     """
