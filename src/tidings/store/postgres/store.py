@@ -171,6 +171,12 @@ class PostgresStore(EventStore):
         return PostgresStatistics(**self._writer.stats, queued=len(self._writer.queue))
 
     @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, also one given as a ``password=`` (or
+        ``sslpassword=``) query option (see :func:`~tidings.store.postgres.redact`)."""
+        return self._where
+
+    @property
     def schema(self) -> str:
         """The PostgreSQL schema holding this store's tables."""
         return self.config.schema
