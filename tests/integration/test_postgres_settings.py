@@ -67,15 +67,17 @@ async def test_store_sessions_never_jit_compile(jit_everywhere_url: str) -> None
         assert await store.transaction(lambda tx: tx.fetchone("SHOW jit")) == ("off",)
         [[plan]] = await store.query(PLAN)
         assert "JIT" not in plan[0]
-        # Every pooled connection, not only the first one.
-        sessions = await asyncio.gather(*(store.transaction(_slow_show_jit) for _ in range(4)))
-        assert sessions == [("off",)] * 4
+        # Every pooled connection, not only the first one: four transactions held open together
+        # (each waits in its transaction for the others) run on four connections.
+        together = threading.Barrier(4, timeout=30)
 
+        def show_jit(tx: Tx) -> tuple[object, ...] | None:
+            together.wait()
+            return tx.fetchone("SELECT pg_backend_pid(), current_setting('jit')")
 
-def _slow_show_jit(tx: Tx) -> tuple[object, ...] | None:
-    # Holding four transactions open at once makes the pool hand out four connections.
-    tx.execute("SELECT pg_sleep(0.05)")
-    return tx.fetchone("SHOW jit")
+        sessions = await asyncio.gather(*(store.transaction(show_jit) for _ in range(4)))
+        assert len({pid for pid, _ in sessions}) == 4
+        assert [jit for _, jit in sessions] == ["off"] * 4
 
 
 # -- URL options -------------------------------------------------------------------------------------
