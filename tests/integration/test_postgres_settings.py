@@ -252,16 +252,19 @@ async def test_a_reset_during_a_runners_step_is_not_overwritten(pg_url: str) -> 
                 raise AssertionError("never released")
 
         step = asyncio.ensure_future(store.commit_processed(ProcessedBatch("g", 2, 3, work=work)))
-        assert await asyncio.to_thread(in_step.wait, 30)
-        reset = asyncio.ensure_future(store.set_checkpoint("g", None))
-        # The race is real: the reset is under way while the step is between its read and commit.
-        # It must be waiting for the step's lock (before the fix it finished here, unopposed).
-        waiting = await _wait_until(lambda: _advisory_lock_waiters(pg_url) > 0 or reset.done())
-        assert waiting and not reset.done(), "the reset did not wait for the step in flight"
-        release.set()
+        try:
+            assert await asyncio.to_thread(in_step.wait, 30)
+            reset = asyncio.ensure_future(store.set_checkpoint("g", None))
+            # The race is real: the reset is under way while the step is between its read and its
+            # commit. It must wait for the step's lock (before the fix it finished here, unopposed).
+            waiting = await _wait_until(lambda: _advisory_lock_waiters(pg_url) > 0 or reset.done())
+            reset_done_early = reset.done()
+        finally:
+            release.set()
         await step
         await reset
-        assert await store.load_checkpoint("g") == 0  # the reset won
+        assert await store.load_checkpoint("g") == 0  # the reset won (before the fix: 3, the step's)
+        assert waiting and not reset_done_early, "the reset did not wait for the step in flight"
 
 
 def _advisory_lock_waiters(url: str) -> int:
