@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         others = None if account is None else account.others()  # while our server still runs
     finally:
         context.postgres.close()
+        context.postgres_debian.close()
         workspace.cleanup()
     seconds = time.perf_counter() - clock
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None

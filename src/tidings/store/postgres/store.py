@@ -13,10 +13,11 @@ from typing import Any, Final, TypeAlias, TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from tidings.errors import CheckpointConflict, CorruptStore, StoreError, TidingsError
+from tidings.errors import CheckpointConflict, CorruptStore, StoreError, StoreUnavailable, TidingsError
 from tidings.events import EventRegistry
 from tidings.store.append import AppendRequest, AppendResult
 from tidings.store.base import Row, Snapshot, StreamInfo
+from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.postgres.config import PostgresConfig, redact
 from tidings.store.postgres.errors import translate
 from tidings.store.postgres.schema import (
@@ -73,9 +74,9 @@ class PostgresStore(SQLStore):
 
     async def _open(self) -> None:
         try:
-            conn = await psycopg.AsyncConnection.connect(self.config.conninfo, autocommit=True)
+            conn = await connect(self.config)
         except psycopg.Error as exc:
-            raise self._translate(exc, "cannot connect to") from exc
+            raise connect_error(exc, self._where, self.config.schema) from exc
         try:
             await self._prepare_schema(conn)
             await conn.execute(f'LISTEN "{self._channel}"')
@@ -88,7 +89,7 @@ class PostgresStore(SQLStore):
         except psycopg.Error as exc:
             await conn.close()
             await pool.close()
-            raise self._translate(exc, "cannot connect to") from exc
+            raise connect_error(exc, self._where, self.config.schema) from exc
         self._pool = pool
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -128,8 +129,11 @@ class PostgresStore(SQLStore):
 
     async def _configure(self, conn: Connection) -> None:
         # Timestamps come back in UTC whatever the server's TimeZone is, and unqualified names in
-        # projection and query SQL resolve in this store's schema only (never in another's).
-        await conn.execute(f"SET TIME ZONE 'UTC'; SET search_path TO {quote_schema(self.config.schema)}")
+        # projection and query SQL resolve in this store's schema only (never in another's); JIT
+        # is off as on every connection of the store (see connect()).
+        await conn.execute(
+            f"SET TIME ZONE 'UTC'; SET search_path TO {quote_schema(self.config.schema)}; {_SESSION_SETTINGS}"
+        )
 
     async def _prepare_schema(self, conn: Connection) -> None:
         schema = self.config.schema
@@ -166,6 +170,12 @@ class PostgresStore(SQLStore):
     def statistics(self) -> PostgresStatistics:
         """How the writer has been doing: batch sizes, redos, retries, queue length (for tooling)."""
         return PostgresStatistics(**self._writer.stats, queued=len(self._writer.queue))
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, also one given as a ``password=`` (or
+        ``sslpassword=``) query option (see :func:`~tidings.store.postgres.redact`)."""
+        return self._where
 
     @property
     def schema(self) -> str:
@@ -229,7 +239,7 @@ class PostgresStore(SQLStore):
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.poll_interval)
             try:
-                conn = await psycopg.AsyncConnection.connect(self.config.conninfo, autocommit=True)
+                conn = await connect(self.config)
             except psycopg.Error:
                 continue
             try:
@@ -381,6 +391,11 @@ class PostgresStore(SQLStore):
     async def _set_checkpoint(self, group: str, position: int | None) -> None:
         async with self._begin() as tx:
             conn = tx.connection
+            # The lock commit_processed holds from its compare-and-set read to its commit: without
+            # it, a runner's step that read the old checkpoint would commit after this reset and
+            # overwrite it. With it, that step either commits first (and this reset wins after
+            # it) or reads the reset checkpoint and fails with CheckpointConflict.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(self.config.schema, group),))
             if position is None:
                 await conn.execute(self._sql.delete_checkpoint, (group,))
                 await conn.execute(self._sql.delete_inbox, (group,))
@@ -400,6 +415,12 @@ class PostgresStore(SQLStore):
             actual = 0 if row is None else int(row[0])
             if actual != batch.expected_checkpoint:
                 raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
+            if batch.remove_dead_letter is not None:
+                # First, so that a second retry of the same dead letter fails before its work
+                # runs; raising rolls the whole step back, so it is applied exactly once.
+                cur = await conn.execute(self._sql.delete_dead_letter, (batch.remove_dead_letter,))
+                if cur.rowcount == 0:
+                    raise DeadLetterNotFound(batch.group, batch.remove_dead_letter)
             if batch.work is not None:
                 await self._run_sync(conn, batch.work)
             # Appends last among the writes that take locks: the position counter stays locked
@@ -424,8 +445,6 @@ class PostgresStore(SQLStore):
                         d.attempts,
                     ),
                 )
-            if batch.remove_dead_letter is not None:
-                await conn.execute(self._sql.delete_dead_letter, (batch.remove_dead_letter,))
             if batch.checkpoint != actual:
                 await conn.execute(self._sql.save_checkpoint, (batch.group, batch.checkpoint))
         return results
@@ -491,7 +510,49 @@ async def migrate(url: str) -> list[int]:
     config = PostgresConfig.from_url(url)
     where = redact(url)
     try:
-        async with await psycopg.AsyncConnection.connect(config.conninfo, autocommit=True) as conn:
+        conn = await connect(config)
+    except psycopg.Error as exc:
+        raise connect_error(exc, where, config.schema) from exc
+    try:
+        async with conn:
             return await migrate_schema(conn, config.schema)
     except psycopg.Error as exc:
         raise translate(exc, where, config.schema, "cannot migrate") from exc
+
+
+_SESSION_SETTINGS: Final = "SET jit = off"
+"""Run on every connection the store opens. JIT compilation costs tens of milliseconds per
+statement and pays off only for long analytical queries; the store's statements are short, but the
+cost estimates of the group-commit INSERT (over ``unnest`` of arrays) exceed the default
+``jit_above_cost``, so a JIT-capable server (Debian's, most managed ones) compiled it on every
+append: ~95 ms per append instead of ~1 ms. Off for the session, also for projection and query
+SQL run through the store (a read model needing JIT can ``SET LOCAL jit = on`` in its transaction)."""
+
+# Connection failures in which the server never answered, or said "not now": waiting can cure them.
+_TRANSIENT_STATES: Final = frozenset({"57P03", "53300", "08000", "08001", "08006"})
+
+
+async def connect(config: PostgresConfig) -> Connection:
+    """An autocommit connection for the store's own use (LISTEN, migrations), set up like the
+    pooled ones: JIT off (see ``_SESSION_SETTINGS``)."""
+    conn = await psycopg.AsyncConnection.connect(config.conninfo, autocommit=True)
+    try:
+        await conn.execute(_SESSION_SETTINGS)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+def connect_error(exc: psycopg.Error, where: str, schema: str) -> TidingsError:
+    """The error for a failed connection attempt: :class:`StoreUnavailable` (transient) when the
+    server did not answer in time, refused, or said it cannot accept connections now; otherwise
+    (a missing database, a rejected password) the translated error."""
+    state = exc.sqlstate
+    if isinstance(exc, psycopg.OperationalError) and (state is None or state in _TRANSIENT_STATES):
+        detail = str(exc).strip() or type(exc).__name__
+        return StoreUnavailable(
+            f"cannot connect to PostgreSQL at {where}: {detail} (connect_timeout in the URL sets how "
+            "long a connection attempt may take)"
+        )
+    return translate(exc, where, schema, "cannot connect to")

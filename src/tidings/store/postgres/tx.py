@@ -8,9 +8,14 @@ thread and each of its calls is handed to the loop (``run_coroutine_threadsafe``
 The loop stays free meanwhile; there is one async code path to the database, not two.
 
 ``Tx`` speaks ``?`` placeholders (and ``:name`` with a mapping) on every backend; they are turned
-into psycopg's ``%s`` / ``%(name)s`` here, outside string literals, quoted identifiers and comments.
-PostgreSQL's JSON operators ``?``, ``?|`` and ``?&`` therefore cannot be written in ``Tx`` SQL with
-parameters; use ``jsonb_exists()`` and friends instead.
+into psycopg's ``%s`` / ``%(name)s`` by :func:`to_psycopg`, outside string literals (``'...'``,
+``E'...'``, ``$$...$$``, ``$tag$...$tag$``), quoted identifiers and comments. ``%`` needs no
+escaping (``LIKE 'a%'``, ``7 % 2``), with or without parameters.
+
+PostgreSQL's JSON operators ``?``, ``?|`` and ``?&`` collide with the placeholder: write them
+doubled -- ``data ?? 'sku'``, ``data ??| array['a', 'b']``, ``data ??& array['a', 'b']`` -- or use
+the equivalent functions ``jsonb_exists(data, 'sku')``, ``jsonb_exists_any(data, array[...])``
+and ``jsonb_exists_all(data, array[...])``, which need no escape.
 """
 
 from __future__ import annotations
@@ -34,49 +39,54 @@ T = TypeVar("T")
 
 
 def to_psycopg(sql: str, params: Sequence[Any] | Mapping[str, Any] | None) -> str:
-    """Rewrite ``?`` (or ``:name`` when ``params`` is a mapping) placeholders as psycopg's.
+    """Rewrite ``sql`` for psycopg, to be executed *with* ``params`` (pass ``()`` for none, never None).
 
-    Literal ``%`` signs are doubled, as psycopg requires whenever parameters are passed. Without
-    parameters the SQL is returned unchanged (psycopg does not parse it then).
+    Outside string literals, quoted identifiers, dollar-quoted strings and comments:
+
+    * ``?`` becomes ``%s`` (positional parameters), or ``:name`` becomes ``%(name)s`` when
+      ``params`` is a mapping (``::`` casts are left alone);
+    * ``??`` becomes a literal ``?``, so that PostgreSQL's JSON operators can be written:
+      ``data ?? 'key'``, ``data ??| array['a']``, ``data ??& array['a']`` (or, portable and
+      needing no escape, ``jsonb_exists(data, 'key')``, ``jsonb_exists_any``, ``jsonb_exists_all``).
+
+    Everywhere, ``%`` is doubled: psycopg parses the statement whenever parameters are passed, even
+    an empty sequence, and turns ``%%`` back into ``%``. The recognised lexical elements are those
+    of PostgreSQL: ``'...'`` (``''`` inside), ``E'...'`` (backslash escapes too), ``"..."``,
+    ``$$...$$`` and ``$tag$...$tag$``, ``-- ...`` to the end of the line and (nested) ``/* ... */``.
+    An unterminated element runs to the end of the statement (the server then reports the error).
     """
-    if not params:
-        return sql
     named = isinstance(params, Mapping)
     out: list[str] = []
     i, n = 0, len(sql)
     while i < n:
         ch = sql[i]
-        if ch in "'\"":
-            end = _skip_quoted(sql, i, ch)
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            end = n if end < 0 else end
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            end = n if end < 0 else end + 2
+        end = _skip_element(sql, i)
+        if end > i:
             out.append(sql[i:end].replace("%", "%%"))
             i = end
         elif ch == "%":
             out.append("%%")
             i += 1
+        elif ch == "?" and sql.startswith("??", i):
+            out.append("?")
+            i += 2
         elif ch == "?" and not named:
             out.append("%s")
             i += 1
-        elif (
-            ch == ":"
-            and named
-            and i + 1 < n
-            and (sql[i + 1].isalpha() or sql[i + 1] == "_")
-            and (i == 0 or sql[i - 1] != ":")
-        ):
+        elif ch == ":" and named and _is_name_start(sql, i + 1) and (i == 0 or sql[i - 1] != ":"):
             j = i + 1
-            while j < n and (sql[j].isalnum() or sql[j] == "_"):
+            while j < n and _is_ident(sql[j]):
                 j += 1
             out.append(f"%({sql[i + 1 : j]})s")
+            i = j
+        elif _is_ident(ch):
+            # A whole identifier or keyword at once: an E or a $ inside one starts nothing.
+            j = i + 1
+            while j < n and (_is_ident(sql[j]) or sql[j] == "$"):
+                j += 1
+            if j < n and sql[j] == "'" and sql[i:j] in ("E", "e"):
+                j = _skip_quoted(sql, j, "'", backslash=True)
+            out.append(sql[i:j].replace("%", "%%"))
             i = j
         else:
             out.append(ch)
@@ -84,10 +94,53 @@ def to_psycopg(sql: str, params: Sequence[Any] | Mapping[str, Any] | None) -> st
     return "".join(out)
 
 
-def _skip_quoted(sql: str, start: int, quote: str) -> int:
-    """Index just past the literal or identifier opened at ``start`` (doubled quotes escape)."""
+def _is_ident(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+def _is_name_start(sql: str, i: int) -> bool:
+    return i < len(sql) and (sql[i].isalpha() or sql[i] == "_")
+
+
+def _skip_element(sql: str, i: int) -> int:
+    """Index just past the literal, quoted identifier or comment starting at ``i``, else ``i``."""
+    ch = sql[i]
+    if ch in "'\"":
+        return _skip_quoted(sql, i, ch, backslash=False)
+    if sql.startswith("--", i):
+        end = sql.find("\n", i)
+        return len(sql) if end < 0 else end
+    if sql.startswith("/*", i):
+        depth, j = 1, i + 2
+        while j < len(sql) and depth:
+            if sql.startswith("/*", j):
+                depth, j = depth + 1, j + 2
+            elif sql.startswith("*/", j):
+                depth, j = depth - 1, j + 2
+            else:
+                j += 1
+        return j
+    if ch == "$":
+        # $$ or $tag$ (a tag is an identifier without $); $1 is a parameter, not a quote.
+        j = i + 1
+        if j < len(sql) and (sql[j].isalpha() or sql[j] == "_"):
+            while j < len(sql) and _is_ident(sql[j]):
+                j += 1
+        if j < len(sql) and sql[j] == "$":
+            tag = sql[i : j + 1]
+            end = sql.find(tag, j + 1)
+            return len(sql) if end < 0 else end + len(tag)
+    return i
+
+
+def _skip_quoted(sql: str, start: int, quote: str, *, backslash: bool) -> int:
+    """Index just past the literal or identifier opened at ``start``: doubled quotes escape, and
+    in an ``E'...'`` string (``backslash``) so does a backslash."""
     i = start + 1
     while i < len(sql):
+        if backslash and sql[i] == "\\":
+            i += 2
+            continue
         if sql[i] == quote:
             if i + 1 < len(sql) and sql[i + 1] == quote:
                 i += 2
@@ -119,6 +172,10 @@ class Result:
 
 class PostgresTx:
     """:class:`~tidings.store.tracking.Tx` for synchronous code running in a worker thread.
+
+    SQL is translated by :func:`to_psycopg`: ``?`` (or ``:name``) placeholders, ``??`` for a literal
+    ``?`` (the JSON operators: ``items ?? 'sku'``, ``items ??| array['a']``, ``items ??& array['a']``;
+    or ``jsonb_exists(items, 'sku')`` and friends), ``%`` as is.
 
     Every call runs on ``connection`` (in an open transaction) on the event loop ``loop``, and
     blocks the calling thread until it is done. Must not be used from the loop's own thread.
@@ -153,7 +210,7 @@ class PostgresTx:
             raise self.translate(exc) from exc
 
     async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Result:
-        cur = await self.connection.execute(to_psycopg(sql, params), params or None)
+        cur = await self.connection.execute(to_psycopg(sql, params), params)
         rows = await cur.fetchall() if cur.description is not None else []
         return Result(rows, cur.rowcount)
 

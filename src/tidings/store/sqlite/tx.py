@@ -12,6 +12,7 @@ from tidings.errors import CheckpointConflict
 from tidings.events import datetime_from_micros
 from tidings.store.append import AppendResult
 from tidings.store.base import now_micros
+from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.writer import append_in
 from tidings.store.tracking import DeadLetter, ProcessedBatch
@@ -68,6 +69,12 @@ def commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch, path: s
     actual = 0 if row is None else int(row[0])
     if actual != batch.expected_checkpoint:
         raise CheckpointConflict(batch.group, batch.expected_checkpoint, actual)
+    # First, so that a second retry of the same dead letter fails before its work runs: the whole
+    # step rolls back, and the retried event's effects are committed once.
+    if batch.remove_dead_letter is not None:
+        cur = conn.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (batch.remove_dead_letter,))
+        if cur.rowcount == 0:
+            raise DeadLetterNotFound(batch.group, batch.remove_dead_letter)
     if batch.work is not None:
         batch.work(SQLiteTx(conn, path))
     results = [append_in(conn, request) for request in batch.appends]
@@ -100,8 +107,6 @@ def commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch, path: s
                 for d in batch.dead_letters
             ],
         )
-    if batch.remove_dead_letter is not None:
-        conn.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (batch.remove_dead_letter,))
     if batch.checkpoint != actual:
         conn.execute(
             "INSERT INTO tidings_checkpoints (group_name, position, updated_at) VALUES (?, ?, ?) "
