@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from tidings.store.tracking import ProcessedBatch, Tx
 
 from tests import servers
 from tidings import StoreUnavailable, open_store
 from tidings.store.postgres import PostgresConfig, PostgresStore, redact
+from tidings.store.tracking import ProcessedBatch, Tx
 from tidings.testing import Credited
 
 pytestmark = pytest.mark.postgres
