@@ -224,6 +224,9 @@ class Service:
         self, handler: EventHandler, *, group: str | None = None, config: SubscriptionConfig | None = None
     ) -> None:
         """Register a class-based handler; its methods are dispatched by their event annotation."""
+        if not isinstance(handler, EventHandler):
+            hint = " (an instance, not the class)" if isinstance(handler, type) else ""
+            raise InvalidArgument(f"add_handler() takes an EventHandler{hint}, got {handler!r:.80}")
         table = handler_methods(handler)
         if not table:
             raise InvalidArgument(
@@ -235,6 +238,9 @@ class Service:
 
     def add_projection(self, projection: Projection, *, config: SubscriptionConfig | None = None) -> None:
         """Register a projection (a SQL read model in the store's database)."""
+        if not isinstance(projection, Projection):
+            hint = " (an instance, not the class)" if isinstance(projection, type) else ""
+            raise InvalidArgument(f"add_projection() takes a Projection{hint}, got {projection!r:.80}")
         if projection.name in self._projections:
             raise InvalidArgument(f"projection {projection.name!r} is already registered")
         self._projections[projection.name] = (projection, config or self.config)

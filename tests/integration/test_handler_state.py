@@ -299,3 +299,31 @@ async def test_context_argument_errors(store: EventStore) -> None:
         with pytest.raises(InvalidArgument):
             ctx.execute("INSERT INTO t VALUES (?)", 5)  # type: ignore[arg-type]
     assert ctx.appends == [] and ctx.statements == []
+
+
+async def test_emit_and_registration_misuse_fail_with_typed_errors(store: EventStore) -> None:
+    await store.append("o-1", [OrderPlaced(order_id="1", sku="x", quantity=1)])
+    [recorded] = [r async for r in store.read_all()]
+    ctx = HandlerContext(store, recorded, "g", 1)  # type: ignore[arg-type]
+    for bad in (None, Restocked(quantity=1), "abc", {"a": 1}, 5):
+        with pytest.raises(InvalidArgument):
+            ctx.emit("s", bad)  # type: ignore[arg-type]
+    assert ctx.appends == []
+    service = Service("svc", store)
+    with pytest.raises(InvalidArgument, match="Projection"):
+        service.add_projection(5)  # type: ignore[arg-type]
+    from tidings import EventHandler, Projection
+
+    class P(Projection):
+        name = "p"
+
+        def on(self, event: Restocked, tx: object) -> None: ...
+
+    with pytest.raises(InvalidArgument, match="not the class"):
+        service.add_projection(P)  # type: ignore[arg-type]
+
+    class H(EventHandler):
+        async def on(self, event: Restocked) -> None: ...
+
+    with pytest.raises(InvalidArgument, match="not the class"):
+        service.add_handler(H)  # type: ignore[arg-type]

@@ -215,6 +215,15 @@ class HandlerContext:
         replies find their saga). Their event ids are derived from the handled event's id, so a
         redelivery can never append them twice.
         """
+        if (
+            events is None
+            or isinstance(events, str | bytes | Mapping | Event)
+            or not isinstance(events, Iterable)
+        ):
+            raise InvalidArgument(
+                f"emit() takes a list of events, got {type(events).__qualname__} "
+                "(wrap a single event in a list)"
+            )
         self._append(stream_id, list(events), expected_version=expected_version, metadata=metadata)
 
     def _append(
