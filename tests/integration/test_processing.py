@@ -1,10 +1,8 @@
-"""Subscriptions, handlers, retries, dead letters, inboxes: on memory and SQLite stores."""
+"""Subscriptions, handlers, retries, dead letters, inboxes: on every backend."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +15,6 @@ from tidings import (
     RetryPolicy,
     Service,
     SubscriptionConfig,
-    open_store,
 )
 
 FAST = SubscriptionConfig(
@@ -39,13 +36,6 @@ class OrderShipped(Event):
 class InvoiceIssued(Event):
     __event_type__ = "tests.processing.InvoiceIssued"
     order_id: str
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/p.db"
-    async with open_store(url) as store:
-        yield store
 
 
 async def place(store: EventStore, n: int, start: int = 0) -> int:

@@ -1,10 +1,9 @@
 """Runners that must never stop silently, resets that always take effect, errors that say whether
-to retry, and the service's life cycle: on memory and SQLite (PostgreSQL reuses them)."""
+to retry, and the service's life cycle: on every backend."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from tidings import (
     SubscriptionConfig,
     TidingsError,
     UnsupportedOperation,
-    open_store,
 )
 from tidings.processing import Projection, ProjectionTx
 
@@ -36,13 +34,6 @@ FAST = SubscriptionConfig(
 class Ping(Event):
     __event_type__ = "tests.runner.Ping"
     n: int
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/r.db"
-    async with open_store(url) as store:
-        yield store
 
 
 async def pings(store: EventStore, n: int, start: int = 0) -> int:

@@ -1,10 +1,10 @@
 """Sagas: steps, compensations in reverse order, durable deadlines under a manual clock, and
-exactly-once steps under duplicates and replays; on SQLite and PostgreSQL."""
+exactly-once steps under duplicates and replays; on every SQL backend (sagas need one)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from tidings import (
     open_store,
 )
 from tidings.sagas import list_sagas, saga_history, saga_state
+
+pytestmark = pytest.mark.needs("sql")
 
 FAST = SubscriptionConfig(
     batch_size=100, poll_interval=0.02, retry=RetryPolicy(max_attempts=2, initial_delay=0.001, max_delay=0.01)
@@ -229,13 +231,6 @@ class Running:
     async def __aexit__(self, *exc: object) -> None:
         for cm in reversed(self.stack):
             await cm.__aexit__(None, None, None)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    url = f"sqlite:///{tmp_path}/saga.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    async with open_store(url) as store:
-        yield store
 
 
 async def test_happy_path_completes_with_data_from_replies(store: EventStore) -> None:
