@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from tidings import EventStore
 
 T = TypeVar("T")
 
@@ -40,3 +43,30 @@ async def wait_until(
             described = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout} s waiting for {described}")
         await asyncio.sleep(POLL)  # polling the condition, not synchronising on time
+
+
+async def blocked_wait_for_append(store: EventStore, after: int) -> asyncio.Task[int]:
+    """Start ``store.wait_for_append(after)`` and return its task once it has read the head and
+    is waiting for a wake-up -- so that an append made now can only reach it by a wake-up
+    (a notification or a poll), not by its first look at the head.
+
+    Observes the store's head query for that (a test of change notification needs to know).
+    """
+    looked = asyncio.Event()
+    read_head = store._head
+
+    async def observed() -> int:
+        try:
+            return await read_head()
+        finally:
+            looked.set()
+
+    store._head = observed  # type: ignore[method-assign]
+    try:
+        task = asyncio.create_task(store.wait_for_append(after, timeout=None))
+        # wait_for_append goes from reading the head to waiting without yielding to the loop.
+        await asyncio.wait_for(looked.wait(), 30)
+    finally:
+        del store._head  # the class's method again
+    assert not task.done(), f"the head was already past {after}: {task.result()}"
+    return task

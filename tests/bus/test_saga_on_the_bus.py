@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_until
 from tidings import (
     Command,
     Event,
@@ -23,7 +23,7 @@ from tidings import (
 )
 from tidings.bus import Bus, open_bus
 from tidings.integration import IntegrationEvent
-from tidings.sagas import list_sagas
+from tidings.sagas import SagaSummary, list_sagas
 
 FAST = SubscriptionConfig(
     batch_size=100, poll_interval=0.05, retry=RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.05)
@@ -158,12 +158,12 @@ async def test_a_saga_drives_other_services_over_the_bus(tmp_path: Path, bus: Bu
             await orders.publish(
                 f"checkout-{i}", [CheckoutRequested(order_id=str(i), quantity=2, amount=amount)]
             )
-        for _ in range(1500):
+
+        async def all_settled() -> list[SagaSummary] | None:
             summaries = await list_sagas(orders.store)
-            if len(summaries) == 10 and all(s.terminal for s in summaries):
-                break
-            await asyncio.sleep(0.02)
-        summaries = await list_sagas(orders.store)
+            return summaries if len(summaries) == 10 and all(s.terminal for s in summaries) else None
+
+        summaries = await wait_until(all_settled, 30, "10 sagas to settle")
     states = Counter(s.status for s in summaries)
     assert sum(states.values()) == 10 and set(states) <= {"completed", "compensated"}, states
     declined = sum(1 for s in summaries if s.reason == "charge: PaymentDeclined")

@@ -4,13 +4,13 @@ integration events, published by the outbox relay, handled by another service wi
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tidings import Event, HandlerContext, RecordedEvent, RetryPolicy, Service, SubscriptionConfig
 from tidings.bus import Bus, open_bus
 from tidings.bus.inbound import inbox_group
@@ -79,15 +79,6 @@ def build(tmp_path: Path, bus: Bus, seen: Counter[str]) -> tuple[Service, Servic
     return orders, inventory
 
 
-async def wait_until(predicate: object, timeout: float = 30.0) -> None:
-    assert callable(predicate)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_translate_publish_consume_reply(tmp_path: Path, bus: Bus) -> None:
     seen: Counter[str] = Counter()
     orders, inventory = build(tmp_path, bus, seen)
@@ -137,6 +128,9 @@ async def test_redelivered_messages_are_absorbed_by_the_inbox(tmp_path: Path, bu
         await orders.store.set_checkpoint("orders.relay", 0)
         async with orders.running(), inventory.running():
             assert await orders.wait_for(await orders.store.head(), group="orders.relay")
+            # The fault happened: the relay really published the five orders again.
+            [relay] = [s for s in orders.statistics() if s.group == "orders.relay"]
+            assert relay.handled >= 5, relay
             # One more order proves the pipeline is live after the re-publish.
             await orders.publish("order-new", [OrderPlaced(customer="x", total_cents=100, internal_note="")])
 

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -28,6 +27,7 @@ import psycopg
 import pytest
 
 from tests import servers
+from tests.helpers import blocked_wait_for_append, wait_until
 from tidings import (
     AppendResult,
     ConcurrencyError,
@@ -76,7 +76,7 @@ class Reader:
                 await self.store.wait_for_append(checkpoint, timeout=0.5)
             except StoreError:
                 self.errors += 1
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the reader's back-off after an error (the scenario)
 
 
 EVERY = "follow.every"
@@ -195,20 +195,19 @@ class Followers:
 async def wait_until_lock_waiters(url: str, count: int) -> None:
     """Return once ``count`` backends wait for a lock in a statement on this URL's schema (fail
     after 60 s). Statements of the store name their schema, which keeps other tests out."""
-    deadline = time.monotonic() + 60
     schema = PostgresConfig.from_url(url).schema
     async with await psycopg.AsyncConnection.connect(servers.libpq_url(url), autocommit=True) as conn:
-        while True:
+
+        async def waiting() -> bool:
             cur = await conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND wait_event_type = 'Lock' AND strpos(query, %s) > 0",
                 (f'"{schema}".',),
             )
             row = await cur.fetchone()
-            if row is not None and row[0] >= count:
-                return
-            assert time.monotonic() < deadline, f"never saw {count} writers waiting for a lock"
-            await asyncio.sleep(0.02)
+            return row is not None and row[0] >= count
+
+        await wait_until(waiting, 60, f"{count} writers waiting for a lock")
 
 
 # -- a transaction that commits late ---------------------------------------------------------------------
@@ -371,7 +370,7 @@ VICTIM = textwrap.dedent(
             async with store._begin() as tx:
                 await tx.append(store.prepare_append("victim", [Debited(amount=i) for i in range(10)]))
                 print("holding", flush=True)
-                await asyncio.sleep(3600)
+                await asyncio.sleep(3600)  # hold the lock until killed (the scenario)
 
     asyncio.run(main(sys.argv[1]))
     """
@@ -409,7 +408,8 @@ async def test_writer_killed_mid_transaction_leaves_nothing_and_stalls_nothing(p
             if victim.returncode is None:
                 victim.kill()
             await victim.wait()
-        assert victim.returncode != 0  # it died (asyncio may report a reaped child as 255, not -9)
+        # It died by the signal, while holding the lock (it never printed more than "holding").
+        assert victim.returncode in (-signal.SIGKILL, 255), victim.returncode  # asyncio may report 255
         assert (result.version, result.position) == (4, 7)  # the victim's positions were never taken
         await store.append("later", credits(2))
         stop.set()
@@ -484,8 +484,7 @@ async def test_reader_resumes_after_server_restart(private_postgres: servers.Pos
         assert await impatient.stream_version("s-0") > 0
         # The listener has reconnected: a store that (practically) never polls is woken by NOTIFY.
         head = await deaf_but_for_notify.head()
-        waiting = asyncio.create_task(deaf_but_for_notify.wait_for_append(head, timeout=None))
-        await asyncio.sleep(0.05)
+        waiting = await blocked_wait_for_append(deaf_but_for_notify, head)
         await writer.append("s-0", credits(1))
         while (seen := await asyncio.wait_for(waiting, 60)) <= head:
             waiting = asyncio.create_task(deaf_but_for_notify.wait_for_append(seen, timeout=None))
@@ -528,7 +527,15 @@ async def test_subscription_started_while_the_server_is_down_waits_for_it(
         await asyncio.to_thread(server.stop)
         try:
             async with followers.service.running():
-                await asyncio.sleep(1)  # the runners start, and meet the outage
+                # The runners start, and meet the outage (the fault really happened).
+                service = followers.service
+                await wait_until(
+                    lambda: all(s.last_error for s in service.statistics()),
+                    60,
+                    lambda: f"both runners to meet the outage: {service.statistics()}",
+                )
+                errors = [s.last_error or "" for s in service.statistics()]
+                assert all(e.startswith(("StoreError", "StoreUnavailable")) for e in errors), errors
                 await asyncio.to_thread(server.start)
                 # The runners met the outage while loading their checkpoints: they must be
                 # waiting for the server, not ended.
@@ -547,7 +554,7 @@ async def test_subscription_survives_the_server_going_away_after_a_checkpoint_co
     if not isinstance(server, servers.ThrowawayPostgres):
         pytest.skip("needs a server this test can stop")
     url = servers.with_options(server.url, schema=f"r_{uuid.uuid4().hex}", poll_interval="0.2")
-    entered, gate = asyncio.Event(), asyncio.Event()
+    entered, gate, conflicted = asyncio.Event(), asyncio.Event(), asyncio.Event()
     handled: list[int] = []
 
     async def handle(event: Debited, ctx: HandlerContext) -> None:
@@ -560,6 +567,7 @@ async def test_subscription_survives_the_server_going_away_after_a_checkpoint_co
             # The documented hook runs between the conflict and the checkpoint's reload: the
             # moment at which the server goes away in this test.
             await asyncio.to_thread(server.stop)
+            conflicted.set()
 
     async with (
         open_store(url) as writer,
@@ -574,9 +582,16 @@ async def test_subscription_survives_the_server_going_away_after_a_checkpoint_co
             await asyncio.wait_for(entered.wait(), 60)
             await writer.set_checkpoint("conflicted", 1)  # another runner committed position 1
             gate.set()
-            await asyncio.sleep(1)  # the conflict, the outage, and the reload that fails
-            # The reload after the conflict fails: the runner must wait, not end.
+            await asyncio.wait_for(conflicted.wait(), 60)  # the conflict, then the outage
+            # The reload after the conflict fails (the runner met the outage)...
+            error = await wait_until(
+                lambda: task.done() or runner.statistics().last_error,
+                60,
+                lambda: f"the runner to meet the outage: {runner.statistics()}",
+            )
+            # ...and the runner waits for the server, it does not end.
             assert not task.done(), task.exception()
+            assert str(error).startswith(("StoreError", "StoreUnavailable")), error
             await asyncio.to_thread(server.start)
             assert await subscribing.wait_for(2, group="conflicted", timeout=60)
             assert handled[-1] == 2

@@ -14,6 +14,7 @@ import pytest
 
 from tests import servers
 from tests.conftest import drop_schema
+from tests.helpers import blocked_wait_for_append, wait_until
 from tidings import (
     ConcurrencyError,
     CorruptStore,
@@ -264,8 +265,7 @@ async def test_another_store_is_woken_by_notify(pg_url: str) -> None:
         open_store(servers.with_options(pg_url, poll_interval="3600")) as waiter,
         open_store(pg_url) as writer,
     ):
-        waiting = asyncio.create_task(waiter.wait_for_append(0, timeout=None))
-        await asyncio.sleep(0.05)
+        waiting = await blocked_wait_for_append(waiter, 0)
         await writer.append("s", [Credited(amount=1)])
         while (head := await asyncio.wait_for(waiting, 30)) < 1:  # a wake-up may come early
             waiting = asyncio.create_task(waiter.wait_for_append(head, timeout=None))
@@ -275,8 +275,7 @@ async def test_another_store_is_woken_by_notify(pg_url: str) -> None:
 async def test_lost_notification_is_covered_by_polling(pg_url: str) -> None:
     async with open_store(servers.with_options(pg_url, poll_interval="0.1")) as store:
         await store.append("s", [Credited(amount=1)])
-        waiting = asyncio.create_task(store.wait_for_append(1, timeout=None))
-        await asyncio.sleep(0.05)
+        waiting = await blocked_wait_for_append(store, 1)
         # An append whose notification never comes: the same rows, no pg_notify.
         schema = schema_of(pg_url)
         sql(
@@ -305,8 +304,7 @@ async def test_listener_reconnects_after_its_connection_is_killed(pg_url: str) -
             "WHERE query LIKE 'LISTEN %' AND pid <> pg_backend_pid()",
         )
         for expected in (1, 2, 3):
-            waiting = asyncio.create_task(waiter.wait_for_append(expected - 1, timeout=None))
-            await asyncio.sleep(0.05)
+            waiting = await blocked_wait_for_append(waiter, expected - 1)
             await writer.append("s", [Credited(amount=expected)])
             while (head := await asyncio.wait_for(waiting, 30)) < expected:
                 waiting = asyncio.create_task(waiter.wait_for_append(head, timeout=None))
@@ -448,8 +446,10 @@ async def test_cancelled_transaction_runs_nothing_outside_it(pg_url: str) -> Non
     async with open_store(pg_url) as store:
         await store.transaction(lambda tx: tx.execute("CREATE TABLE rows (n int)"))
         started, release = threading.Event(), threading.Event()
+        txs: list[Tx] = []
 
         def work(tx: Tx) -> None:
+            txs.append(tx)
             tx.execute("INSERT INTO rows VALUES (1)")
             started.set()
             release.wait(30)
@@ -458,7 +458,8 @@ async def test_cancelled_transaction_runs_nothing_outside_it(pg_url: str) -> Non
         task = asyncio.create_task(store.transaction(work))
         await asyncio.to_thread(started.wait, 30)
         task.cancel()
-        await asyncio.sleep(0.05)
+        # The cancellation reached the store: it closed the transaction to further statements.
+        await wait_until(lambda: getattr(txs[0], "closed", False), 10, "the transaction to be closed")
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await task

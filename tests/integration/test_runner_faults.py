@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tidings import (
     Event,
     EventStore,
@@ -56,11 +57,11 @@ async def test_a_handler_that_lets_cancelled_error_escape_does_not_stop_its_grou
     head = await pings(store, 3)
     async with service.running():
         assert await service.wait_for(head)
-        for _ in range(500):  # the runner marks itself live right after its last commit
-            [stats] = service.statistics()
-            if stats.state == "live":
-                break
-            await asyncio.sleep(0.01)
+        # The runner marks itself live right after its last commit.
+        await wait_until(
+            lambda: service.statistics()[0].state == "live", 10, lambda: f"live: {service.statistics()}"
+        )
+        [stats] = service.statistics()
         assert stats.state == "live" and stats.dead_lettered == 1
     assert seen == [0, 2]
     [dead] = await store.dead_letters()
