@@ -11,6 +11,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from tests.helpers import wait_until
 from tests.nats_servers import NatsServer
 from tidings import open_store
 
@@ -79,10 +80,11 @@ async def test_relay_sigkilled_while_publishing_loses_nothing_and_duplicates_not
             assert kills_mid_publishing >= 2
             relay = await tidings_run("relayshop:orders", orders_url, bus)
             assert await store.wait_for(head, group="orders.relay", timeout=120)
-            for _ in range(1200):
-                if len(reservations(inventory_db)) >= ORDERS:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_until(
+                lambda: len(reservations(inventory_db)) >= ORDERS,
+                60,
+                lambda: f"{ORDERS} reservations (have {len(reservations(inventory_db))})",
+            )
             relay.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(relay.wait(), 60) == 0
         finally:

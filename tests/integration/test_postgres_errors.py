@@ -10,6 +10,7 @@ import pytest
 from psycopg_pool import PoolTimeout
 
 from tests import servers
+from tests.helpers import wait_until
 from tidings import (
     AppendResult,
     IntegrityError,
@@ -71,15 +72,17 @@ async def test_a_terminated_connection_is_transient(pg_url: str) -> None:
             store.transaction(lambda tx: tx.execute(f"SELECT pg_sleep(30) /* {marker} */"))
         )
         async with await psycopg.AsyncConnection.connect(servers.libpq_url(pg_url), autocommit=True) as admin:
-            for _ in range(200):
+
+            async def terminated() -> bool:
                 cur = await admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE query LIKE %s AND pid <> pg_backend_pid()",
                     (f"%{marker}%",),
                 )
-                if await cur.fetchall():
-                    break
-                await asyncio.sleep(0.05)
+                return bool(await cur.fetchall())
+
+            # The fault happened: the store's connection was terminated in the middle of its query.
+            await wait_until(terminated, 10, "the store's query to be running (to terminate it)")
         with pytest.raises(StoreUnavailable) as info:
             await asyncio.wait_for(task, 20)
         assert is_transient(info.value) and isinstance(info.value.__cause__, psycopg.OperationalError)

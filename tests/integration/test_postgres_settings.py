@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from tests import servers
+from tests.helpers import wait_until
 from tidings import StoreUnavailable, open_store
 from tidings.store.postgres import PostgresConfig, PostgresStore, redact
 from tidings.store.tracking import ProcessedBatch, Tx
@@ -257,14 +258,18 @@ async def test_a_reset_during_a_runners_step_is_not_overwritten(pg_url: str) -> 
             reset = asyncio.ensure_future(store.set_checkpoint("g", None))
             # The race is real: the reset is under way while the step is between its read and its
             # commit. It must wait for the step's lock (before the fix it finished here, unopposed).
-            waiting = await _wait_until(lambda: _advisory_lock_waiters(pg_url) > 0 or reset.done())
+
+            async def reset_waits_or_is_done() -> bool:
+                return reset.done() or await asyncio.to_thread(_advisory_lock_waiters, pg_url) > 0
+
+            await wait_until(reset_waits_or_is_done, 30, "the reset to wait for the step's lock")
             reset_done_early = reset.done()
         finally:
             release.set()
         await step
         await reset
         assert await store.load_checkpoint("g") == 0  # the reset won (before the fix: 3, the step's)
-        assert waiting and not reset_done_early, "the reset did not wait for the step in flight"
+        assert not reset_done_early, "the reset did not wait for the step in flight"
 
 
 def _advisory_lock_waiters(url: str) -> int:
@@ -273,14 +278,3 @@ def _advisory_lock_waiters(url: str) -> int:
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
         ).fetchall()
         return int(count)
-
-
-async def _wait_until(condition: object, timeout: float = 30) -> bool:
-    """Poll ``condition`` (a callable) until true or ``timeout`` seconds have passed."""
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(condition):
-            return True
-        await asyncio.sleep(0.02)
-    return False

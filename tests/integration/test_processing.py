@@ -197,7 +197,7 @@ async def test_two_runners_of_one_group_never_share_an_event(store: EventStore) 
         @service.handles(OrderPlaced, group="pair.g")
         async def handle(event: OrderPlaced) -> None:
             calls.append(event.order_id)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a yield, so that the two runners could interleave (not a wait)
 
         return service
 
@@ -235,7 +235,7 @@ async def test_stop_finishes_the_event_in_hand_and_commits(store: EventStore) ->
     @service.handles(OrderPlaced)
     async def slow(event: OrderPlaced, ctx: HandlerContext) -> None:
         started.set()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a deliberately slow handler: the stop comes while it works
         ctx.emit("receipts", [InvoiceIssued(order_id=event.order_id)])
         finished.append(event.order_id)
 

@@ -124,7 +124,7 @@ async def test_blue_green_rebuild_while_live(store: EventStore) -> None:
         async def keep_writing() -> None:
             for _ in range(100):
                 await store.append("acc-0", [Deposited(amount=1)])
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a yield, so that the rebuild interleaves (not a wait)
             writer_done.set()
 
         writer = asyncio.create_task(keep_writing())

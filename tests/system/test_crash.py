@@ -36,16 +36,21 @@ async def test_sigkill_loses_nothing_and_applies_nothing_twice(tmp_path: Path) -
             await store.append(f"acc-{i % 7}", [Deposited(amount=1)] * 50)
         head = await store.head()
         mid_work_kills = 0
+        groups = ("crash.audit", "crash.external")
         for round_ in range(6):
-            proc = await start(url, effects, redeliver=round_ % 2 == 1)
-            await asyncio.sleep(rng.uniform(0.02, 0.4))
+            redeliver = round_ % 2 == 1  # the worker rewinds the groups to 0 before "ready"
+            before = {} if redeliver else await store.checkpoints()
+            proc = await start(url, effects, redeliver=redeliver)
+            await asyncio.sleep(rng.uniform(0.02, 0.4))  # a random moment to kill at: the scenario
             proc.send_signal(signal.SIGKILL)
-            await proc.wait()
+            # It died by the signal (it never exits by itself before its work is done).
+            assert await proc.wait() == -signal.SIGKILL
             checkpoints = await store.checkpoints()
-            behind = [g for g in ("crash.audit", "crash.external") if checkpoints.get(g, 0) < head]
-            mid_work_kills += bool(behind)
+            # Mid-work: a group had made progress in this round, and had more to do.
+            mid_work = [g for g in groups if before.get(g, 0) < checkpoints.get(g, 0) < head]
+            mid_work_kills += bool(mid_work)
         # The faults must really have hit work in progress, or the test proves nothing.
-        assert mid_work_kills >= 2
+        assert mid_work_kills >= 2, f"only {mid_work_kills} of 6 kills hit a group mid-work"
         # A last run, to completion, with every event delivered again.
         proc = await start(url, effects, redeliver=True)
         for group in ("crash.audit", "crash.external"):

@@ -110,6 +110,7 @@ async def test_time_travel_by_version_and_time(store: EventStore) -> None:
     await repo.save(cart)
     cart.add("a", 1)
     await repo.save(cart)
+    # Time passing is the scenario: the clock moves on between the two saves and the middle.
     await asyncio.sleep(0.02)
     middle = datetime.now(UTC)
     await asyncio.sleep(0.02)

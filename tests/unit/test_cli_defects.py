@@ -88,7 +88,8 @@ SHOP = textwrap.dedent(
                 print(f"handling {event.amount}", file=sys.stderr, flush=True)
                 if os.environ.get("SHOP_GATE_IN_THREAD"):
                     await asyncio.to_thread(wait_in_thread, Path(gate))
-                while not Path(gate).exists():  # the test opens the gate by creating the file
+                # Polls the gate (a condition): the test opens it by creating the file.
+                while not Path(gate).exists():
                     await asyncio.sleep(0.01)
 
         @service.handles(Paid)

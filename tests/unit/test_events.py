@@ -109,7 +109,7 @@ def test_generated_event_ids_are_time_ordered_uuid7() -> None:
         assert uuid.UUID(str(value)) == value and uuid.UUID(bytes=value.bytes) == value
         assert before <= value.int >> 80 <= after  # the millisecond timestamp prefix
     later = new_event_ids(1)[0]
-    time.sleep(0.002)
+    time.sleep(0.002)  # the scenario: a later millisecond
     assert new_event_ids(1)[0] > later  # later ids sort after earlier ones
 
 
