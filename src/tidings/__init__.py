@@ -12,6 +12,7 @@ The names below are the public API; everything else is implementation. Quick tou
 """
 
 from tidings.aggregate import Aggregate
+from tidings.bus import Bus, open_bus
 from tidings.commands import Command
 from tidings.errors import (
     AggregateNotFound,
@@ -39,6 +40,7 @@ from tidings.errors import (
     UpcastError,
 )
 from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry, upcaster
+from tidings.integration import IntegrationEvent
 from tidings.processing import (
     EventHandler,
     HandlerContext,
@@ -90,6 +92,7 @@ __all__ = [
     "AggregateNotFound",
     "AppendRequest",
     "AppendResult",
+    "Bus",
     "CheckpointConflict",
     "Command",
     "ConcurrencyError",
@@ -107,6 +110,7 @@ __all__ = [
     "EventTypeError",
     "ExpectedVersion",
     "HandlerContext",
+    "IntegrationEvent",
     "IntegrityError",
     "InvalidArgument",
     "InvalidStreamId",
@@ -148,6 +152,7 @@ __all__ = [
     "__version__",
     "default_registry",
     "fold",
+    "open_bus",
     "open_store",
     "rebuild_projection",
     "register_store",
