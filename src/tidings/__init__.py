@@ -16,6 +16,7 @@ from tidings.bus import Bus, open_bus
 from tidings.commands import Command
 from tidings.errors import (
     AggregateNotFound,
+    AlreadyProcessed,
     CheckpointConflict,
     ConcurrencyError,
     CorruptEvent,
@@ -90,6 +91,7 @@ __all__ = [
     "STREAM_EXISTS",
     "Aggregate",
     "AggregateNotFound",
+    "AlreadyProcessed",
     "AppendRequest",
     "AppendResult",
     "Bus",

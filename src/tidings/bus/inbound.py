@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from tidings.bus.base import Bus, Consumer, ConsumerGroup, DeliveryPolicy
 from tidings.bus.message import DeadLetter, IncomingMessage
+from tidings.errors import AlreadyProcessed
 from tidings.events import RecordedEvent
 from tidings.processing.context import HandlerContext
 from tidings.processing.handlers import Dispatch, call_handler
@@ -100,7 +101,13 @@ class BusHandlerGroup:
             return  # handled before: a redelivery after the ack was lost
         ctx = HandlerContext(self.store, self.recorded(message), self.group, message.attempt, sql=self.sql)
         await call_handler(fn, message.event, ctx)
-        await self._commit([ctx], message.event_id)
+        try:
+            await self._commit([ctx], message.event_id)
+        except AlreadyProcessed:
+            # Another delivery of it (a member that stalled past its ack wait) committed first:
+            # its effects stand, these are dropped, and the message is done.
+            self.skipped_duplicates += 1
+            return
         self.handled += 1
 
     async def _commit(self, contexts: Sequence[HandlerContext], event_id: uuid.UUID) -> None:
