@@ -609,8 +609,8 @@ class Service:
             await task
 
     def statistics(self) -> list[SubscriptionStats]:
-        """One :class:`SubscriptionStats` per running subscription."""
-        return [s.statistics() for s in self._subscriptions]
+        """One :class:`SubscriptionStats` per running subscription, and per bus-fed handler group."""
+        return [s.statistics() for s in self._subscriptions] + [g.statistics() for g in self._inbound]
 
     # -- the in-process bus -------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from tidings.errors import AlreadyProcessed
 from tidings.events import RecordedEvent
 from tidings.processing.context import HandlerContext
 from tidings.processing.handlers import Dispatch, call_handler
+from tidings.processing.subscription import SubscriptionStats
 from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore, Tx
 
 __all__ = ["BusHandlerGroup", "bus_group_name", "inbox_group"]
@@ -67,6 +68,7 @@ class BusHandlerGroup:
         self.handled = 0
         self.skipped_duplicates = 0
         self.dead_lettered = 0
+        self.last_error: str | None = None
 
     async def start(self) -> None:
         self.consumer = await self.bus.consume(
@@ -77,6 +79,24 @@ class BusHandlerGroup:
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None
+
+    def statistics(self) -> SubscriptionStats:
+        """The group as the CLI and console show subscriptions (``<group>@bus``; no log position:
+        ``retries`` counts redeliveries, ``in_flight`` nothing)."""
+        consumer = self.consumer.statistics() if self.consumer is not None else None
+        return SubscriptionStats(
+            self.key,
+            "live" if consumer is not None else "stopped",
+            0,
+            0,
+            0,
+            0,
+            self.handled,
+            self.skipped_duplicates,
+            consumer.redelivered if consumer is not None else 0,
+            self.dead_lettered,
+            self.last_error,
+        )
 
     def recorded(self, message: IncomingMessage) -> RecordedEvent:
         """The message in the envelope handlers know (position 0: it is not in this store's log)."""
@@ -133,6 +153,7 @@ class BusHandlerGroup:
         message = letter.message
         event_id = message.event_id if message is not None else uuid.uuid5(_NAMESPACE, letter.payload.hex())
         error = letter.error
+        self.last_error = letter.reason
         record = DeadLetterRecord(
             0,
             event_id,
