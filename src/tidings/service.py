@@ -393,6 +393,12 @@ class Service:
         store = require(self.store, TrackingStore, f"service {self.name!r}")
         if group == f"{self.name}.relay" and self._relay is not None:
             return self._relay
+        if group.endswith("@bus"):
+            raise UnsupportedOperation(
+                f"dead letters of {group!r} came from the bus: the message is not in this service's "
+                "log, so it cannot be handled again from here (see it with 'tidings dlq show'; the "
+                "publisher can publish it again, which the inbox admits since it was never committed)"
+            )
         if group in self._handlers:
             dispatch, prefix, config = self._handlers[group]
             local = self._local_dispatch(group, self._bus)
