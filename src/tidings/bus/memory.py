@@ -27,6 +27,7 @@ from tidings.bus.base import (
     MessageHandler,
     Outcome,
     PublishResult,
+    SetupAction,
     check_event_type,
     check_name,
     handle_delivery,
@@ -281,6 +282,14 @@ class MemoryBus(Bus):
         self._members.append(member)
         state.join(member)
         return member
+
+    async def setup(
+        self, publishing: Iterable[str] = (), groups: Iterable[ConsumerGroup] = ()
+    ) -> list[SetupAction]:
+        """Check the names; the in-process bus keeps its state in memory, so nothing is created."""
+        for service in publishing:
+            check_name("service", service)
+        return []
 
     async def statistics(self) -> BusStatistics:
         consumers = tuple(m.statistics() for m in self._members if not m.stopped)

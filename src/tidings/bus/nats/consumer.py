@@ -163,9 +163,8 @@ class NatsMember(Consumer):
         for source in sorted(self.group.sources):
             partitions = await ensure_stream(self.js, self.config, source)
             for p in range(partitions):
-                self.durables[(source, p)] = await ensure_consumer(
-                    self.js, self.config, self.group, source, p
-                )
+                action = await ensure_consumer(self.js, self.config, self.group, source, p)
+                self.durables[(source, p)] = action.name
                 self._parts.append((source, p))
         await ensure_lease_stream(self.js, self.config)
         await self._tick()
