@@ -15,8 +15,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 import pytest
 
 from tests.bus.conftest import ServerFactory
@@ -39,6 +40,7 @@ FAILOVER_BOUND = max(LEASE_TTL + HEARTBEAT + 1, ACK_WAIT) + FETCH_WAIT
 SLACK = 4.0
 
 pytestmark = pytest.mark.timeout(300)
+T = TypeVar("T")
 
 
 def bus_url(server_url: str, **extra: str) -> str:
@@ -58,6 +60,17 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)  # polling the condition (a database or a counter)
+
+
+async def answered(request: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """The first answer to ``request`` within ``timeout`` seconds, asking again after each timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await request()
+        except nats.errors.Error:
+            if time.monotonic() > deadline:
+                raise
 
 
 class Publisher:
@@ -164,7 +177,8 @@ async def test_cluster_node_killed_mid_flow(nats_servers_factory: ServerFactory)
         await asyncio.wait_for(publishing, 120)
         total = len(streams) * 20
         await wait_until(lambda: len(effects.seen) == total, 120, f"all {total} events handled")
-        after = await bus.js.stream_info(config.stream_name("orders"))
+        # The surviving nodes may still be settling (a new meta leader): ask until one answers.
+        after = await answered(lambda: bus.js.stream_info(config.stream_name("orders")), 60)
         assert after.cluster is not None and after.cluster.leader != leader.name
         assert after.state.messages == total
     assert recorder.dead == []

@@ -47,7 +47,6 @@ DEFAULT_PARTITIONS = 8
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Entry:
     event_type: str
-    subject: str
     payload: bytes
 
 
@@ -166,8 +165,8 @@ class _GroupState:
             self.attempts[key] = attempt
             outcome, delay = await handle_delivery(
                 group=self.group,
-                origin=f"bus:{source}/{entry.subject}",
-                subject=entry.subject,
+                origin=f"bus:{source}",
+                subject=f"{source}.{p}.{entry.event_type}",
                 payload=entry.payload,
                 attempt=attempt,
                 registry=self.registry,
@@ -258,7 +257,7 @@ class MemoryBus(Bus):
                 self._duplicates += 1
                 return False
             seen.add(msg_id)
-        self.partition(service, partition_of(key, self.partitions)).append(_Entry(event_type, key, payload))
+        self.partition(service, partition_of(key, self.partitions)).append(_Entry(event_type, payload))
         self._published += 1
         return True
 

@@ -102,7 +102,7 @@ class _Worker:
         attempt = msg.metadata.num_delivered or 1
         outcome, delay = await handle_delivery(
             group=m.group,
-            origin=f"bus:{source}/{msg.subject}",
+            origin=f"bus:{source}",
             subject=msg.subject,
             payload=msg.data,
             attempt=attempt,
