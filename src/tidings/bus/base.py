@@ -287,7 +287,11 @@ async def handle_delivery(
                 await wait_or_stop(stopping, transient_wait)
                 transient_wait = min(transient_wait * 2, policy.transient_backoff)
                 if keepalive is not None:
-                    await keepalive()
+                    try:
+                        await keepalive()
+                    except Exception as beat_error:
+                        # Without it the broker redelivers after ack_wait; the inbox absorbs that.
+                        log.debug("%s: keepalive failed: %r", group.label, beat_error)
                 continue
             if is_transient(exc):
                 return Outcome.RETRY, 0.0
