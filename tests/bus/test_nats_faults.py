@@ -380,3 +380,61 @@ async def test_a_consumer_stopped_past_its_ack_wait_and_resumed(
         assert_in_order(effect_order(db), streams, versions)
 
     await with_workers(url, tmp_path, body)
+
+
+# -- a publisher SIGKILLed repeatedly while publishing ----------------------------------------------
+
+
+async def test_a_publisher_killed_repeatedly_loses_and_duplicates_nothing(
+    nats_servers_factory: ServerFactory, tmp_path: Path
+) -> None:
+    server = nats_servers_factory.single()
+    url = bus_url(server.url)
+    streams, versions = 20, 30
+    total = streams * versions
+    db = tmp_path / "publisher.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    config = NatsBusConfig.from_url(url)
+    effects = FirstEffects()
+    recorder = Recorder()
+
+    def checkpoint() -> int:
+        return count(db, "SELECT position FROM checkpoint")
+
+    async def start() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "tests.bus.publisher_worker", url, str(db), str(streams), str(versions), "10"),
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() == b"started"
+        return proc
+
+    async with NatsBus(config) as bus:
+        await bus.consume(
+            ConsumerGroup("shipping", "g", {"orders": []}, DeliveryPolicy(ack_wait=ACK_WAIT)),
+            effects.handle,
+            recorder.dead_letter,
+        )
+        kills = 0
+        while kills < 5:
+            before = checkpoint()
+            proc = await start()
+            await wait_until(lambda b=before: checkpoint() > b, 60, "the publisher to make progress")
+            proc.kill()
+            assert await proc.wait() == -signal.SIGKILL
+            kills += 1
+            assert checkpoint() < total, "the publisher finished before it was killed: make the run longer"
+        proc = await start()
+        assert await asyncio.wait_for(proc.wait(), 120) == 0
+        assert checkpoint() == total
+        await wait_until(lambda: len(effects.seen) == total, 120, f"all {total} events handled")
+        info = await bus.js.stream_info(config.stream_name("orders"))
+        # The stream holds every event exactly once: re-published batches were dropped by Nats-Msg-Id.
+        assert info.state.messages == total
+        assert effects.deliveries == total
+    assert recorder.dead == []
+    assert_in_order(effects.order, [f"agg-{s}" for s in range(streams)], versions)
