@@ -10,8 +10,9 @@ Consumes every type the service ``orders`` publishes as a member of ``GROUP`` of
 * ``effects``: the effect, once per event id (the idempotency record: ``INSERT OR IGNORE`` on the
   primary key), in handling order (rowid), with the stream id and version for the order check.
 
-``--stall-at N``: the N-th handled message writes a ``stalls`` row and then waits half a second
-inside the handler, so that a test can SIGSTOP the process mid-handler. Prints ``ready`` once the
+``--stall-at N``: the N-th handled message writes a ``stalls`` row and then waits two seconds
+inside the handler (other handlers of the process wait too), so that a test can SIGSTOP the
+process mid-handler. Prints ``ready`` once the
 member has joined the group; stops on SIGTERM.
 """
 
@@ -56,16 +57,26 @@ async def main() -> None:
     args = parser.parse_args()
     db = connect(args.db)
     handled = 0
+    quiet = asyncio.Event()
+    quiet.set()
 
     async def handle(message: IncomingMessage) -> None:
         nonlocal handled
         handled += 1
+        number = handled  # other partitions' handlers count on while this one awaits
         event_id = str(message.event_id)
-        if handled == args.stall_at:
-            db.execute("INSERT INTO stalls VALUES (?, ?, ?)", (event_id, args.name, time.time()))
-            await asyncio.sleep(0.5)  # the window in which the test SIGSTOPs this process
         if args.cost:
             await asyncio.sleep(args.cost)  # the handler's own work
+        stalling = number == args.stall_at
+        if stalling:
+            # Hold the other partitions' handlers back, so that when the test stops this process it
+            # is not in the middle of an SQLite write (a stopped process would keep the write lock
+            # and block every other worker). No await lies between the gate and the writes.
+            quiet.clear()
+            db.execute("INSERT INTO stalls VALUES (?, ?, ?)", (event_id, args.name, time.time()))
+            await asyncio.sleep(2.0)  # the window in which the test SIGSTOPs this process
+        else:
+            await quiet.wait()
         # The effect and its idempotency record are one statement, so they commit together.
         cursor = db.execute(
             "INSERT OR IGNORE INTO effects VALUES (?, ?, ?, ?, ?)",
@@ -75,6 +86,8 @@ async def main() -> None:
             "INSERT INTO deliveries VALUES (?, ?, ?, ?, ?)",
             (event_id, args.name, message.attempt, int(cursor.rowcount == 0), time.time()),
         )
+        if stalling:
+            quiet.set()
 
     async def dead_letter(letter: DeadLetter) -> None:
         event_id = str(letter.message.event_id) if letter.message else None
