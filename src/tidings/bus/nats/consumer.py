@@ -15,6 +15,9 @@ subject, each published with a JetStream per-message TTL of ``lease_ttl`` second
   have expired, so two members never pull one partition except across a pause of the process
   (SIGSTOP, a long GC) longer than the lease: then the in-flight message may be handled twice, which
   the consumer's inbox absorbs, and order is still kept by ``max_ack_pending=1``.
+
+Heartbeats run on the member's event loop: a handler that blocks the loop (synchronous I/O waiting
+on a lock) for longer than ``lease_ttl`` loses the member its partitions, exactly like a pause.
 """
 
 from __future__ import annotations
