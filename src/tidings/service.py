@@ -447,6 +447,10 @@ class Service:
             bus = await self._open_bus()
             local_groups = [group for group in self._handlers if self._local_dispatch(group, bus) is not None]
             self._subscriptions = [self.subscription(group) for group in local_groups]
+            if bus is not None:
+                # Start-up creates or checks this service's stream, as 'tidings bus setup' does: a
+                # misconfiguration (a partition count that differs from the live stream's) fails here.
+                await bus.setup(publishing=[self.name])
             if bus is not None and (self._published or self._translators or command_types(store)):
                 self._relay = OutboxRelay(
                     tracking,
