@@ -20,10 +20,10 @@ from tidings.bus.base import Bus, Consumer, ConsumerGroup, DeliveryPolicy
 from tidings.bus.message import DeadLetter, IncomingMessage
 from tidings.errors import AlreadyProcessed
 from tidings.events import RecordedEvent
-from tidings.processing.context import HandlerContext
+from tidings.processing.context import HandlerContext, statements_work
 from tidings.processing.handlers import Dispatch, call_handler
 from tidings.processing.subscription import SubscriptionStats
-from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore, Tx
+from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore
 
 __all__ = ["BusHandlerGroup", "bus_group_name", "inbox_group"]
 
@@ -131,19 +131,13 @@ class BusHandlerGroup:
         self.handled += 1
 
     async def _commit(self, contexts: Sequence[HandlerContext], event_id: uuid.UUID) -> None:
-        statements = [s for ctx in contexts for s in ctx.statements]
-
-        def work(tx: Tx) -> None:
-            for sql, params in statements:
-                tx.execute(sql, params)
-
         checkpoint = await self.store.load_checkpoint(self.key)
         await self.store.commit_processed(
             ProcessedBatch(
                 group=self.key,
                 expected_checkpoint=checkpoint,
                 checkpoint=checkpoint,
-                work=work if statements else None,
+                work=statements_work(contexts),
                 appends=tuple(a for ctx in contexts for a in ctx.appends),
                 processed=((event_id, 0),),
             )

@@ -32,7 +32,7 @@ from tidings.errors import (
     is_transient,
 )
 from tidings.events import RecordedEvent
-from tidings.processing.context import HandlerContext
+from tidings.processing.context import HandlerContext, statements_work
 from tidings.processing.retry import RetryPolicy, handler_failure
 from tidings.store.tracking import DeadLetter, DeadLetterRecord, ProcessedBatch, TrackingStore, Tx
 
@@ -478,13 +478,8 @@ class Subscription(abc.ABC):
         Inbox rows are written only for handled events beyond the new checkpoint (committed ahead
         of an earlier event that must run again): the checkpoint already proves the others done.
         """
-        statements = [s for ctx in contexts for s in ctx.statements]
-        if statements and work is None:
-
-            def work(tx: Tx) -> None:
-                for sql, params in statements:
-                    tx.execute(sql, params)
-
+        if work is None:
+            work = statements_work(contexts)
         new_checkpoint = max(checkpoint, self.checkpoint)
         batch = ProcessedBatch(
             group=self.group,
