@@ -39,6 +39,7 @@ from tidings.errors import (
 from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry, upcaster
 from tidings.processing import (
     EventHandler,
+    GroupStatus,
     HandlerContext,
     Projection,
     ProjectionTx,
@@ -47,6 +48,7 @@ from tidings.processing import (
     SubscriptionConfig,
     SubscriptionStats,
     fold,
+    group_status,
     rebuild_projection,
 )
 from tidings.repository import Repository
@@ -81,6 +83,7 @@ __all__ = [
     "EventRegistry",
     "EventStore",
     "EventTypeError",
+    "GroupStatus",
     "HandlerContext",
     "IntegrityError",
     "InvalidArgument",
@@ -112,6 +115,7 @@ __all__ = [
     "__version__",
     "default_registry",
     "fold",
+    "group_status",
     "open_store",
     "rebuild_projection",
     "upcaster",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,7 @@ from tidings.cli.render import JsonLines
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, fail, open_existing, run
 from tidings.errors import InvalidArgument
 from tidings.processing.projections import projection_status, rebuild_projection
+from tidings.processing.status import GroupStatus, group_status
 from tidings.service import Service
 from tidings.store.records import DeadLetter
 
@@ -85,22 +87,59 @@ def run_service(app: AppArgument, store: OptionalStore = None) -> None:
 # -- groups -----------------------------------------------------------------------------------------
 
 
+def _when(instant: datetime | None) -> str:
+    return "-" if instant is None else instant.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) -> None:
-    """List the subscription groups with their checkpoint and lag."""
+    """List the subscription groups: checkpoint, lag, state, and the process running each."""
 
-    async def fetch() -> tuple[dict[str, int], int]:
+    async def fetch() -> list[GroupStatus]:
         async with open_existing(store) as opened:
-            return await opened.checkpoints(), await opened.head()
+            return await group_status(opened)
 
-    checkpoints, head = run(fetch())
+    found = run(fetch())
     if json_output:
         lines = JsonLines()
-        for name, position in sorted(checkpoints.items()):
-            lines.add({"group": name, "checkpoint": position, "head": head, "lag": head - position})
+        for g in found:
+            lines.add(
+                {
+                    "group": g.group,
+                    "checkpoint": g.checkpoint,
+                    "head": g.head,
+                    "lag": g.lag,
+                    "state": g.state,
+                    "holder": g.holder,
+                    "host": g.host,
+                    "pid": g.pid,
+                    "heartbeat_at": None if g.heartbeat_at is None else g.heartbeat_at.isoformat(),
+                    "last_error": g.last_error,
+                    "dead_letters": g.dead_letters,
+                }
+            )
         return
-    table = Table("group", "checkpoint", "lag", title=f"Subscription groups (head {head})")
-    for name, position in sorted(checkpoints.items()):
-        table.add_row(name, str(position), str(head - position))
+    head = found[0].head if found else 0
+    table = Table(
+        "group",
+        "checkpoint",
+        "lag",
+        "state",
+        "holder",
+        "heartbeat (UTC)",
+        "dead",
+        title=f"Subscription groups (head {head})",
+    )
+    for g in found:
+        state = g.state if g.state != "failed" or not g.last_error else f"failed: {g.last_error}"
+        table.add_row(
+            g.group,
+            str(g.checkpoint),
+            str(g.lag),
+            state,
+            g.holder or "-",
+            _when(g.heartbeat_at),
+            str(g.dead_letters),
+        )
     Console().print(table)
 
 
@@ -242,16 +281,41 @@ def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOpti
                     "checkpoint": s.checkpoint,
                     "head": s.head,
                     "lag": s.lag,
+                    "state": s.state,
+                    "needs_rebuild": s.needs_rebuild,
+                    "fingerprint": s.fingerprint,
+                    "dead_letters": s.dead_letters,
+                    "holder": s.holder,
+                    "heartbeat_at": None if s.heartbeat_at is None else s.heartbeat_at.isoformat(),
+                    "last_error": s.last_error,
                 }
             )
         return
     if not found:
         Console().print("no projections")
         return
-    table = Table("projection", "generation", "checkpoint", "lag", "state", title="Projections")
+    table = Table(
+        "projection",
+        "generation",
+        "checkpoint",
+        "lag",
+        "state",
+        "holder",
+        "heartbeat (UTC)",
+        "dead",
+        title="Projections",
+    )
     for s in found:
-        state = f"rebuilding g{s.building}" if s.building else ("live" if s.lag == 0 else "catching up")
-        table.add_row(s.name, str(s.generation), str(s.checkpoint), str(s.lag), state)
+        table.add_row(
+            s.name,
+            str(s.generation),
+            str(s.checkpoint),
+            str(s.lag),
+            s.state,
+            s.holder or "-",
+            _when(s.heartbeat_at),
+            str(s.dead_letters),
+        )
     Console().print(table)
 
 
