@@ -175,7 +175,7 @@ class Projection:
         """A digest of what the stored tables depend on: each table's DDL (whitespace
         normalised), the handled event types, and ``version``."""
         definition = {
-            "tables": {name: " ".join(ddl.split()) for name, ddl in sorted(self.tables.items())},
+            "tables": {name: _normalised(ddl) for name, ddl in sorted(self.tables.items())},
             "handles": sorted(self.dispatch.type_names),
             "version": self.version,
         }
@@ -191,6 +191,14 @@ class Projection:
 
     def group(self, generation: int) -> str:
         return f"{self.group_prefix}:g{generation}"
+
+
+def _normalised(ddl: str) -> str:
+    """``ddl`` with layout removed: runs of whitespace made one space, none around punctuation."""
+    return _PUNCTUATION_SPACE.sub(r"\1", " ".join(ddl.split()))
+
+
+_PUNCTUATION_SPACE = re.compile(r"\s*([(),;])\s*")
 
 
 # -- generations (run inside store transactions) ---------------------------------------------------

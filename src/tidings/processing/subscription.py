@@ -150,7 +150,8 @@ class Subscription(abc.ABC):
         self.config = config or SubscriptionConfig()
         self.checkpoint = 0
         self.head = 0
-        self.state: State = "idle"
+        self._report = asyncio.Event()  # the state changed in a way the lease row should show now
+        self._state: State = "idle"
         self.in_flight = 0
         self.handled = 0
         self.skipped_duplicates = 0
@@ -164,6 +165,18 @@ class Subscription(abc.ABC):
         self._prefetch: tuple[int, asyncio.Future[tuple[list[RecordedEvent], int]]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """What the runner is doing (see :class:`SubscriptionStats`)."""
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        # Failing, or recovering, is reported to the lease row at once, not at the next heartbeat.
+        if (value == "failed") != (self._state == "failed"):
+            self._report.set()
+        self._state = value
 
     def stop(self) -> None:
         """Ask the runner to finish the event in hand, commit, and return from :meth:`run`."""
@@ -276,7 +289,9 @@ class Subscription(abc.ABC):
         """
         interval = lease.ttl / 3
         while lease.held:
-            await asyncio.sleep(min(interval, lease.remaining))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report.wait(), min(interval, lease.remaining))
+            self._report.clear()
             if not lease.held:
                 break
             # Never cancelled midway: a renewal that is slow (a busy database) is waited for only
