@@ -37,6 +37,7 @@ import os
 import secrets
 import socket
 import time
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -250,27 +251,30 @@ class _SQLTable(_Table):
         return found
 
 
-# The leases of memory:// stores, by (database identity, lease name): rows as the SQL table has.
-_MEMORY_LEASES: dict[tuple[str, str], tuple[Any, ...]] = {}
+# The leases of memory:// stores, per store object (they go with it), by lease name: rows as the
+# SQL table has them.
+_MEMORY_LEASES: weakref.WeakKeyDictionary[EventStore, dict[str, tuple[Any, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _MemoryTable(_Table):
     """Leases of a ``memory://`` store: process-local rows (the store is process-local too)."""
 
     def __init__(self, store: EventStore) -> None:
-        self.key = store.database_identity()
+        self.rows = _MEMORY_LEASES.setdefault(store, {})
 
     async def available(self, name: str, holder: LeaseHolder) -> bool:
-        row = _MEMORY_LEASES.get((self.key, name))
+        row = self.rows.get(name)
         return row is None or row[1] == holder.instance or row[6] <= time.time()
 
     async def acquire(self, name: str, holder: LeaseHolder, ttl: float, state: str) -> bool:
         now = time.time()
-        row = _MEMORY_LEASES.get((self.key, name))
+        row = self.rows.get(name)
         if row is not None and row[1] != holder.instance and row[6] > now:
             return False
         acquired = row[4] if row is not None and row[1] == holder.instance else now
-        _MEMORY_LEASES[(self.key, name)] = (
+        self.rows[name] = (
             name,
             holder.instance,
             holder.host,
@@ -286,21 +290,21 @@ class _MemoryTable(_Table):
     async def renew(
         self, name: str, holder: LeaseHolder, ttl: float, state: str, last_error: str | None
     ) -> bool:
-        row = _MEMORY_LEASES.get((self.key, name))
+        row = self.rows.get(name)
         if row is None or row[1] != holder.instance:
             return False
         now = time.time()
-        _MEMORY_LEASES[(self.key, name)] = (*row[:5], now, now + ttl, state, last_error)
+        self.rows[name] = (*row[:5], now, now + ttl, state, last_error)
         return True
 
     async def release(self, name: str, holder: LeaseHolder) -> None:
-        row = _MEMORY_LEASES.get((self.key, name))
+        row = self.rows.get(name)
         if row is not None and row[1] == holder.instance:
-            _MEMORY_LEASES[(self.key, name)] = (*row[:6], time.time(), "stopped", row[8])
+            self.rows[name] = (*row[:6], time.time(), "stopped", row[8])
 
     async def read(self) -> list[LeaseRecord]:
         now = time.time()
-        return [_record(row, now) for (key, _), row in sorted(_MEMORY_LEASES.items()) if key == self.key]
+        return [_record(row, now) for _, row in sorted(self.rows.items())]
 
 
 def _table(store: EventStore) -> _Table:
