@@ -177,6 +177,8 @@ async def test_group_status_tells_the_truth(store: EventStore) -> None:
 
     @service.handles(Tick)
     async def count(event: Tick) -> None:
+        if event.n == 3:
+            raise ValueError("three")
         seen.append(event.n)
 
     head = await ticks(store, 10)
@@ -187,8 +189,9 @@ async def test_group_status_tells_the_truth(store: EventStore) -> None:
         status = await status_of(store, "st.count")
         assert status is not None and status.lag == 0 and status.checkpoint == head
         assert status.pid == os.getpid() and status.heartbeat_at is not None and status.holder
+        assert status.dead_letters == 1
         [stats] = service.statistics()
-        assert stats.handled == 10  # each event counted once
+        assert stats.handled == 9 and stats.dead_lettered == 1  # each event counted once
     status = await status_of(store, "st.count")
     assert status is not None and status.state == "stopped" and status.lag == 0
     await ticks(store, 3, start=10)

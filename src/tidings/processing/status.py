@@ -64,9 +64,15 @@ async def group_status(store: EventStore) -> list[GroupStatus]:
     checkpoints = await store.checkpoints()
     head = await store.head()
     leases = await read_leases(store)
-    dead = Counter(d.group for d in await store.dead_letters())
     projections: dict[str, tuple[int, int | None]] = {}
-    if not isinstance(store, MemoryStore):
+    if isinstance(store, MemoryStore):
+        dead = Counter(d.group for d in await store.dead_letters())
+    else:
+        # Counted by the database: dead letters carry tracebacks, not worth loading to count.
+        counted = await store.query(
+            "SELECT group_name, count(*) FROM tidings_dead_letters GROUP BY group_name"
+        )
+        dead = Counter({str(group): int(n) for group, n in counted})
         rows = await store.query("SELECT name, generation, building FROM tidings_projections")
         projections = {str(n): (int(g), None if b is None else int(b)) for n, g, b in rows}
     groups = set(checkpoints) | {f"projection:{n}:g{g}" for n, (g, _) in projections.items()}
