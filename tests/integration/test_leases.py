@@ -262,6 +262,14 @@ async def test_a_changed_projection_is_refused_until_rebuilt(sql_store: EventSto
         assert await store.dead_letters() == [] and status.dead_letters == 0  # ... nor dead-lettered
         [status] = await projection_status(store, [Counts()])  # judged against given code
         assert not status.needs_rebuild
+        shown = await asyncio.to_thread(
+            CliRunner().invoke, app, ["projections", "status", "--store", store.url], env={"COLUMNS": "200"}
+        )
+        assert "rebuild needed" in shown.output and "tidings projections rebuild counts" in shown.output
+        groups = await asyncio.to_thread(
+            CliRunner().invoke, app, ["groups", "--store", store.url], env={"COLUMNS": "200"}
+        )
+        assert "failed" in groups.output and "tidings projections rebuild counts" in groups.output
 
         assert await rebuild_projection(store, CountsV2()) == 2
         await wait_until("the runner to resume", lambda: new.statistics()[0].state == "live")

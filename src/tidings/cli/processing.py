@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tidings.cli.render import JsonLines
@@ -130,17 +131,21 @@ def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) 
         title=f"Subscription groups (head {head})",
     )
     for g in found:
-        state = g.state if g.state != "failed" or not g.last_error else f"failed: {g.last_error}"
         table.add_row(
             g.group,
             str(g.checkpoint),
             str(g.lag),
-            state,
+            g.state,
             g.holder or "-",
             _when(g.heartbeat_at),
             str(g.dead_letters),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    # A failing runner's error under the table: too long for a cell, and it says what to do.
+    for g in found:
+        if g.state == "failed" and g.last_error:
+            console.print(f"[red]{g.group}[/]: {escape(g.last_error)}", highlight=False)
 
 
 # -- dead letters -------------------------------------------------------------------------------------
@@ -316,7 +321,16 @@ def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOpti
             _when(s.heartbeat_at),
             str(s.dead_letters),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for s in found:
+        if s.needs_rebuild:
+            console.print(
+                f"[red]{s.name}[/]: its code changed since generation {s.generation} was built "
+                f"({s.dead_letters} dead letters); run 'tidings projections rebuild {s.name} "
+                "--app MODULE:SERVICE'",
+                highlight=False,
+            )
 
 
 @projections_app.command("rebuild")
