@@ -122,6 +122,35 @@ async def test_one_holder_at_a_time_takeover_after_expiry_and_release(store: Eve
     assert await first.acquire()  # released: free at once, no wait for the expiry
 
 
+async def test_a_failing_holder_gives_way_to_a_runner_that_can_work(store: EventStore) -> None:
+    # Another process holds the group but reports that it cannot work (e.g. its projection code
+    # does not match the active generation).
+    failing = Lease(store, "lease.f", 60)
+    assert await failing.acquire() and await failing.renew("failed", "cannot work")
+    other_failing = Lease(store, "lease.f", 60)
+    assert not await other_failing.acquire()  # failing runners do not take it from each other
+    assert not await other_failing.acquire(preempt_failed=False)
+
+    handled: list[int] = []
+
+    async def handle(event: Tick) -> None:
+        handled.append(event.n)
+
+    head = await ticks(store, 5)
+    runner = HandlerSubscription(store, "lease.f", Dispatch({Tick: handle}), config=FAST)
+    task = asyncio.create_task(runner.run())
+    try:
+        assert await store.wait_for(head, group="lease.f", timeout=20)
+        assert handled == list(range(5))
+        assert not await failing.renew("failed", "cannot work") and not failing.held
+        record = (await read_leases(store))["lease.f"]
+        assert record.holder.pid == os.getpid() and record.state != "failed"
+        assert record.holder.instance not in (failing.holder.instance, other_failing.holder.instance)
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 20)
+
+
 async def test_a_runner_that_loses_its_lease_stops_before_its_next_handler_and_stands_by(
     sql_store: EventStore,
 ) -> None:

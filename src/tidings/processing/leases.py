@@ -7,7 +7,10 @@ e-mail, a call to another system) would happen twice. So a runner first takes it
 when it took the lease, its last heartbeat and when the lease expires.
 
 * **Acquire**: the lease is taken if it is free, expired, or already ours -- one conditional
-  upsert, so two candidates never both win.
+  upsert, so two candidates never both win. A candidate that is not failing itself may also take
+  it from a holder that reports ``failed`` (e.g. a projection runner whose code is older or newer
+  than the active generation): a runner that cannot work does not keep the group from one that
+  can, and two failing runners do not take it from each other.
 * **Heartbeat**: the holder renews it every ``ttl / 3`` seconds, moving ``expires_at`` to
   ``now + ttl``; it reports its state (live, catching up, failed) and last error with it.
 * **Loss**: the holder counts its lease as lost when a renewal finds another holder, or when
@@ -120,11 +123,14 @@ class _Table(abc.ABC):
     """Where a store's leases live."""
 
     @abc.abstractmethod
-    async def available(self, name: str, holder: LeaseHolder) -> bool:
-        """Whether the lease looks free, expired or ours (a cheap read before trying to take it)."""
+    async def available(self, name: str, holder: LeaseHolder, preempt: bool) -> bool:
+        """Whether the lease looks free, expired, ours or (with ``preempt``) held by a failing
+        runner: a cheap read before trying to take it."""
 
     @abc.abstractmethod
-    async def acquire(self, name: str, holder: LeaseHolder, ttl: float, state: str) -> bool: ...
+    async def acquire(
+        self, name: str, holder: LeaseHolder, ttl: float, state: str, preempt: bool
+    ) -> bool: ...
 
     @abc.abstractmethod
     async def renew(
@@ -136,6 +142,14 @@ class _Table(abc.ABC):
 
     @abc.abstractmethod
     async def read(self) -> list[LeaseRecord]: ...
+
+
+def _takeable(
+    current: str, expires_at: float, state: str, holder: LeaseHolder, now: float, preempt: bool
+) -> bool:
+    """Whether ``holder`` may take a lease held by ``current``: it is ours, expired, or (with
+    ``preempt``) its holder reports that it is failing."""
+    return current == holder.instance or expires_at <= now or (preempt and state == "failed")
 
 
 def _db_now(tx: Tx) -> float:
@@ -172,30 +186,30 @@ class _SQLTable(_Table):
             self._dialect = tx.dialect
         return _db_now(tx)
 
-    async def available(self, name: str, holder: LeaseHolder) -> bool:
+    async def available(self, name: str, holder: LeaseHolder, preempt: bool) -> bool:
         if not self._ready:
             return True  # the table may not exist yet: let acquire() create it
         # A read, not a write transaction: standbys poll this, and on SQLite every write
         # transaction queues behind the holder's commits.
         if self._dialect == "postgresql":
             sql = (
-                "SELECT holder, expires_at, extract(epoch FROM clock_timestamp())::float8 "
+                "SELECT holder, expires_at, state, extract(epoch FROM clock_timestamp())::float8 "
                 "FROM tidings_leases WHERE name = ?"
             )
         else:
-            sql = "SELECT holder, expires_at FROM tidings_leases WHERE name = ?"
+            sql = "SELECT holder, expires_at, state FROM tidings_leases WHERE name = ?"
         rows = await self.store.query(sql, (name,))
         if not rows:
             return True
-        now = float(rows[0][2]) if len(rows[0]) > 2 else time.time()
-        return bool(rows[0][0] == holder.instance or float(rows[0][1]) <= now)
+        now = float(rows[0][3]) if len(rows[0]) > 3 else time.time()
+        return _takeable(rows[0][0], float(rows[0][1]), rows[0][2], holder, now, preempt)
 
     async def _run(self, fn: Any) -> Any:
         result = await self.store.transaction(fn)
         self._ready = True
         return result
 
-    async def acquire(self, name: str, holder: LeaseHolder, ttl: float, state: str) -> bool:
+    async def acquire(self, name: str, holder: LeaseHolder, ttl: float, state: str, preempt: bool) -> bool:
         def acquire(tx: Tx) -> bool:
             now = self._prepare(tx)
             # One statement, so that two candidates never both win: insert a free lease, or take
@@ -208,8 +222,9 @@ class _SQLTable(_Table):
                 "heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at, "
                 "state = excluded.state, last_error = NULL "
                 "WHERE tidings_leases.holder = excluded.holder "
-                "OR tidings_leases.expires_at <= excluded.heartbeat_at",
-                (name, holder.instance, holder.host, holder.pid, now, now, now + ttl, state),
+                "OR tidings_leases.expires_at <= excluded.heartbeat_at "
+                "OR (tidings_leases.state = 'failed' AND ? = 1)",
+                (name, holder.instance, holder.host, holder.pid, now, now, now + ttl, state, int(preempt)),
             )
             row = tx.fetchone("SELECT holder FROM tidings_leases WHERE name = ?", (name,))
             return row is not None and row[0] == holder.instance
@@ -264,14 +279,14 @@ class _MemoryTable(_Table):
     def __init__(self, store: EventStore) -> None:
         self.rows = _MEMORY_LEASES.setdefault(store, {})
 
-    async def available(self, name: str, holder: LeaseHolder) -> bool:
+    async def available(self, name: str, holder: LeaseHolder, preempt: bool) -> bool:
         row = self.rows.get(name)
-        return row is None or row[1] == holder.instance or row[6] <= time.time()
+        return row is None or _takeable(row[1], row[6], row[7], holder, time.time(), preempt)
 
-    async def acquire(self, name: str, holder: LeaseHolder, ttl: float, state: str) -> bool:
+    async def acquire(self, name: str, holder: LeaseHolder, ttl: float, state: str, preempt: bool) -> bool:
         now = time.time()
         row = self.rows.get(name)
-        if row is not None and row[1] != holder.instance and row[6] > now:
+        if row is not None and not _takeable(row[1], row[6], row[7], holder, now, preempt):
             return False
         acquired = row[4] if row is not None and row[1] == holder.instance else now
         self.rows[name] = (
@@ -351,13 +366,14 @@ class Lease:
         """Stop relying on the lease at once (another holder has it, or it was given up)."""
         self._deadline = 0.0
 
-    async def acquire(self, state: str = "catching up") -> bool:
-        """Take the lease if it is free, expired or ours; True if we hold it now."""
-        if not await self._table.available(self.name, self.holder):
+    async def acquire(self, state: str = "catching up", *, preempt_failed: bool = False) -> bool:
+        """Take the lease if it is free, expired or ours -- or, with ``preempt_failed``, held by
+        a runner that reports ``failed``; True if we hold it now."""
+        if not await self._table.available(self.name, self.holder, preempt_failed):
             self.lose()
             return False
         sent = time.monotonic()
-        if await self._table.acquire(self.name, self.holder, self.ttl, state):
+        if await self._table.acquire(self.name, self.holder, self.ttl, state, preempt_failed):
             self._deadline = sent + self.ttl
             return True
         self.lose()

@@ -161,6 +161,7 @@ class Subscription(abc.ABC):
         self._stopping = asyncio.Event()  # stop() was called
         self._halt = asyncio.Event()  # stop() was called, or the lease was lost
         self._lease: Lease | None = None
+        self._failing = False  # the last attempt to work failed (a bug, a projection to rebuild)
         self._poisoned = False
         self._prefetch: tuple[int, asyncio.Future[tuple[list[RecordedEvent], int]]] | None = None
 
@@ -264,7 +265,8 @@ class Subscription(abc.ABC):
         outages = 0
         while not self._stopping.is_set():
             try:
-                if await lease.acquire():
+                # A runner that is failing itself does not take the group from another failing one.
+                if await lease.acquire(preempt_failed=not self._failing):
                     return True
                 outages = 0
                 self.state = "standby"
@@ -376,6 +378,7 @@ class Subscription(abc.ABC):
                         self._drop_prefetch()
                         reload = True
                 outages = 0
+                self._failing = False
             except RunnerBlocked as exc:
                 # Waiting for an operator (a rebuild): say so once, not with a traceback per try.
                 self._drop_prefetch()
@@ -383,6 +386,7 @@ class Subscription(abc.ABC):
                     log.error("subscription %r: %s", self.group, exc)
                 self.state = "failed"
                 self.last_error = str(exc)
+                self._failing = True
                 await self.pause(self.config.failure_backoff)
                 reload = True
             except CheckpointConflict as exc:
@@ -406,6 +410,7 @@ class Subscription(abc.ABC):
                     # A bug, or a store that refuses our own statements: never die silently.
                     # Report it in statistics() and the log, and retry after a pause.
                     self.state = "failed"
+                    self._failing = True
                     log.error(
                         "subscription %r failed; retrying in %.1fs",
                         self.group,
