@@ -141,19 +141,21 @@ async def test_sigkilled_holders_fail_over_and_duplicate_only_what_was_in_flight
     async with open_store(url) as store:
         await workers.start()
         await workers.start()
-        feeder = asyncio.create_task(append_work(store, ahead=200))
+        feeder = asyncio.create_task(append_work(store, ahead=600))
         kills: list[dict[str, float]] = []
         for _ in range(KILLS):
-            # Kill the current holder, found through its lease, once it has handled 50 events.
+            # Kill the current holder, found through its lease, once it has handled 50 events and
+            # has plenty left to do.
             async def working() -> bool:
                 now = await status(store)
                 return (
                     now.pid in workers.alive()
                     and now.state != "stopped"
+                    and now.lag >= 100
                     and outside(effects, "SELECT count(*) FROM effects WHERE pid = ?", (now.pid,)) >= 50
                 )
 
-            await wait_until("the holder to handle 50 events", working)
+            await wait_until("the holder to be working", working)
             before = await status(store)
             assert before.state in ("live", "catching up"), before
             assert before.pid in workers.alive(), (before, workers.alive())
