@@ -22,6 +22,7 @@ from lease_worker import CONFIG, GROUP, Done, Work  # noqa: E402 - the worker's 
 
 EVENTS = 3000
 KILLS = 5
+CHUNK = 300  # events per kill round
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -86,12 +87,15 @@ async def workers(url: str, effects: Path) -> AsyncIterator[Workers]:
             await proc.wait()
 
 
-async def wait_until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 30) -> float:
-    """Poll ``check()`` until it holds; return how long it took. Fails naming ``what``."""
+async def wait_until(
+    what: str, check: Callable[[], Awaitable[bool]], timeout: float = 30, seen: object = None
+) -> float:
+    """Poll ``check()`` until it holds; return how long it took. Fails naming ``what`` (and what
+    was ``seen`` last, a value that ``check`` updates)."""
     start = time.monotonic()
     while not await check():
         if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {seen}")
         await asyncio.sleep(0.01)
     return time.monotonic() - start
 
@@ -112,17 +116,12 @@ async def _live(store: EventStore) -> bool:
     return (await status(store)).state == "live"
 
 
-async def append_work(store: EventStore, *, ahead: int | None = None) -> int:
-    """Append the EVENTS Work events in chunks of 100; return the head.
-
-    With ``ahead``, a chunk is appended only once the group is less than ``ahead`` events behind,
-    so that work remains to be done (to be interrupted) for as long as the feeding lasts.
-    """
+async def append_work(store: EventStore, start: int = 0, count: int = EVENTS) -> int:
+    """Append Work events ``start`` .. ``start + count - 1`` in chunks of at most 100; return the head."""
     head = 0
-    for i in range(0, EVENTS, 100):
-        if ahead is not None:
-            assert await store.wait_for(max(0, head - ahead), group=GROUP, timeout=60)
-        head = (await store.append(f"w-{i // 100 % 7}", [Work(n=n) for n in range(i, i + 100)])).position
+    for i in range(start, start + count, 100):
+        n = min(100, start + count - i)
+        head = (await store.append(f"w-{i // 100 % 7}", [Work(n=k) for k in range(i, i + n)])).position
     return head
 
 
@@ -141,33 +140,43 @@ async def test_sigkilled_holders_fail_over_and_duplicate_only_what_was_in_flight
     async with open_store(url) as store:
         await workers.start()
         await workers.start()
-        feeder = asyncio.create_task(append_work(store, ahead=600))
+        appended = 0
         kills: list[dict[str, float]] = []
-        for _ in range(KILLS):
-            # Kill the current holder, found through its lease, once it has handled 50 events and
-            # has plenty left to do.
-            async def working() -> bool:
-                now = await status(store)
-                return (
-                    now.pid in workers.alive()
-                    and now.state != "stopped"
-                    and now.lag >= 100
-                    and outside(effects, "SELECT count(*) FROM effects WHERE pid = ?", (now.pid,)) >= 50
-                )
+        seen: list[object] = []
 
-            await wait_until("the holder to be working", working)
-            before = await status(store)
-            assert before.state in ("live", "catching up"), before
-            assert before.pid in workers.alive(), (before, workers.alive())
-            holder = workers.procs[before.pid]
-            handled_by_holder = outside(effects, "SELECT count(*) FROM effects WHERE pid = ?", (before.pid,))
-            holder.send_signal(signal.SIGKILL)
-            assert await holder.wait() == -signal.SIGKILL
-            killed_at = time.monotonic()
-            # Mid-work: the holder had handled events, and the group was not done.
+        async def working() -> bool:
+            now = await status(store)
+            done = outside(effects, "SELECT count(*) FROM effects WHERE pid = ?", (now.pid,))
+            seen[:] = [now, done, workers.alive()]
+            return now.pid in workers.alive() and now.state != "stopped" and done >= 50
+
+        while len(kills) < KILLS:
+            # Work for this round; the current holder (found through its lease) starts on it.
+            assert appended + CHUNK <= EVENTS, f"{len(kills)} kills used up the {EVENTS} events"
+            await append_work(store, appended, CHUNK)
+            appended += CHUNK
+            await wait_until(f"the holder to be working (kill {len(kills) + 1})", working, seen=seen)
+            # Freeze it where it stands: its next outside effect waits for this lock. It keeps its
+            # handled-but-uncommitted events; what it has not reached stays to be done.
+            freezer = sqlite3.connect(effects, isolation_level=None, timeout=30)
+            freezer.execute("BEGIN EXCLUSIVE")
+            try:
+                before = await status(store)
+                if before.lag == 0:
+                    continue  # it finished the round's work before the freeze: another round
+                assert before.state in ("live", "catching up"), before
+                assert before.pid in workers.alive(), (before, workers.alive())
+                holder = workers.procs[before.pid]
+                holder.send_signal(signal.SIGKILL)
+                assert await holder.wait() == -signal.SIGKILL
+                killed_at = time.monotonic()
+            finally:
+                freezer.execute("COMMIT")
+                freezer.close()
+            # Mid-work: the holder had handled events, and had more to do.
             after_kill = await store.load_checkpoint(GROUP)
-            head = await store.head()
-            assert not feeder.done() and after_kill < head, (after_kill, head)
+            assert after_kill < await store.head()
+            handled_by_holder = outside(effects, "SELECT count(*) FROM effects WHERE pid = ?", (before.pid,))
             # Handled by the dead holder but not committed: these run again under the next holder.
             in_flight = outside(
                 effects,
@@ -190,7 +199,7 @@ async def test_sigkilled_holders_fail_over_and_duplicate_only_what_was_in_flight
             )
             assert handled_by_holder >= 50 and in_flight <= CONFIG.batch_size
 
-        head = await feeder
+        head = await append_work(store, appended, EVENTS - appended)
         assert await store.wait_for(head, group=GROUP, timeout=60)
         codes = await workers.stop_all()
         assert sorted(c or 0 for c in codes) == sorted([-signal.SIGKILL] * KILLS + [0, 0]), codes

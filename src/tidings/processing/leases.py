@@ -44,7 +44,9 @@ import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
+from tidings.errors import TidingsError, is_transient
 from tidings.store.base import EventStore
 from tidings.store.records import Tx
 
@@ -178,31 +180,32 @@ class _SQLTable(_Table):
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self._ready = False
-        self._dialect: str | None = None
+        # Reads go through store.query(), which does not say its dialect: the URL does.
+        self._postgres = urlsplit(store.url).scheme.startswith("postgres")
 
     def _prepare(self, tx: Tx) -> float:
         if not self._ready:
             _ensure_table(tx)
-            self._dialect = tx.dialect
         return _db_now(tx)
+
+    async def _select(self, where: str, params: Sequence[Any]) -> tuple[list[tuple[Any, ...]], float]:
+        """Lease rows and the database's time, read without a write transaction (status displays
+        and standbys poll this; on SQLite every write transaction queues behind the holder's
+        commits)."""
+        now = ", extract(epoch FROM clock_timestamp())::float8" if self._postgres else ""
+        rows = await self.store.query(f"SELECT {_COLUMNS}{now} FROM tidings_leases{where}", params)
+        if self._postgres:
+            return [row[:-1] for row in rows], float(rows[0][-1]) if rows else 0.0
+        return rows, time.time()
 
     async def available(self, name: str, holder: LeaseHolder, preempt: bool) -> bool:
         if not self._ready:
             return True  # the table may not exist yet: let acquire() create it
-        # A read, not a write transaction: standbys poll this, and on SQLite every write
-        # transaction queues behind the holder's commits.
-        if self._dialect == "postgresql":
-            sql = (
-                "SELECT holder, expires_at, state, extract(epoch FROM clock_timestamp())::float8 "
-                "FROM tidings_leases WHERE name = ?"
-            )
-        else:
-            sql = "SELECT holder, expires_at, state FROM tidings_leases WHERE name = ?"
-        rows = await self.store.query(sql, (name,))
+        rows, now = await self._select(" WHERE name = ?", (name,))
         if not rows:
             return True
-        now = float(rows[0][3]) if len(rows[0]) > 3 else time.time()
-        return _takeable(rows[0][0], float(rows[0][1]), rows[0][2], holder, now, preempt)
+        row = rows[0]
+        return _takeable(row[1], float(row[6]), row[7], holder, now, preempt)
 
     async def _run(self, fn: Any) -> Any:
         result = await self.store.transaction(fn)
@@ -257,6 +260,17 @@ class _SQLTable(_Table):
         await self._run(release)
 
     async def read(self) -> list[LeaseRecord]:
+        try:
+            rows, now = await self._select(" ORDER BY name", ())
+        except TidingsError as exc:
+            if is_transient(exc):
+                raise
+            # No lease table yet (no runner ever started here): create it, and read in the same
+            # transaction, which also raises any other error the read above met.
+            return await self._read_creating()
+        return [_record(row, now) for row in rows]
+
+    async def _read_creating(self) -> list[LeaseRecord]:
         def read(tx: Tx) -> list[LeaseRecord]:
             now = self._prepare(tx)
             rows = tx.fetchall(f"SELECT {_COLUMNS} FROM tidings_leases ORDER BY name")

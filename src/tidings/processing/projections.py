@@ -517,12 +517,14 @@ class ProjectionStatus:
     last_error: str | None = None
 
 
+_STATUS_ROWS = (
+    "SELECT name, generation, building, fingerprint, code_fingerprint FROM tidings_projections ORDER BY name"
+)
+
+
 def _projection_rows(tx: Tx) -> list[tuple[Any, ...]]:
     _ensure_fingerprint_columns(tx)
-    return tx.fetchall(
-        "SELECT name, generation, building, fingerprint, code_fingerprint FROM tidings_projections "
-        "ORDER BY name"
-    )
+    return tx.fetchall(_STATUS_ROWS)
 
 
 async def projection_status(
@@ -534,7 +536,13 @@ async def projection_status(
     against the fingerprint of the code whose runner started last.
     """
     code = {p.name: p.fingerprint for p in projections}
-    rows = await store.transaction(_projection_rows)
+    try:
+        rows = await store.query(_STATUS_ROWS)
+    except TidingsError as exc:
+        if is_transient(exc):
+            raise
+        # A database from before fingerprints: add the columns (a write), then read.
+        rows = await store.transaction(_projection_rows)
     groups = {g.group: g for g in await group_status(store)}
     out = []
     for name, generation, building, fingerprint, ran in rows:
