@@ -44,6 +44,7 @@ from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, defaul
 from tidings.integration import IntegrationEvent
 from tidings.processing import (
     EventHandler,
+    GroupStatus,
     HandlerContext,
     Projection,
     ProjectionTx,
@@ -52,6 +53,7 @@ from tidings.processing import (
     SubscriptionConfig,
     SubscriptionStats,
     fold,
+    group_status,
     rebuild_projection,
 )
 from tidings.repository import Repository
@@ -111,6 +113,7 @@ __all__ = [
     "EventStore",
     "EventTypeError",
     "ExpectedVersion",
+    "GroupStatus",
     "HandlerContext",
     "IntegrationEvent",
     "IntegrityError",
@@ -154,6 +157,7 @@ __all__ = [
     "__version__",
     "default_registry",
     "fold",
+    "group_status",
     "open_bus",
     "open_store",
     "rebuild_projection",
