@@ -305,10 +305,12 @@ class Service:
         return self._store
 
     async def open(self) -> EventStore:
-        """Open the store if the service was given a URL (idempotent); return it.
+        """Open the store (and connect the bus) if the service was given URLs (idempotent); return
+        the store.
 
         Raises :class:`TidingsError` if the service was given no store at all: a service never
-        invents a database file of its own.
+        invents a database file of its own; a bus that is misconfigured or unreachable raises its
+        :class:`~tidings.bus.BusError` here, before anything runs.
         """
         if self._store is None:
             if not isinstance(self._store_arg, str):
@@ -320,11 +322,15 @@ class Service:
             self._owns_store = True
         if not self._store.is_open:
             await self._store.open()
+        await self._open_bus()
         return self._store
 
     async def close(self) -> None:
         """Stop the service if it runs and close the store if the service opened it. Idempotent."""
         self.stop()
+        if self._owns_bus and self._bus is not None and not self._running:
+            await self._bus.close()
+            self._bus, self._owns_bus = None, False
         if self._owns_store and self._store is not None and not self._running:
             await self._store.close()
             self._store = None
@@ -431,6 +437,7 @@ class Service:
         stopping, started = self._events()
         tasks: list[asyncio.Task[None]] = []
         close_store = self._store is None or not self._store.is_open
+        close_bus = self._bus is None  # run() connected it: run() disconnects it
         try:
             store = await self.open()
             if self._stop_requested:
@@ -502,7 +509,7 @@ class Service:
             self._stop_requested = False
             stopping.clear()
             started.clear()
-            if self._owns_bus and self._bus is not None:
+            if close_bus and self._owns_bus and self._bus is not None:
                 with contextlib.suppress(Exception):
                     await self._bus.close()
                 self._bus, self._owns_bus = None, False
