@@ -12,12 +12,18 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.harness import FULL, QUICK, Comparison, Workspace, cpu_probe, log
 from benchmarks.quiet import CpuAccount
+from benchmarks.scenarios_bus import SCENARIOS as BUS_SCENARIOS
 from benchmarks.scenarios_postgres import SCENARIOS as POSTGRES_SCENARIOS
 from benchmarks.scenarios_processing import SCENARIOS as PROCESSING_SCENARIOS
 from benchmarks.scenarios_sqlite import SCENARIOS as SQLITE_SCENARIOS
 from benchmarks.scenarios_sqlite import Context, Scenario
 
-SCENARIOS: dict[str, Scenario] = {**SQLITE_SCENARIOS, **PROCESSING_SCENARIOS, **POSTGRES_SCENARIOS}
+SCENARIOS: dict[str, Scenario] = {
+    **SQLITE_SCENARIOS,
+    **PROCESSING_SCENARIOS,
+    **POSTGRES_SCENARIOS,
+    **BUS_SCENARIOS,
+}
 """Every scenario by name, in the order ``make bench`` runs them."""
 
 
@@ -25,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark tidings against the eventsourcing library, side by side, on SQLite "
-        "and PostgreSQL.",
+        "and PostgreSQL, and its bus against FastStream and raw nats-py on NATS JetStream.",
         epilog="scenarios: " + ", ".join(f"{s.name} ({s.title})" for s in SCENARIOS.values()),
     )
     parser.add_argument(
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.perf_counter()
     comparisons: list[Comparison] = []
     context = Context(sizes, workspace)
-    account = CpuAccount.start(context.postgres.postmaster_pid)
+    account = CpuAccount.start(context.server_pids)
     others: float | None = None
     probes: dict[str, tuple[float, float]] = {}
     try:
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         context.postgres.close()
         context.postgres_debian.close()
+        context.nats.close()
         workspace.cleanup()
     seconds = time.perf_counter() - clock
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -37,6 +37,10 @@ class Sizes:
     pg_saves_per_writer: int
     pg_read_all_events: int
     pg_bulk_events: int
+    bus_events: int
+    bus_latency_events: int
+    bus_scale_events: int
+    bus_repeats: int
     repeats: int
 
 
@@ -58,6 +62,10 @@ FULL: Sizes = Sizes(
     pg_saves_per_writer=150,
     pg_read_all_events=100_000,
     pg_bulk_events=10_000,
+    bus_events=3_000,
+    bus_latency_events=400,
+    bus_scale_events=2_000,
+    bus_repeats=3,
     repeats=5,
 )
 
@@ -73,6 +81,10 @@ QUICK: Sizes = dataclasses.replace(
     latency_warmup=50,
     pg_saves_per_writer=40,
     pg_read_all_events=20_000,
+    bus_events=1_000,
+    bus_latency_events=200,
+    bus_scale_events=800,
+    bus_repeats=1,
     repeats=3,
 )
 

@@ -3,8 +3,8 @@
 The load average cannot tell: the benchmark itself keeps both cores of a small machine busy (its
 writer and reader threads, its PostgreSQL server). Instead :class:`CpuAccount` reads the machine's
 busy CPU time from ``/proc/stat`` at the start and at the end of the run and subtracts what this
-process (all its threads, and the children it waited for) and the PostgreSQL server it started (the
-postmaster, its live backends, and the backends it reaped) and the kernel's own threads (which do
+process (all its threads, and the children it waited for) and the servers it started (PostgreSQL's
+postmaster, its live backends and the backends it reaped; nats-server) and the kernel's own threads (which do
 the write-back and journalling of what the benchmark fsyncs) used in between. What remains was
 used by other work -- another test suite, a compiler -- and skews the figures by competing for the
 CPUs.
@@ -83,28 +83,27 @@ class CpuAccount:
 
     machine: float
     own: float
-    server_pid: Callable[[], int | None]
+    server_pids: Callable[[], list[int]]
     kernel: dict[int, float]
     kernel_used: float = 0.0
 
     @classmethod
-    def start(cls, server_pid: Callable[[], int | None]) -> CpuAccount | None:
+    def start(cls, server_pids: Callable[[], list[int]]) -> CpuAccount | None:
         machine = _machine_busy()
         if machine is None:
             return None
         own = _process_cpu(os.getpid(), reaped_children=True)
-        return cls(machine, own, server_pid, _kernel_threads())
+        return cls(machine, own, server_pids, _kernel_threads())
 
     def others(self) -> float:
         """CPU seconds used since :meth:`start` by processes that are not this benchmark's.
 
-        Call while the benchmark's PostgreSQL server (if any) still runs: a stopped server's CPU
-        time can no longer be read and would count as someone else's.
+        Call while the benchmark's servers (PostgreSQL, nats-server) still run: a stopped server's
+        CPU time can no longer be read and would count as someone else's.
         """
         machine = _machine_busy() or self.machine
         own = _process_cpu(os.getpid(), reaped_children=True)
-        pid = self.server_pid()
-        server = server_cpu(pid) if pid is not None else 0.0
+        server = sum(server_cpu(pid) for pid in self.server_pids())
         kernel = _kernel_threads()
         self.kernel_used = sum(max(0.0, cpu - self.kernel.get(k, 0.0)) for k, cpu in kernel.items())
         return max(0.0, (machine - self.machine) - (own - self.own) - server - self.kernel_used)

@@ -38,6 +38,7 @@ from benchmarks.harness import (
     sqlite_url,
     stopwatch,
 )
+from benchmarks.nats_server import NatsProvider
 from benchmarks.pg_server import PostgresProvider
 from tidings import NO_STREAM, Event, EventStore, Repository, open_store
 
@@ -51,8 +52,14 @@ class Context:
     workspace: Workspace
     postgres: PostgresProvider = dataclasses.field(default_factory=PostgresProvider)
     postgres_debian: PostgresProvider = dataclasses.field(default_factory=lambda: PostgresProvider("debian"))
+    nats: NatsProvider = dataclasses.field(default_factory=NatsProvider)
     results: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     """tidings' samples per scenario of this run, for rows that compare one server with another."""
+
+    def server_pids(self) -> list[int]:
+        """The servers this run started and still runs (their CPU time is the benchmark's)."""
+        pids = [self.postgres.postmaster_pid(), self.postgres_debian.postmaster_pid(), self.nats.pid()]
+        return [pid for pid in pids if pid is not None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

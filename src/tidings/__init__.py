@@ -12,9 +12,11 @@ The names below are the public API; everything else is implementation. Quick tou
 """
 
 from tidings.aggregate import Aggregate
+from tidings.bus import Bus, open_bus
 from tidings.commands import Command
 from tidings.errors import (
     AggregateNotFound,
+    AlreadyProcessed,
     CheckpointConflict,
     ConcurrencyError,
     CorruptEvent,
@@ -39,8 +41,10 @@ from tidings.errors import (
     UpcastError,
 )
 from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry, upcaster
+from tidings.integration import IntegrationEvent
 from tidings.processing import (
     EventHandler,
+    GroupStatus,
     HandlerContext,
     Projection,
     ProjectionTx,
@@ -49,6 +53,7 @@ from tidings.processing import (
     SubscriptionConfig,
     SubscriptionStats,
     fold,
+    group_status,
     rebuild_projection,
 )
 from tidings.repository import Repository
@@ -88,8 +93,10 @@ __all__ = [
     "STREAM_EXISTS",
     "Aggregate",
     "AggregateNotFound",
+    "AlreadyProcessed",
     "AppendRequest",
     "AppendResult",
+    "Bus",
     "CheckpointConflict",
     "Command",
     "ConcurrencyError",
@@ -106,7 +113,9 @@ __all__ = [
     "EventStore",
     "EventTypeError",
     "ExpectedVersion",
+    "GroupStatus",
     "HandlerContext",
+    "IntegrationEvent",
     "IntegrityError",
     "InvalidArgument",
     "InvalidStreamId",
@@ -148,6 +157,8 @@ __all__ = [
     "__version__",
     "default_registry",
     "fold",
+    "group_status",
+    "open_bus",
     "open_store",
     "rebuild_projection",
     "register_store",

@@ -22,6 +22,7 @@ Every error also says whether trying again can help, which is what the subscript
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -237,6 +238,20 @@ class UnsupportedOperation(TidingsError):
     has no SQL database). The message names the backend, the capability and what needs it."""
 
     permanent = True
+
+
+class AlreadyProcessed(TidingsError):
+    """A subscription step would record, in its group's inbox, an event that is already there:
+    another delivery of it committed first. Nothing was committed. For a consumer this means the
+    event is done (acknowledge it), not that it failed."""
+
+    permanent = True
+
+    def __init__(self, group: str, event_ids: Sequence[object]) -> None:
+        shown = ", ".join(str(e) for e in event_ids[:3]) + (" ..." if len(event_ids) > 3 else "")
+        super().__init__(f"subscription group {group!r} has already processed {shown}; nothing was committed")
+        self.group = group
+        self.event_ids = list(event_ids)
 
 
 class ProjectionError(TidingsError):

@@ -305,10 +305,12 @@ class Service:
         return self._store
 
     async def open(self) -> EventStore:
-        """Open the store if the service was given a URL (idempotent); return it.
+        """Open the store (and connect the bus) if the service was given URLs (idempotent); return
+        the store.
 
         Raises :class:`TidingsError` if the service was given no store at all: a service never
-        invents a database file of its own.
+        invents a database file of its own; a bus that is misconfigured or unreachable raises its
+        :class:`~tidings.bus.BusError` here, before anything runs.
         """
         if self._store is None:
             if not isinstance(self._store_arg, str):
@@ -320,11 +322,15 @@ class Service:
             self._owns_store = True
         if not self._store.is_open:
             await self._store.open()
+        await self._open_bus()
         return self._store
 
     async def close(self) -> None:
         """Stop the service if it runs and close the store if the service opened it. Idempotent."""
         self.stop()
+        if self._owns_bus and self._bus is not None and not self._running:
+            await self._bus.close()
+            self._bus, self._owns_bus = None, False
         if self._owns_store and self._store is not None and not self._running:
             await self._store.close()
             self._store = None
@@ -393,6 +399,12 @@ class Service:
         store = require(self.store, TrackingStore, f"service {self.name!r}")
         if group == f"{self.name}.relay" and self._relay is not None:
             return self._relay
+        if group.endswith("@bus"):
+            raise UnsupportedOperation(
+                f"dead letters of {group!r} came from the bus: the message is not in this service's "
+                "log, so it cannot be handled again from here (see it with 'tidings dlq show'; the "
+                "publisher can publish it again, which the inbox admits since it was never committed)"
+            )
         if group in self._handlers:
             dispatch, prefix, config = self._handlers[group]
             local = self._local_dispatch(group, self._bus)
@@ -425,6 +437,7 @@ class Service:
         stopping, started = self._events()
         tasks: list[asyncio.Task[None]] = []
         close_store = self._store is None or not self._store.is_open
+        close_bus = self._bus is None  # run() connected it: run() disconnects it
         try:
             store = await self.open()
             if self._stop_requested:
@@ -441,6 +454,10 @@ class Service:
             bus = await self._open_bus()
             local_groups = [group for group in self._handlers if self._local_dispatch(group, bus) is not None]
             self._subscriptions = [self.subscription(group) for group in local_groups]
+            if bus is not None:
+                # Start-up creates or checks this service's stream, as 'tidings bus setup' does: a
+                # misconfiguration (a partition count that differs from the live stream's) fails here.
+                await bus.setup(publishing=[self.name])
             if bus is not None and (self._published or self._translators or command_types(store)):
                 self._relay = OutboxRelay(
                     tracking,
@@ -492,7 +509,7 @@ class Service:
             self._stop_requested = False
             stopping.clear()
             started.clear()
-            if self._owns_bus and self._bus is not None:
+            if close_bus and self._owns_bus and self._bus is not None:
                 with contextlib.suppress(Exception):
                     await self._bus.close()
                 self._bus, self._owns_bus = None, False
@@ -609,8 +626,8 @@ class Service:
             await task
 
     def statistics(self) -> list[SubscriptionStats]:
-        """One :class:`SubscriptionStats` per running subscription."""
-        return [s.statistics() for s in self._subscriptions]
+        """One :class:`SubscriptionStats` per running subscription, and per bus-fed handler group."""
+        return [s.statistics() for s in self._subscriptions] + [g.statistics() for g in self._inbound]
 
     # -- the in-process bus -------------------------------------------------------------------------
 

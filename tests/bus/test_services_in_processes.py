@@ -93,3 +93,20 @@ async def test_relay_sigkilled_while_publishing_loses_nothing_and_duplicates_not
     done = reservations(inventory_db)
     assert len(done) == ORDERS, "an order was lost or reserved twice"
     assert set(done) == {f"order-{j}" for j in range(ORDERS)}
+
+
+def test_bus_setup_command_creates_then_finds_the_streams(nats_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from tidings.cli.main import app
+
+    runner = CliRunner()
+    first = runner.invoke(app, ["bus", "setup", "orders", "billing", "--bus", nats_url])
+    assert first.exit_code == 0, first.output
+    assert first.output.count("created stream") == 2
+    again = runner.invoke(app, ["bus", "setup", "orders", "--bus", nats_url])
+    assert again.exit_code == 0 and "unchanged stream" in again.output, again.output
+    memory = runner.invoke(app, ["bus", "setup", "orders", "--bus", "memory://"])
+    assert memory.exit_code == 0 and "nothing to set up" in memory.output
+    missing = runner.invoke(app, ["bus", "setup", "orders"], env={"TIDINGS_BUS": ""})
+    assert missing.exit_code == 2

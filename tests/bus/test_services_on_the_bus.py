@@ -103,6 +103,8 @@ async def test_translate_publish_consume_reply(tmp_path: Path, bus: Bus) -> None
             emitted = by_order[domain.stream_id]
             assert emitted.metadata["causation_id"] == str(translated_id(domain.event_id))
             assert emitted.correlation_id == str(domain.event_id)
+        stats = {s.group: s for s in inventory.statistics()}
+        assert stats["inventory.reserve@bus"].handled == 20 and stats["inventory.reserve@bus"].state == "live"
         # The internal field never left the service: inventory's store has no OrderPlaced at all.
         assert [e async for e in inventory.store.read_all(event_types=[OrderPlaced])] == []
     assert seen == {f"order-{i}": 1 for i in range(20)}

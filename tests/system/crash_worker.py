@@ -51,7 +51,10 @@ class Totals(Projection):
 async def main(url: str, effects: str, redeliver: bool) -> None:
     store = await open_store(url).open()
     inbox = SQLiteInbox(f"sqlite:///{effects}")
-    service = Service("crash", store, config=SubscriptionConfig(batch_size=37, poll_interval=0.05))
+    # A short lease: the next round's process takes over from a killed one without waiting long,
+    # so that the kills keep hitting work in progress rather than a standby.
+    config = SubscriptionConfig(batch_size=37, poll_interval=0.05, lease_ttl=0.5)
+    service = Service("crash", store, config=config)
     service.add_projection(Totals())
 
     @service.handles(Deposited)

@@ -24,6 +24,7 @@ from tidings.bus.base import (
     DeliveryPolicy,
     MessageHandler,
     PublishResult,
+    SetupAction,
     partition_of,
 )
 from tidings.bus.cloudevents import decode, encode
@@ -57,6 +58,7 @@ __all__ = [
     "MessageHandler",
     "NotACloudEvent",
     "PublishResult",
+    "SetupAction",
     "UndecodableMessage",
     "UnknownMessageType",
     "decode",

@@ -55,6 +55,7 @@ __all__ = [
     "DeliveryPolicy",
     "MessageHandler",
     "PublishResult",
+    "SetupAction",
     "partition_of",
 ]
 
@@ -160,9 +161,26 @@ class ConsumerGroup:
     def label(self) -> str:
         return f"{self.service}/{self.name}"
 
+    def __hash__(self) -> int:
+        return hash((self.service, self.name))
+
     def accepts(self, source: str, event_type: str) -> bool:
         types = self.sources.get(source)
         return types is not None and (not types or event_type in types)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetupAction:
+    """One thing :meth:`Bus.setup` created or checked on the broker.
+
+    ``kind`` is ``"stream"`` or ``"consumer"``; ``action`` is ``"created"``, ``"updated"`` or
+    ``"unchanged"``; ``detail`` says what it is (partitions, replicas, filters).
+    """
+
+    kind: str
+    name: str
+    action: str
+    detail: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -269,7 +287,11 @@ async def handle_delivery(
                 await wait_or_stop(stopping, transient_wait)
                 transient_wait = min(transient_wait * 2, policy.transient_backoff)
                 if keepalive is not None:
-                    await keepalive()
+                    try:
+                        await keepalive()
+                    except Exception as beat_error:
+                        # Without it the broker redelivers after ack_wait; the inbox absorbs that.
+                        log.debug("%s: keepalive failed: %r", group.label, beat_error)
                 continue
             if is_transient(exc):
                 return Outcome.RETRY, 0.0
@@ -429,15 +451,20 @@ class Bus(ABC):
         ``registry`` (default: :data:`~tidings.events.default_registry`).
         """
 
-    async def setup(self, service: str) -> str:
-        """Create or check the durable state publishing ``service`` needs on the broker (what
-        ``tidings bus setup`` runs); return a line saying what there is. Nothing, by default."""
-        check_name("service", service)
-        return "nothing to set up (the in-process bus keeps no durable state)"
-
     @abstractmethod
     async def statistics(self) -> BusStatistics:
         """The bus's counters and its consumers' statistics, as data."""
+
+    @abstractmethod
+    async def setup(
+        self, publishing: Iterable[str] = (), groups: Iterable[ConsumerGroup] = ()
+    ) -> list[SetupAction]:
+        """Create or check what the ``publishing`` services and consumer ``groups`` need on the broker
+        (streams, durable consumers), and say what was done. Idempotent; what ``tidings bus setup``
+        and a service's start-up run. Raises :class:`~tidings.bus.errors.BusConfigError` if what the
+        broker holds contradicts the configuration in a way that cannot be changed in place (the
+        partition count of a stream), :class:`~tidings.bus.errors.BusUnavailable` if it is unreachable.
+        """
 
     async def __aenter__(self) -> Self:
         return await self.open()

@@ -18,10 +18,12 @@ from datetime import UTC, datetime
 
 from tidings.bus.base import Bus, Consumer, ConsumerGroup, DeliveryPolicy
 from tidings.bus.message import DeadLetter, IncomingMessage
+from tidings.errors import AlreadyProcessed
 from tidings.events import RecordedEvent
-from tidings.processing.context import HandlerContext
+from tidings.processing.context import HandlerContext, statements_work
 from tidings.processing.handlers import Dispatch, call_handler
-from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore, Tx
+from tidings.processing.subscription import SubscriptionStats
+from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore
 
 __all__ = ["BusHandlerGroup", "bus_group_name", "inbox_group"]
 
@@ -66,6 +68,7 @@ class BusHandlerGroup:
         self.handled = 0
         self.skipped_duplicates = 0
         self.dead_lettered = 0
+        self.last_error: str | None = None
 
     async def start(self) -> None:
         self.consumer = await self.bus.consume(
@@ -76,6 +79,24 @@ class BusHandlerGroup:
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None
+
+    def statistics(self) -> SubscriptionStats:
+        """The group as the CLI and console show subscriptions (``<group>@bus``; no log position:
+        ``retries`` counts redeliveries, ``in_flight`` nothing)."""
+        consumer = self.consumer.statistics() if self.consumer is not None else None
+        return SubscriptionStats(
+            self.key,
+            "live" if consumer is not None else "stopped",
+            0,
+            0,
+            0,
+            0,
+            self.handled,
+            self.skipped_duplicates,
+            consumer.redelivered if consumer is not None else 0,
+            self.dead_lettered,
+            self.last_error,
+        )
 
     def recorded(self, message: IncomingMessage) -> RecordedEvent:
         """The message in the envelope handlers know (position 0: it is not in this store's log)."""
@@ -100,23 +121,23 @@ class BusHandlerGroup:
             return  # handled before: a redelivery after the ack was lost
         ctx = HandlerContext(self.store, self.recorded(message), self.group, message.attempt, sql=self.sql)
         await call_handler(fn, message.event, ctx)
-        await self._commit([ctx], message.event_id)
+        try:
+            await self._commit([ctx], message.event_id)
+        except AlreadyProcessed:
+            # Another delivery of it (a member that stalled past its ack wait) committed first:
+            # its effects stand, these are dropped, and the message is done.
+            self.skipped_duplicates += 1
+            return
         self.handled += 1
 
     async def _commit(self, contexts: Sequence[HandlerContext], event_id: uuid.UUID) -> None:
-        statements = [s for ctx in contexts for s in ctx.statements]
-
-        def work(tx: Tx) -> None:
-            for sql, params in statements:
-                tx.execute(sql, params)
-
         checkpoint = await self.store.load_checkpoint(self.key)
         await self.store.commit_processed(
             ProcessedBatch(
                 group=self.key,
                 expected_checkpoint=checkpoint,
                 checkpoint=checkpoint,
-                work=work if statements else None,
+                work=statements_work(contexts),
                 appends=tuple(a for ctx in contexts for a in ctx.appends),
                 processed=((event_id, 0),),
             )
@@ -126,6 +147,7 @@ class BusHandlerGroup:
         message = letter.message
         event_id = message.event_id if message is not None else uuid.uuid5(_NAMESPACE, letter.payload.hex())
         error = letter.error
+        self.last_error = letter.reason
         record = DeadLetterRecord(
             0,
             event_id,

@@ -27,6 +27,7 @@ from tidings.bus.base import (
     MessageHandler,
     Outcome,
     PublishResult,
+    SetupAction,
     check_event_type,
     check_name,
     handle_delivery,
@@ -46,7 +47,6 @@ DEFAULT_PARTITIONS = 8
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Entry:
     event_type: str
-    subject: str
     payload: bytes
 
 
@@ -165,8 +165,8 @@ class _GroupState:
             self.attempts[key] = attempt
             outcome, delay = await handle_delivery(
                 group=self.group,
-                origin=f"bus:{source}/{entry.subject}",
-                subject=entry.subject,
+                origin=f"bus:{source}",
+                subject=f"{source}.{p}.{entry.event_type}",
                 payload=entry.payload,
                 attempt=attempt,
                 registry=self.registry,
@@ -257,7 +257,7 @@ class MemoryBus(Bus):
                 self._duplicates += 1
                 return False
             seen.add(msg_id)
-        self.partition(service, partition_of(key, self.partitions)).append(_Entry(event_type, key, payload))
+        self.partition(service, partition_of(key, self.partitions)).append(_Entry(event_type, payload))
         self._published += 1
         return True
 
@@ -281,6 +281,14 @@ class MemoryBus(Bus):
         self._members.append(member)
         state.join(member)
         return member
+
+    async def setup(
+        self, publishing: Iterable[str] = (), groups: Iterable[ConsumerGroup] = ()
+    ) -> list[SetupAction]:
+        """Check the names; the in-process bus keeps its state in memory, so nothing is created."""
+        for service in publishing:
+            check_name("service", service)
+        return []
 
     async def statistics(self) -> BusStatistics:
         consumers = tuple(m.statistics() for m in self._members if not m.stopped)

@@ -54,7 +54,8 @@ class DeadLetter:
 
     ``reason`` says why (the decoding error, or the handler's last exception); ``message`` is the
     decoded message, or ``None`` when it could not be decoded; ``payload`` the raw bytes either way.
-    ``origin`` names where it came from (``"bus:<publishing service>/<subject>"``).
+    ``origin`` names where it came from (``"bus:<publishing service>"``), ``subject`` the transport's
+    address of the message (for NATS its subject ``<prefix>.<service>.<partition>.<event type>``).
     """
 
     group: str

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tidings.bus import open_bus
+from tidings.bus import SetupAction, open_bus
 from tidings.cli.helpformat import HelpGroup
 from tidings.cli.runtime import run
 
@@ -54,9 +54,15 @@ def setup_command(
         raise typer.BadParameter(f"give --bus URL or set {BUS_ENV}", param_hint="--bus")
     console = Console()
 
-    async def setup() -> list[tuple[str, str]]:
+    async def setup() -> list[SetupAction]:
         async with open_bus(url) as opened:
-            return [(service, await opened.setup(service)) for service in services]
+            return await opened.setup(publishing=services)
 
-    for service, what in run(setup()):
-        console.print(f"[green]ok[/] {escape(service)}: {escape(what)}")
+    actions = run(setup())
+    if not actions:
+        console.print("nothing to set up: this bus keeps no durable state")
+    for action in actions:
+        detail = f" ({escape(action.detail)})" if action.detail else ""
+        console.print(
+            f"[green]{escape(action.action)}[/] {escape(action.kind)} {escape(action.name)}{detail}"
+        )

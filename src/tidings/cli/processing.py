@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -30,6 +31,7 @@ from tidings.cli.runtime import (
 )
 from tidings.cli.services import AppArgument, AppOption, cli_service
 from tidings.processing.projections import projection_status, rebuild_projection
+from tidings.processing.status import GroupStatus, group_status
 from tidings.store.base import mask_password
 
 __all__ = ["groups", "projections_app", "run_service"]
@@ -89,28 +91,68 @@ def run_service(app: AppArgument, store: ServiceStoreOption = None, bus: BusOpti
 # -- groups -----------------------------------------------------------------------------------------
 
 
+def _when(instant: datetime | None) -> str:
+    return "-" if instant is None else instant.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) -> None:
-    """List the subscription groups with their checkpoint and lag."""
+    """List the subscription groups: checkpoint, lag, state, and the process running each."""
 
-    async def fetch() -> tuple[dict[str, int], int]:
+    async def fetch() -> list[GroupStatus]:
         async with open_tracking(store, "tidings groups") as opened:
-            return await opened.checkpoints(), await opened.head()
+            return await group_status(opened)
 
-    checkpoints, head = run(fetch())
+    found = run(fetch())
     if json_output:
         lines = JsonLines()
-        for name, position in sorted(checkpoints.items()):
-            lines.add({"group": name, "checkpoint": position, "head": head, "lag": head - position})
+        for g in found:
+            lines.add(
+                {
+                    "group": g.group,
+                    "checkpoint": g.checkpoint,
+                    "head": g.head,
+                    "lag": g.lag,
+                    "state": g.state,
+                    "holder": g.holder,
+                    "host": g.host,
+                    "pid": g.pid,
+                    "heartbeat_at": None if g.heartbeat_at is None else g.heartbeat_at.isoformat(),
+                    "last_error": g.last_error,
+                    "dead_letters": g.dead_letters,
+                }
+            )
         return
+    head = found[0].head if found else 0
+    console = Console()
     records = Records(
-        Console(),
+        console,
         f"Subscription groups (head {head})",
-        [Column("Group", "id", "magenta"), Column("Checkpoint", "number", "cyan"), Column("Lag", "number")],
+        [
+            Column("Group", "id", "magenta"),
+            Column("Checkpoint", "number", "cyan"),
+            Column("Lag", "number"),
+            Column("State", "id"),
+            Column("Holder", "id"),
+            Column("Heartbeat (UTC)", "id"),
+            Column("Dead", "number"),
+        ],
         empty="none",
     )
-    for name, position in sorted(checkpoints.items()):
-        records.add(name, str(position), str(head - position))
+    for g in found:
+        records.add(
+            g.group,
+            str(g.checkpoint),
+            str(g.lag),
+            g.state,
+            g.holder or "-",
+            _when(g.heartbeat_at),
+            str(g.dead_letters),
+        )
     records.finish()
+    # A failing runner's error under the table: too long for a cell, and it says what to do.
+    for g in found:
+        if g.state == "failed" and g.last_error:
+            console.print(f"[red]{escape(g.group)}[/]: {escape(g.last_error)}", highlight=False)
 
 
 # -- projections ------------------------------------------------------------------------------------
@@ -136,11 +178,19 @@ def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOpti
                     "checkpoint": s.checkpoint,
                     "head": s.head,
                     "lag": s.lag,
+                    "state": s.state,
+                    "needs_rebuild": s.needs_rebuild,
+                    "fingerprint": s.fingerprint,
+                    "dead_letters": s.dead_letters,
+                    "holder": s.holder,
+                    "heartbeat_at": None if s.heartbeat_at is None else s.heartbeat_at.isoformat(),
+                    "last_error": s.last_error,
                 }
             )
         return
+    console = Console()
     records = Records(
-        Console(),
+        console,
         "Projections",
         [
             Column("Projection", "id", "magenta"),
@@ -148,13 +198,32 @@ def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOpti
             Column("Checkpoint", "number", "cyan"),
             Column("Lag", "number"),
             Column("State", "id"),
+            Column("Holder", "id"),
+            Column("Heartbeat (UTC)", "id"),
+            Column("Dead", "number"),
         ],
         empty="none",
     )
     for s in found:
-        state = f"rebuilding g{s.building}" if s.building else ("live" if s.lag == 0 else "catching up")
-        records.add(s.name, str(s.generation), str(s.checkpoint), str(s.lag), state)
+        records.add(
+            s.name,
+            str(s.generation),
+            str(s.checkpoint),
+            str(s.lag),
+            s.state,
+            s.holder or "-",
+            _when(s.heartbeat_at),
+            str(s.dead_letters),
+        )
     records.finish()
+    for s in found:
+        if s.needs_rebuild:
+            console.print(
+                f"[red]{escape(s.name)}[/]: its code changed since generation {s.generation} was built "
+                f"({s.dead_letters} dead letters); run 'tidings projections rebuild {escape(s.name)} "
+                "--app MODULE:SERVICE'",
+                highlight=False,
+            )
 
 
 @projections_app.command("rebuild")

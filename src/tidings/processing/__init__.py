@@ -4,8 +4,10 @@ from tidings.processing.context import HandlerContext
 from tidings.processing.handlers import EventHandler
 from tidings.processing.handling import HandlerSubscription
 from tidings.processing.inbox import SQLiteInbox
+from tidings.processing.leases import Lease, LeaseHolder, LeaseRecord, read_leases
 from tidings.processing.projections import (
     Projection,
+    ProjectionStale,
     ProjectionStatus,
     ProjectionSubscription,
     ProjectionTx,
@@ -14,7 +16,9 @@ from tidings.processing.projections import (
     rebuild_projection,
 )
 from tidings.processing.retry import RetryPolicy
+from tidings.processing.status import GroupState, GroupStatus, group_status
 from tidings.processing.subscription import (
+    RunnerBlocked,
     Subscription,
     SubscriptionConfig,
     SubscriptionStats,
@@ -22,18 +26,27 @@ from tidings.processing.subscription import (
 
 __all__ = [
     "EventHandler",
+    "GroupState",
+    "GroupStatus",
     "HandlerContext",
     "HandlerSubscription",
+    "Lease",
+    "LeaseHolder",
+    "LeaseRecord",
     "Projection",
+    "ProjectionStale",
     "ProjectionStatus",
     "ProjectionSubscription",
     "ProjectionTx",
     "RetryPolicy",
+    "RunnerBlocked",
     "SQLiteInbox",
     "Subscription",
     "SubscriptionConfig",
     "SubscriptionStats",
     "fold",
+    "group_status",
     "projection_status",
+    "read_leases",
     "rebuild_projection",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tidings.aggregate import Aggregate
@@ -29,9 +29,9 @@ from tidings.errors import AggregateNotFound, InvalidArgument, UnsupportedOperat
 from tidings.events import Event, RecordedEvent
 from tidings.repository import Repository
 from tidings.store.append import ANY, AppendRequest, ExpectedVersion, validate_stream_id
-from tidings.store.tracking import SQLStore, TrackingStore, require
+from tidings.store.tracking import SQLStore, TrackingStore, Tx, require
 
-__all__ = ["BatchState", "HandlerContext"]
+__all__ = ["BatchState", "HandlerContext", "statements_work"]
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -283,6 +283,20 @@ class HandlerContext:
         """Read the store's database (read models) as committed: this batch's pending SQL is not
         visible here. Raises :class:`~tidings.UnsupportedOperation` on a store without SQL."""
         return await require(self._store, SQLStore, "ctx.query()").query(sql, params)
+
+
+def statements_work(contexts: Sequence[HandlerContext]) -> Callable[[Tx], None] | None:
+    """The SQL the handlers of ``contexts`` recorded with ``ctx.execute``, as one function to run
+    in the commit's transaction (None if there is none)."""
+    statements = [s for ctx in contexts for s in ctx.statements]
+    if not statements:
+        return None
+
+    def work(tx: Tx) -> None:
+        for sql, params in statements:
+            tx.execute(sql, params)
+
+    return work
 
 
 def _derived_id(recorded: RecordedEvent, group: str, call: int, index: int) -> uuid.UUID:

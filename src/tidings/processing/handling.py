@@ -18,7 +18,7 @@ from tidings.processing.context import BatchState, HandlerContext
 from tidings.processing.handlers import Dispatch, call_handler
 from tidings.processing.retry import handler_failure, retry_event
 from tidings.processing.subscription import Subscription, SubscriptionConfig
-from tidings.store.tracking import TrackingStore
+from tidings.store.tracking import SQLStore, TrackingStore
 
 __all__ = ["HandlerSubscription", "split_on_conflict"]
 
@@ -52,7 +52,12 @@ class HandlerSubscription(Subscription):
     """Runs async handlers one event at a time; their effects commit with the checkpoint per batch.
 
     Events already handled ahead of the checkpoint (recorded in the group's inbox) are skipped.
+    The inbox only gets rows for events committed ahead of the checkpoint, and rows the
+    checkpoint has passed are pruned every :attr:`PRUNE_EVERY` steps and whenever the runner
+    goes idle, so it stays small.
     """
+
+    PRUNE_EVERY = 50
 
     def __init__(
         self,
@@ -69,6 +74,8 @@ class HandlerSubscription(Subscription):
         )
         self.dispatch = dispatch
         self.sql = sql
+        self._steps_since_prune = 0
+        self._pruned_to = 0
 
     def _context(self, recorded: RecordedEvent, attempt: int, batch: BatchState | None) -> HandlerContext:
         return HandlerContext(self.store, recorded, self.group, attempt, batch, sql=self.sql)
@@ -104,7 +111,6 @@ class HandlerSubscription(Subscription):
                     return  # stopping: the event is delivered again after the restart
                 continue
             self.in_flight = 0
-            self.handled += 1
             batch.absorb(ctx)
             done.append(ctx)
         await self._commit_done(done, scanned_to)
@@ -116,6 +122,9 @@ class HandlerSubscription(Subscription):
         """
         try:
             await self.commit_patiently(checkpoint, contexts=done)
+            # Counted once committed: a batch refused for a conflict runs again, and would
+            # otherwise be counted twice.
+            self.handled += len(done)
             return True
         except CheckpointConflict:
             raise
@@ -142,7 +151,7 @@ class HandlerSubscription(Subscription):
         # The standing effects commit now; those past the first event to redo get inbox rows,
         # so that they are skipped when their events come round again.
         await self.commit_patiently(max(first - 1, self.checkpoint), contexts=valid)
-        self.handled -= len(invalid)
+        self.handled += len(valid)
         for ctx in invalid:
             if await self.handle_with_retries(ctx.recorded, first_error=refusal) is None:
                 return False
@@ -185,6 +194,27 @@ class HandlerSubscription(Subscription):
             )
 
         return await retry_event(self, self.config.retry, first_error, attempt, park)
+
+    async def housekeeping(self, *, idle: bool) -> None:
+        """Prune the inbox rows that the stored checkpoint already proves handled."""
+        self._steps_since_prune += 1
+        store = self.store
+        if not isinstance(store, SQLStore) or self.checkpoint <= self._pruned_to:
+            return
+        if not idle and self._steps_since_prune < self.PRUNE_EVERY:
+            return
+        group = self.group
+        # Against the *stored* checkpoint, in the same transaction: a checkpoint moved back by
+        # hand meanwhile (a replay) keeps the rows that still matter.
+        await store.transaction(
+            lambda tx: tx.execute(
+                "DELETE FROM tidings_inbox WHERE group_name = ? AND position <= "
+                "(SELECT position FROM tidings_checkpoints WHERE group_name = ?)",
+                (group, group),
+            )
+        )
+        self._steps_since_prune = 0
+        self._pruned_to = self.checkpoint
 
     async def reprocess(self, recorded: RecordedEvent, dead_letter_id: int) -> bool:
         fn = self.dispatch.find(recorded.event)

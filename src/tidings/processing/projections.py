@@ -21,21 +21,32 @@ committed in the same transaction as its rows, so no row is ever applied twice.
 A rebuild builds generation N+1 from the start of the log while generation N keeps serving,
 then swaps the views in one transaction and drops N; a runner of N that is still live notices
 the swap at its next commit and carries on with N+1 from the rebuild's checkpoint.
+
+Each generation records the :attr:`Projection.fingerprint` of the code that built it: its tables'
+DDL, the event types it handles and its optional ``version``. A runner whose projection's
+fingerprint differs from the active generation's applies nothing to those tables (they no longer
+fit the code, and every event would be dead-lettered): it reports ``state="failed"`` with an error
+naming ``tidings projections rebuild NAME``, and resumes once a rebuild has built a generation
+with the new fingerprint. Bump ``version`` when a handler's logic changes without its tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
 from tidings.errors import InvalidArgument, ProjectionError, TidingsError, is_transient
 from tidings.events import Event, RecordedEvent
 from tidings.processing.handlers import Dispatch, handler_methods
 from tidings.processing.retry import retry_event
-from tidings.processing.subscription import Subscription, SubscriptionConfig
+from tidings.processing.status import group_status
+from tidings.processing.subscription import RunnerBlocked, Subscription, SubscriptionConfig
 from tidings.store.base import EventStore
 from tidings.store.sqltext import split_statements
 from tidings.store.tracking import (
@@ -50,6 +61,7 @@ from tidings.store.tracking import (
 
 __all__ = [
     "Projection",
+    "ProjectionStale",
     "ProjectionStatus",
     "ProjectionSubscription",
     "ProjectionTx",
@@ -64,6 +76,11 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
 
 class ProjectionSuperseded(TidingsError):
     """The generation a runner writes to is no longer active or being built (a rebuild swapped)."""
+
+
+class ProjectionStale(ProjectionError, RunnerBlocked):
+    """The projection's code (tables, handled event types, version) differs from its active
+    generation's: it must be rebuilt before it is applied again."""
 
 
 class ProjectionTx:
@@ -129,6 +146,9 @@ class Projection:
     name: ClassVar[str]
     tables: ClassVar[Mapping[str, str]] = {}
     stream_prefix: ClassVar[str | None] = None
+    version: ClassVar[int | str | None] = None
+    """Bump it when handlers change what they write without a change to ``tables``: the
+    projection's fingerprint changes, and the runner asks for a rebuild."""
 
     def __init__(self) -> None:
         name = getattr(type(self), "name", None)
@@ -159,6 +179,18 @@ class Projection:
             tx._recorded = recorded
             fn(recorded.event, tx)
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of what the stored tables depend on: each table's DDL (whitespace
+        normalised), the handled event types, and ``version``."""
+        definition = {
+            "tables": {name: _normalised(ddl) for name, ddl in sorted(self.tables.items())},
+            "handles": sorted(self.dispatch.type_names),
+            "version": self.version,
+        }
+        text = json.dumps(definition, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def physical(self, generation: int) -> dict[str, str]:
         return {table: f"{table}__g{generation}" for table in self.tables}
 
@@ -170,7 +202,41 @@ class Projection:
         return f"{self.group_prefix}:g{generation}"
 
 
+def _normalised(ddl: str) -> str:
+    """``ddl`` with layout removed: runs of whitespace made one space, none around punctuation."""
+    return _PUNCTUATION_SPACE.sub(r"\1", " ".join(ddl.split()))
+
+
+_PUNCTUATION_SPACE = re.compile(r"\s*([(),;])\s*")
+
+
 # -- generations (run inside store transactions) ---------------------------------------------------
+
+
+_FINGERPRINT_COLUMNS = ("fingerprint", "code_fingerprint")
+
+
+def _ensure_fingerprint_columns(tx: Tx) -> None:
+    """Add the fingerprint columns to ``tidings_projections`` if this database predates them.
+
+    ``fingerprint`` is the active generation's; ``code_fingerprint`` that of the code whose
+    runner started last (so that status can tell, without the code, that a rebuild is needed).
+    """
+    if tx.dialect == "postgresql":
+        rows = tx.fetchall(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'tidings_projections'"
+        )
+        have = {str(r[0]) for r in rows}
+        for column in _FINGERPRINT_COLUMNS:
+            if column not in have:
+                # IF NOT EXISTS: another process may have added it since the check.
+                tx.execute(f"ALTER TABLE tidings_projections ADD COLUMN IF NOT EXISTS {column} TEXT")
+    else:
+        have = {str(r[1]) for r in tx.fetchall("PRAGMA table_info(tidings_projections)")}
+        for column in _FINGERPRINT_COLUMNS:
+            if column not in have:
+                tx.execute(f"ALTER TABLE tidings_projections ADD COLUMN {column} TEXT")
 
 
 def _generation_row(tx: Tx, name: str) -> tuple[int, int | None] | None:
@@ -194,13 +260,34 @@ def _point_views(tx: Tx, projection: Projection, generation: int) -> None:
 
 
 def _ensure(tx: Tx, projection: Projection) -> int:
+    _ensure_fingerprint_columns(tx)
     row = _generation_row(tx, projection.name)
     if row is not None:
+        # A generation built before fingerprints existed is taken to match the code now running.
+        tx.execute(
+            "UPDATE tidings_projections SET fingerprint = ? WHERE name = ? AND fingerprint IS NULL",
+            (projection.fingerprint, projection.name),
+        )
         return row[0]
     _create_tables(tx, projection, 1)
     _point_views(tx, projection, 1)
-    save_generation(tx, ProjectionGeneration(projection.name, 1))
+    tx.execute(
+        "INSERT INTO tidings_projections (name, generation, building, fingerprint) VALUES (?, 1, NULL, ?)",
+        (projection.name, projection.fingerprint),
+    )
     return 1
+
+
+def _ensure_current(tx: Tx, projection: Projection) -> tuple[int, str]:
+    """The active generation and its fingerprint; records the running code's fingerprint."""
+    generation = _ensure(tx, projection)
+    row = tx.fetchone("SELECT fingerprint FROM tidings_projections WHERE name = ?", (projection.name,))
+    assert row is not None
+    tx.execute(
+        "UPDATE tidings_projections SET code_fingerprint = ? WHERE name = ?",
+        (projection.fingerprint, projection.name),
+    )
+    return generation, str(row[0])
 
 
 def _forget_generation(tx: Tx, projection: Projection, generation: int) -> None:
@@ -245,10 +332,30 @@ class ProjectionSubscription(Subscription):
         self.generation = generation
         self._fixed = generation is not None
 
+    @property
+    def lease_name(self) -> str:
+        # One lease for the projection, whichever generation is active.
+        return self.projection.group_prefix
+
     async def prepare(self) -> None:
-        if not self._fixed:
-            self.generation = await self.sql_store.transaction(lambda tx: _ensure(tx, self.projection))
-            self.group = self.projection.group(self.generation)
+        """Create the projection's first generation if needed and find the active one.
+
+        Raises :class:`ProjectionStale` (the runner then applies nothing and reports it) if the
+        active generation was built by code with another fingerprint.
+        """
+        if self._fixed:
+            return
+        projection = self.projection
+        generation, stored = await self.sql_store.transaction(lambda tx: _ensure_current(tx, projection))
+        self.generation = generation
+        self.group = projection.group(generation)
+        if stored != projection.fingerprint:
+            raise ProjectionStale(
+                f"projection {projection.name!r} changed since its generation {generation} was built "
+                f"(tables, handled event types or version; fingerprint {stored} -> "
+                f"{projection.fingerprint}); nothing is applied to the old tables until it is "
+                f"rebuilt: run 'tidings projections rebuild {projection.name} --app MODULE:SERVICE'"
+            )
 
     async def on_conflict(self) -> None:
         await self.prepare()
@@ -398,12 +505,13 @@ async def rebuild_projection(
                 f"projection {projection.name!r} changed during the rebuild (now {row}); not swapped"
             )
         _point_views(tx, projection, new)
-        for physical in projection.physical(old).values():
-            tx.execute(f"DROP TABLE IF EXISTS {physical}")
-        save_generation(tx, ProjectionGeneration(projection.name, new))
+        tx.execute(
+            "UPDATE tidings_projections SET generation = ?, building = NULL, fingerprint = ? WHERE name = ?",
+            (new, projection.fingerprint, projection.name),
+        )
         # The old generation's parked events were replayed into the new one (and parked again
-        # there if they still fail), so its checkpoint, dead letters and inbox are moot.
-        forget_group(tx, projection.group(old))
+        # there if they still fail), so its tables, checkpoint, dead letters and inbox are moot.
+        _forget_generation(tx, projection, old)
 
     await sql_store.transaction(swap)
     return new
@@ -411,7 +519,15 @@ async def rebuild_projection(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProjectionStatus:
-    """A projection's generation, whether a rebuild is under way, and how far it has got."""
+    """A projection's generation, whether a rebuild is under way, how far it has got, and who
+    runs it.
+
+    ``state`` is ``"rebuilding gN"`` while a rebuild builds generation N, ``"rebuild needed"``
+    when the code's fingerprint differs from the active generation's (its runner applies
+    nothing meanwhile), else the state of its group (``live``, ``catching up``, ``failed``,
+    ``stopped``; see :class:`~tidings.processing.status.GroupStatus`). ``dead_letters`` counts
+    the active generation's parked events.
+    """
 
     name: str
     generation: int
@@ -419,18 +535,75 @@ class ProjectionStatus:
     checkpoint: int
     head: int
     lag: int
+    state: str = "stopped"
+    fingerprint: str | None = None
+    code_fingerprint: str | None = None
+    needs_rebuild: bool = False
+    dead_letters: int = 0
+    holder: str | None = None
+    heartbeat_at: datetime | None = None
+    last_error: str | None = None
 
 
-async def projection_status(store: EventStore) -> list[ProjectionStatus]:
-    """Status of every projection known to the store's database."""
+_STATUS_ROWS = (
+    "SELECT name, generation, building, fingerprint, code_fingerprint FROM tidings_projections ORDER BY name"
+)
+
+
+def _projection_rows(tx: Tx) -> list[tuple[Any, ...]]:
+    _ensure_fingerprint_columns(tx)
+    return tx.fetchall(_STATUS_ROWS)
+
+
+async def projection_status(
+    store: EventStore, projections: Sequence[Projection] = ()
+) -> list[ProjectionStatus]:
+    """Status of every projection known to the store's database.
+
+    Whether a rebuild is needed is judged against ``projections`` (the code) when given, else
+    against the fingerprint of the code whose runner started last.
+    """
+    code = {p.name: p.fingerprint for p in projections}
     sql_store = require(store, SQLStore, "projection status")
-    entries = await sql_store.projection_generations()
-    checkpoints = await sql_store.checkpoints()
-    head = await store.head()
+    try:
+        rows = await sql_store.query(_STATUS_ROWS)
+    except TidingsError as exc:
+        if is_transient(exc):
+            raise
+        # A database from before fingerprints: add the columns (a write), then read.
+        rows = await sql_store.transaction(_projection_rows)
+    groups = {g.group: g for g in await group_status(sql_store)}
     out = []
-    for name, generation, building in ((e.name, e.generation, e.building) for e in entries):
-        checkpoint = checkpoints.get(f"projection:{name}:g{generation}", 0)
-        out.append(ProjectionStatus(name, generation, building, checkpoint, head, head - checkpoint))
+    for name, generation, building, fingerprint, ran in rows:
+        group = groups.get(f"projection:{name}:g{generation}")
+        wanted = code.get(name, ran)
+        needs_rebuild = wanted is not None and fingerprint is not None and wanted != fingerprint
+        if building is not None:
+            state = f"rebuilding g{building}"
+        elif needs_rebuild:
+            state = "rebuild needed"
+        else:
+            state = "stopped" if group is None else group.state
+        checkpoint = 0 if group is None else group.checkpoint
+        head = await store.head() if group is None else group.head
+        out.append(
+            ProjectionStatus(
+                name,
+                generation,
+                building,
+                checkpoint,
+                head,
+                max(0, head - checkpoint),
+                state,
+                fingerprint,
+                wanted,
+                needs_rebuild,
+                0 if group is None else group.dead_letters,
+                None if group is None else group.holder,
+                None if group is None else group.heartbeat_at,
+                None if group is None else group.last_error,
+            )
+        )
     return out
 
 

@@ -6,6 +6,11 @@ the same loop, so nothing is missed or repeated at the switch. Each step commits
 the new checkpoint in one transaction (:meth:`TrackingStore.commit_processed`), guarded by a
 compare-and-set on the checkpoint so that two runners of one group never both commit an event.
 
+Across processes, a runner first takes its group's *lease* (:mod:`tidings.processing.leases`)
+and holds it with a heartbeat while it works; the others wait as standbys and take over when the
+holder stops or dies. Within one process, runners of a group take turns through the store's
+in-process group lock, without asking the database.
+
 Two kinds of work run on it: *handlers* (async, one event at a time, effects buffered in a
 :class:`~tidings.processing.handlers.HandlerContext`) and *projections* (sync, a batch of events
 applied in the store's transaction). Failures are retried with backoff; an event that still fails
@@ -32,11 +37,12 @@ from tidings.errors import (
     is_transient,
 )
 from tidings.events import RecordedEvent
-from tidings.processing.context import HandlerContext
+from tidings.processing.context import HandlerContext, statements_work
+from tidings.processing.leases import Lease
 from tidings.processing.retry import RetryPolicy, handler_failure
 from tidings.store.tracking import DeadLetter, DeadLetterRecord, ProcessedBatch, TrackingStore, Tx
 
-__all__ = ["Subscription", "SubscriptionConfig", "SubscriptionStats"]
+__all__ = ["RunnerBlocked", "Subscription", "SubscriptionConfig", "SubscriptionStats"]
 
 log = logging.getLogger("tidings.processing")
 
@@ -56,6 +62,14 @@ class SubscriptionConfig:
     an unexpected error in the runner itself pauses it for ``failure_backoff`` seconds.
     ``conflict_retries`` bounds how often a dead-letter retry is re-tried when the group's
     checkpoint keeps moving under it.
+
+    ``lease_ttl`` is how long a runner's lease on its group outlives its last heartbeat
+    (heartbeats come every ``lease_ttl / 3`` seconds). When the process holding a group dies,
+    a standby in another process takes over within ``lease_ttl + min(poll_interval,
+    lease_ttl / 4)`` seconds; a holder that cannot renew its lease for ``lease_ttl`` seconds
+    stops calling handlers before a standby may take over. Shorter means faster failover and
+    more heartbeat writes; a holder whose event loop is blocked for longer than ``lease_ttl``
+    loses its lease.
     """
 
     batch_size: int = 1000
@@ -65,6 +79,7 @@ class SubscriptionConfig:
     max_outage_backoff: float = 5.0
     failure_backoff: float = 5.0
     conflict_retries: int = 10
+    lease_ttl: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 100_000:
@@ -83,6 +98,15 @@ class SubscriptionConfig:
             raise InvalidArgument(
                 f"conflict_retries must be an int in [1, 1000], got {self.conflict_retries!r}"
             )
+        ttl = self.lease_ttl
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0.1 <= ttl <= 3600:
+            raise InvalidArgument(f"lease_ttl must be in [0.1, 3600] seconds, got {ttl!r}")
+
+
+class RunnerBlocked(TidingsError):
+    """The runner cannot go on until someone acts (a projection whose code changed needs a
+    rebuild). It reports ``state="failed"`` with this error, processes nothing, and checks again
+    every ``failure_backoff`` seconds."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,26 +149,50 @@ class Subscription(abc.ABC):
         self.config = config or SubscriptionConfig()
         self.checkpoint = 0
         self.head = 0
-        self.state: State = "idle"
+        self._report = asyncio.Event()  # the state changed in a way the lease row should show now
+        self._state: State = "idle"
         self.in_flight = 0
         self.handled = 0
         self.skipped_duplicates = 0
         self.retries = 0
         self.dead_lettered = 0
         self.last_error: str | None = None
-        self._stopping = asyncio.Event()
+        self._stopping = asyncio.Event()  # stop() was called
+        self._halt = asyncio.Event()  # stop() was called, or the lease was lost
+        self._lease: Lease | None = None
+        self._failing = False  # the last attempt to work failed (a bug, a projection to rebuild)
         self._poisoned = False
         self._prefetch: tuple[int, asyncio.Future[tuple[list[RecordedEvent], int]]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def state(self) -> State:
+        """What the runner is doing (see :class:`SubscriptionStats`)."""
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        # Failing, or recovering, is reported to the lease row at once, not at the next heartbeat.
+        if (value == "failed") != (self._state == "failed"):
+            self._report.set()
+        self._state = value
+
     def stop(self) -> None:
         """Ask the runner to finish the event in hand, commit, and return from :meth:`run`."""
         self._stopping.set()
+        self._halt.set()
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        """True once the runner must not start another event: it was asked to stop, or it no
+        longer holds its group's lease (checked before every handler call)."""
+        return self._halt.is_set() or (self._lease is not None and not self._lease.held)
+
+    @property
+    def lease_name(self) -> str:
+        """The name of the lease this runner holds across processes (its group by default)."""
+        return self.group
 
     def statistics(self) -> SubscriptionStats:
         return SubscriptionStats(
@@ -164,20 +212,105 @@ class Subscription(abc.ABC):
     async def run(self) -> None:
         """Process events until stopped; returns after the last commit.
 
-        Store errors and bugs do not end the runner: they are logged, shown in
-        :meth:`statistics` (``last_error``; ``state="failed"`` for bugs), and retried.
+        Waits as a standby while another runner of the group is active, in this process (the
+        group lock) or in another one (the group's lease); a runner that loses its lease stops
+        before its next handler call and becomes a standby again. A graceful stop releases the
+        lease, so that a standby takes over at once. Store errors and bugs do not end the
+        runner: they are logged, shown in :meth:`statistics` (``last_error``;
+        ``state="failed"`` for bugs), and retried.
         """
         self.state = "standby"
         lock = self.store.group_lock(self.group)
         if not await self._acquire_unless_stopped(lock):
             self.state = "stopped"
             return
+        lease = Lease(self.store, self.lease_name, self.config.lease_ttl)
         try:
-            await self._run_locked()
+            while await self._await_lease(lease):
+                self._lease = lease
+                keeper = asyncio.create_task(self._keep_lease(lease), name=f"tidings:lease:{self.group}")
+                try:
+                    await self._run_locked()
+                finally:
+                    keeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await keeper
+                    self._drop_prefetch()
+                    self._lease = None
+                if self._stopping.is_set():
+                    break
+                log.warning(
+                    "subscription %r: lost its lease (held by another runner, or not renewed in "
+                    "time); standing by",
+                    self.group,
+                )
+                self.state = "standby"
+                self._halt.clear()
         finally:
-            self._drop_prefetch()
+            self._lease = None
+            if not self._stopping.is_set():
+                self._halt.clear()
+            if lease.held:
+                try:
+                    await lease.release()
+                except TidingsError as exc:
+                    log.warning("subscription %r: could not release its lease: %s", self.group, exc)
             lock.release()
             self.state = "stopped"
+
+    async def _await_lease(self, lease: Lease) -> bool:
+        """Stand by until ``lease`` is ours (True) or the runner is asked to stop (False)."""
+        interval = min(self.config.poll_interval, lease.ttl / 4)
+        outages = 0
+        while not self._stopping.is_set():
+            try:
+                # A runner that is failing itself does not take the group from another failing one.
+                if await lease.acquire(preempt_failed=not self._failing):
+                    return True
+                outages = 0
+                self.state = "standby"
+                await self.pause(interval)
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if is_transient(exc):
+                    outages += 1
+                    log.warning("subscription %r: store unavailable while standing by: %s", self.group, exc)
+                    await self.pause(self.outage_delay(outages))
+                else:
+                    self.state = "failed"
+                    log.error("subscription %r: cannot take its lease", self.group, exc_info=exc)
+                    await self.pause(self.config.failure_backoff)
+        return False
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        """Renew ``lease`` every ``ttl / 3`` seconds, reporting the runner's state with it.
+
+        When it is lost (another holder has it, or no renewal succeeded in time) the runner is
+        halted: it starts no other event, and its waits end at once.
+        """
+        interval = lease.ttl / 3
+        while lease.held:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report.wait(), min(interval, lease.remaining))
+            self._report.clear()
+            if not lease.held:
+                break
+            # Never cancelled midway: a renewal that is slow (a busy database) is waited for only
+            # as long as the lease lasts; the runner halts then, and the renewal is let finish.
+            renewal = asyncio.ensure_future(lease.renew(self.state, self.last_error))
+            done, _ = await asyncio.wait({renewal}, timeout=lease.remaining)
+            if not done:
+                lease.lose()
+                self._halt.set()
+                with contextlib.suppress(Exception):
+                    await renewal
+                return
+            try:
+                if not renewal.result():
+                    log.warning("subscription %r: its lease was taken over by another runner", self.group)
+            except Exception as exc:
+                log.warning("subscription %r: lease renewal failed: %s", self.group, exc)
+        self._halt.set()
 
     async def _acquire_unless_stopped(self, lock: asyncio.Lock) -> bool:
         """Wait (as a hot standby) for the group's lock; give up if asked to stop meanwhile."""
@@ -229,6 +362,7 @@ class Subscription(abc.ABC):
                     reload = False
                     self.state = "catching up"
                 progressed = await self._step()
+                await self.housekeeping(idle=not progressed)
                 if not progressed:
                     self.state = "live"
                     appended = await self._wait_for_events()
@@ -243,6 +377,17 @@ class Subscription(abc.ABC):
                         self._drop_prefetch()
                         reload = True
                 outages = 0
+                self._failing = False
+            except RunnerBlocked as exc:
+                # Waiting for an operator (a rebuild): say so once, not with a traceback per try.
+                self._drop_prefetch()
+                if self.state != "failed" or self.last_error != str(exc):
+                    log.error("subscription %r: %s", self.group, exc)
+                self.state = "failed"
+                self.last_error = str(exc)
+                self._failing = True
+                await self.pause(self.config.failure_backoff)
+                reload = True
             except CheckpointConflict as exc:
                 # Another runner of this group committed first, or the checkpoint was reset by
                 # hand: resume from the stored checkpoint.
@@ -264,6 +409,7 @@ class Subscription(abc.ABC):
                     # A bug, or a store that refuses our own statements: never die silently.
                     # Report it in statistics() and the log, and retry after a pause.
                     self.state = "failed"
+                    self._failing = True
                     log.error(
                         "subscription %r failed; retrying in %.1fs",
                         self.group,
@@ -281,12 +427,15 @@ class Subscription(abc.ABC):
     async def on_conflict(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Hook: called after a checkpoint conflict, before the checkpoint is reloaded."""
 
+    async def housekeeping(self, *, idle: bool) -> None:  # noqa: B027 - optional, empty by default
+        """Hook: called after each step (``idle`` when there was nothing new), e.g. to prune."""
+
     async def _wait_for_events(self) -> bool:
         """Wait for an append past the checkpoint, a stop, or the poll interval; True if appended."""
         waiter = asyncio.ensure_future(
             self.store.wait_for_append(self.checkpoint, timeout=self.config.poll_interval)
         )
-        stopper = asyncio.ensure_future(self._stopping.wait())
+        stopper = asyncio.ensure_future(self._halt.wait())
         try:
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -304,9 +453,9 @@ class Subscription(abc.ABC):
         )
 
     async def pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if the runner is asked to stop meanwhile."""
+        """Wait ``seconds``, or less if the runner is asked to stop (or loses its lease) meanwhile."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await asyncio.wait_for(self._halt.wait(), seconds)
 
     async def _read_batch(self, after: int) -> tuple[list[RecordedEvent], int]:
         head = await self.store.head()
@@ -478,13 +627,8 @@ class Subscription(abc.ABC):
         Inbox rows are written only for handled events beyond the new checkpoint (committed ahead
         of an earlier event that must run again): the checkpoint already proves the others done.
         """
-        statements = [s for ctx in contexts for s in ctx.statements]
-        if statements and work is None:
-
-            def work(tx: Tx) -> None:
-                for sql, params in statements:
-                    tx.execute(sql, params)
-
+        if work is None:
+            work = statements_work(contexts)
         new_checkpoint = max(checkpoint, self.checkpoint)
         batch = ProcessedBatch(
             group=self.group,

@@ -710,16 +710,6 @@ def _as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-def _uuid_list(name: str, values: object) -> list[uuid.UUID]:
-    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
-        raise InvalidArgument(f"{name} must be a list of uuid.UUID, got {type(values).__qualname__}")
-    out = list(values)
-    for i, value in enumerate(out):
-        if not isinstance(value, uuid.UUID):
-            raise InvalidArgument(f"{name}[{i}] must be a uuid.UUID, got {value!r:.80}")
-    return out
-
-
 def _load_metadata(meta: Any, row: Row) -> Mapping[str, Any]:
     if meta is None:
         return _EMPTY

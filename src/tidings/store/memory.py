@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from tidings.errors import CheckpointConflict, TidingsError, UnsupportedOperation
+from tidings.errors import AlreadyProcessed, CheckpointConflict, TidingsError, UnsupportedOperation
 from tidings.events import EventRegistry
 from tidings.store.append import AppendPlan, AppendRequest, AppendResult, StoredId, plan_appends
 from tidings.store.base import Row, Snapshot, StreamInfo, now_micros
@@ -179,6 +179,9 @@ class MemoryStore(TrackingStore):
             )
         if batch.remove_dead_letter is not None and batch.remove_dead_letter not in self._parked:
             raise DeadLetterNotFound(batch.group, batch.remove_dead_letter)
+        done = self._inbox.get(batch.group, set()).intersection(e for e, _ in batch.processed)
+        if done:
+            raise AlreadyProcessed(batch.group, sorted(done))
         # Plan every append before changing anything, so the batch stays all-or-nothing and
         # follows the same rules (exact retries included) as on every backend.
         plan = self._plan(batch.appends)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tidings.errors import (
+    AlreadyProcessed,
     CheckpointConflict,
     ConcurrencyError,
     IntegrityError,
@@ -100,6 +101,33 @@ class TrackingContract:
         assert await tracking.load_checkpoint("g") == 0
         assert await tracking.head() == 1
         assert await tracking.dead_letters() == []
+
+    async def test_an_event_already_in_the_inbox_commits_nothing(self, tracking: TrackingStore) -> None:
+        """A second delivery of an event (a bus message handled twice) must not commit its effects."""
+        event_id = uuid.uuid4()
+        first = tracking.prepare_append("effects", [Credited(amount=1)])
+        await tracking.commit_processed(
+            ProcessedBatch(
+                "g", expected_checkpoint=0, checkpoint=0, appends=(first,), processed=((event_id, 0),)
+            )
+        )
+        again = tracking.prepare_append("effects", [Credited(amount=1)])
+        with pytest.raises(AlreadyProcessed) as raised:
+            await tracking.commit_processed(
+                ProcessedBatch(
+                    "g",
+                    expected_checkpoint=0,
+                    checkpoint=0,
+                    appends=(again,),
+                    processed=((uuid.uuid4(), 0), (event_id, 0)),
+                )
+            )
+        assert raised.value.event_ids == [event_id]
+        assert await tracking.stream_version("effects") == 1
+        # Another group's inbox is its own.
+        await tracking.commit_processed(
+            ProcessedBatch("h", expected_checkpoint=0, checkpoint=0, processed=((event_id, 0),))
+        )
 
     async def test_dead_letters_are_parked_updated_and_removed(self, tracking: TrackingStore) -> None:
         event_id = uuid.uuid4()

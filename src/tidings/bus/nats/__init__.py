@@ -31,9 +31,11 @@ the others within::
 
 (defaults: ``lease_ttl`` 6 s, ``heartbeat`` 2 s, ``ack_wait`` 30 s -- set ``ack_wait`` lower for a
 faster failover: a live member extends it while its handler runs). An instance that stops cleanly
-releases its leases at once. A stalled instance (SIGSTOP) past its lease and ``ack_wait`` loses its
-partitions the same way; when it resumes it may finish the message it had in hand -- a duplicate its
-service's inbox absorbs -- then finds its leases gone and stops pulling them.
+releases its leases at once (the others take them at their next heartbeat). One rare case adds
+``ack_wait``: a pull the server answered just as its member let the partition go leaves that message
+unacknowledged until ``ack_wait`` runs out. A stalled instance (SIGSTOP) past its lease and
+``ack_wait`` loses its partitions the same way; when it resumes it may finish the message it had
+in hand -- a duplicate its service's inbox absorbs -- then finds its leases gone and stops pulling.
 
 **Retries and dead letters.** A failed handler naks with the group's back-off delay; the client counts
 deliveries (JetStream's ``num_delivered``) and after ``max_deliver`` hands the message to the

@@ -15,7 +15,7 @@ from tidings.bus.base import (
     DeadLetterHandler,
     MessageHandler,
     PublishResult,
-    check_name,
+    SetupAction,
     registry_or_default,
 )
 from tidings.bus.errors import BusClosed, BusError, BusUnavailable
@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from tidings.bus.nats.config import NatsBusConfig
 from tidings.bus.nats.consumer import NatsMember
 from tidings.bus.nats.publisher import Publisher
-from tidings.bus.nats.setup import ensure_lease_stream, ensure_stream
+from tidings.bus.nats.setup import setup
 
 __all__ = ["NatsBus"]
 
@@ -69,19 +69,30 @@ class NatsBus(Bus):
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")
 
+        client = Client()
+        # nats-py retries the first connection forever when reconnects are unlimited (which they
+        # must be later, to ride out server restarts): bound the first connection ourselves.
+        first_connect = self.config.request_timeout * (len(self.config.servers) + 1)
         try:
-            self._nc = await nats.connect(
-                servers=list(self.config.servers),
-                name=self.config.name or "tidings",
-                connect_timeout=self.config.request_timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
+            await asyncio.wait_for(
+                client.connect(
+                    servers=list(self.config.servers),
+                    name=self.config.name or "tidings",
+                    # nats-py annotates these seconds as int but takes fractions.
+                    connect_timeout=self.config.request_timeout,  # type: ignore[arg-type]
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                ),
+                first_connect,
             )
         except _NATS_ERRORS as exc:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await client.close()
             raise BusUnavailable(f"cannot connect to NATS at {self.url}: {exc!r}") from exc
+        self._nc = client
         self._js = self._nc.jetstream(timeout=self.config.request_timeout)
         self._publisher = Publisher(self._js, self.config)
         return self
@@ -111,18 +122,6 @@ class NatsBus(Bus):
             with contextlib.suppress(*_NATS_ERRORS):
                 await self._nc.close()
 
-    async def setup(self, service: str) -> str:
-        check_name("service", service)
-        try:
-            partitions = await ensure_stream(self.js, self.config, service)
-            leases = await ensure_lease_stream(self.js, self.config)
-        except _NATS_ERRORS as exc:
-            raise BusUnavailable(f"cannot set up the stream of {service!r}: {exc!r}") from exc
-        return (
-            f"stream {self.config.stream_name(service)} ({partitions} partitions, "
-            f"{self.config.replicas} replica(s), file storage); leases in {leases}"
-        )
-
     async def publish(self, service: str, envelopes: Iterable[RecordedEvent]) -> PublishResult:
         return await self.publisher.publish(service, envelopes)
 
@@ -150,6 +149,14 @@ class NatsBus(Bus):
             raise
         self._members.append(member)
         return member
+
+    async def setup(
+        self, publishing: Iterable[str] = (), groups: Iterable[ConsumerGroup] = ()
+    ) -> list[SetupAction]:
+        try:
+            return await setup(self.js, self.config, publishing, groups)
+        except _NATS_ERRORS as exc:
+            raise BusUnavailable(f"cannot set up the bus on {self.url}: {exc!r}") from exc
 
     async def statistics(self) -> BusStatistics:
         publisher = self._publisher

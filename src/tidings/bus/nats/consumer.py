@@ -15,6 +15,9 @@ subject, each published with a JetStream per-message TTL of ``lease_ttl`` second
   have expired, so two members never pull one partition except across a pause of the process
   (SIGSTOP, a long GC) longer than the lease: then the in-flight message may be handled twice, which
   the consumer's inbox absorbs, and order is still kept by ``max_ack_pending=1``.
+
+Heartbeats run on the member's event loop: a handler that blocks the loop (synchronous I/O waiting
+on a lock) for longer than ``lease_ttl`` loses the member its partitions, exactly like a pause.
 """
 
 from __future__ import annotations
@@ -87,7 +90,12 @@ class _Worker:
                 await wait_or_stop(self.stopping, min(1.0, m.config.fetch_wait))
                 continue
             for msg in msgs:
-                await self._handle(msg, source)
+                try:
+                    await self._handle(msg, source)
+                except Exception:
+                    # A bug here must not end the loop while the lease is still renewed: that would
+                    # stall the partition. The message comes back after ack_wait.
+                    log.exception("%s %s/%d: unexpected error settling a message", m.group.label, source, p)
         if sub is not None:
             with contextlib.suppress(*_NATS_ERRORS):
                 await sub.unsubscribe()
@@ -97,7 +105,7 @@ class _Worker:
         attempt = msg.metadata.num_delivered or 1
         outcome, delay = await handle_delivery(
             group=m.group,
-            origin=f"bus:{source}/{msg.subject}",
+            origin=f"bus:{source}",
             subject=msg.subject,
             payload=msg.data,
             attempt=attempt,
@@ -163,9 +171,8 @@ class NatsMember(Consumer):
         for source in sorted(self.group.sources):
             partitions = await ensure_stream(self.js, self.config, source)
             for p in range(partitions):
-                self.durables[(source, p)] = await ensure_consumer(
-                    self.js, self.config, self.group, source, p
-                )
+                action = await ensure_consumer(self.js, self.config, self.group, source, p)
+                self.durables[(source, p)] = action.name
                 self._parts.append((source, p))
         await ensure_lease_stream(self.js, self.config)
         await self._tick()
@@ -207,7 +214,8 @@ class NatsMember(Consumer):
                 return
             try:
                 await self._tick()
-            except _NATS_ERRORS as exc:
+            except Exception as exc:
+                # Whatever went wrong, the leases were not renewed: fence as for an outage.
                 log.warning("%s: cannot renew leases: %r", self.group.label, exc)
                 # Fence ourselves: stop pulling a partition before its lease may have expired and
                 # been taken by another member (one heartbeat of margin).
@@ -231,20 +239,26 @@ class NatsMember(Consumer):
         members.add(self.member)
         ordered = sorted(members)
         mine = {part for i, part in enumerate(self._parts) if ordered[i % len(ordered)] == self.member}
-        for part in [p for p in self._leases if p not in mine]:
-            await self._release(part)
-        for part, seq in list(self._leases.items()):
-            started = loop.time()
-            new_seq = await self._claim(part, seq)
+        # Renew first, all at once: releasing waits for pull loops, and must not delay renewals
+        # past the leases' TTL.
+        kept = {part: seq for part, seq in self._leases.items() if part in mine}
+        started = loop.time()
+        renewed = await asyncio.gather(*(self._claim(part, seq) for part, seq in kept.items()))
+        for part, new_seq in zip(kept, renewed, strict=True):
             if new_seq is None:
                 log.warning("%s: lost the lease of %s/%d", self.group.label, *part)
                 await self._drop(part)
             else:
                 self._leases[part] = new_seq
                 self._renewed[part] = started
-        for part in sorted(mine - set(self._leases)):
-            started = loop.time()
-            new_seq = await self._claim(part, 0)
+        leaving = [part for part in self._leases if part not in mine]
+        for part in leaving:
+            self._workers[part].stopping.set()
+        await asyncio.gather(*(self._release(part) for part in leaving))
+        wanted = sorted(mine - set(self._leases))
+        started = loop.time()
+        claimed = await asyncio.gather(*(self._claim(part, 0) for part in wanted))
+        for part, new_seq in zip(wanted, claimed, strict=True):
             if new_seq is not None:
                 self._leases[part] = new_seq
                 self._renewed[part] = started

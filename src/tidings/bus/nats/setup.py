@@ -18,6 +18,8 @@ re-partitioning a live stream would break per-aggregate order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -31,11 +33,11 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from tidings.bus.base import ConsumerGroup
+from tidings.bus.base import ConsumerGroup, SetupAction, check_name
 from tidings.bus.errors import BusConfigError
 from tidings.bus.nats.config import NatsBusConfig
 
-__all__ = ["ensure_consumer", "ensure_lease_stream", "ensure_stream"]
+__all__ = ["ensure_consumer", "ensure_lease_stream", "ensure_stream", "setup", "setup_stream"]
 
 PARTITIONS_KEY = "tidings_partitions"
 
@@ -58,13 +60,20 @@ def stream_config(config: NatsBusConfig, service: str) -> StreamConfig:
 
 async def ensure_stream(js: JetStreamContext, config: NatsBusConfig, service: str) -> int:
     """Create or check the stream of publishing ``service``; return its partition count."""
+    partitions, _ = await setup_stream(js, config, service)
+    return partitions
+
+
+async def setup_stream(js: JetStreamContext, config: NatsBusConfig, service: str) -> tuple[int, SetupAction]:
+    """Create or check the stream of publishing ``service``: its partition count and what was done."""
     desired = stream_config(config, service)
     name = config.stream_name(service)
     try:
         info = await js.stream_info(name)
     except NotFoundError:
         await js.add_stream(desired)
-        return config.partitions
+        detail = f"{config.partitions} partitions, {config.replicas} replica(s), file storage"
+        return config.partitions, SetupAction("stream", name, "created", detail)
     current = info.config
     partitions = int((current.metadata or {}).get(PARTITIONS_KEY, "0"))
     if partitions != config.partitions:
@@ -83,14 +92,15 @@ async def ensure_stream(js: JetStreamContext, config: NatsBusConfig, service: st
     )
     if differs:
         await js.update_stream(desired)
-    return partitions
+    detail = f"{partitions} partitions, {desired.num_replicas} replica(s), file storage"
+    return partitions, SetupAction("stream", name, "updated" if differs else "unchanged", detail)
 
 
 async def ensure_consumer(
     js: JetStreamContext, config: NatsBusConfig, group: ConsumerGroup, source: str, partition: int
-) -> str:
+) -> SetupAction:
     """Create, or update to the current filters and ack wait, the durable consumer of ``group`` on
-    one partition of ``source``'s stream; return its name."""
+    one partition of ``source``'s stream; its name is the action's ``name``."""
     name = config.consumer_name(group, partition)
     types = group.sources[source]
     filters = (
@@ -111,15 +121,36 @@ async def ensure_consumer(
         filter_subjects=filters if len(filters) > 1 else None,
         metadata={"tidings_group": group.label, "tidings_source": source},
     )
-    await js.add_consumer(config.stream_name(source), consumer)
-    return name
+    stream = config.stream_name(source)
+    try:
+        current = (await js.consumer_info(stream, name)).config
+    except NotFoundError:
+        await js.add_consumer(stream, consumer)
+        return SetupAction("consumer", name, "created", f"on {stream}: {', '.join(filters)}")
+    same = (
+        sorted(current.filter_subjects or ([current.filter_subject] if current.filter_subject else []))
+        == filters
+        and current.ack_wait == consumer.ack_wait
+        and current.max_ack_pending == 1
+        and current.ack_policy == AckPolicy.EXPLICIT
+    )
+    if same:
+        return SetupAction("consumer", name, "unchanged", f"on {stream}")
+    if current.max_ack_pending != 1 or current.ack_policy != AckPolicy.EXPLICIT:
+        raise BusConfigError(
+            f"consumer {name} on {stream} exists without explicit acks and max_ack_pending=1, "
+            "which per-aggregate order needs; delete it to let tidings create it"
+        )
+    await js.add_consumer(stream, consumer)
+    return SetupAction("consumer", name, "updated", f"on {stream}: {', '.join(filters)}")
 
 
-async def ensure_lease_stream(js: JetStreamContext, config: NatsBusConfig) -> str:
-    """Create the stream of leases and member heartbeats if missing; return its name."""
+async def ensure_lease_stream(js: JetStreamContext, config: NatsBusConfig) -> SetupAction:
+    """Create the stream of leases and member heartbeats if missing."""
     name = config.lease_stream
     try:
         await js.stream_info(name)
+        return SetupAction("stream", name, "unchanged", "leases and member heartbeats")
     except NotFoundError:
         await js.add_stream(
             StreamConfig(
@@ -134,4 +165,28 @@ async def ensure_lease_stream(js: JetStreamContext, config: NatsBusConfig) -> st
                 discard=DiscardPolicy.OLD,
             )
         )
-    return name
+        return SetupAction("stream", name, "created", "leases and member heartbeats")
+
+
+async def setup(
+    js: JetStreamContext, config: NatsBusConfig, publishing: Iterable[str], groups: Iterable[ConsumerGroup]
+) -> list[SetupAction]:
+    """Create or check the streams of ``publishing`` services and of every group's sources, the
+    groups' consumers, and the lease stream; what ``tidings bus setup`` and service start-up run."""
+    actions: list[SetupAction] = []
+    partitions: dict[str, int] = {}
+    groups = list(groups)
+    services = [check_name("service", s) for s in publishing] + [
+        src for g in groups for src in sorted(g.sources)
+    ]
+    for service in services:
+        if service not in partitions:
+            partitions[service], action = await setup_stream(js, config, service)
+            actions.append(action)
+    for group in groups:
+        for source in sorted(group.sources):
+            for p in range(partitions[source]):
+                actions.append(await ensure_consumer(js, config, group, source, p))
+    if groups:
+        actions.append(await ensure_lease_stream(js, config))
+    return actions

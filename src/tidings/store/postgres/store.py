@@ -13,7 +13,14 @@ from typing import Any, Final, TypeAlias, TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from tidings.errors import CheckpointConflict, CorruptStore, StoreError, StoreUnavailable, TidingsError
+from tidings.errors import (
+    AlreadyProcessed,
+    CheckpointConflict,
+    CorruptStore,
+    StoreError,
+    StoreUnavailable,
+    TidingsError,
+)
 from tidings.events import EventRegistry
 from tidings.store.append import AppendRequest, AppendResult
 from tidings.store.base import Row, Snapshot, StreamInfo
@@ -427,6 +434,13 @@ class PostgresStore(SQLStore):
             # from here to the commit, and the projection work above does not hold it up.
             results = [await tx.append(request) for request in batch.appends]
             if batch.processed:
+                # Under the group's lock: no other commit of this group can insert them meanwhile.
+                cur = await conn.execute(
+                    self._sql.processed_ids, (batch.group, [e for e, _ in batch.processed])
+                )
+                done = [row[0] for row in await cur.fetchall()]
+                if done:
+                    raise AlreadyProcessed(batch.group, done)
                 await conn.execute(
                     self._sql.save_inbox,
                     (batch.group, [e for e, _ in batch.processed], [p for _, p in batch.processed]),

@@ -8,8 +8,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tidings.errors import CheckpointConflict
-from tidings.events import datetime_from_micros
+from tidings.errors import AlreadyProcessed, CheckpointConflict
+from tidings.events import datetime_from_micros, uuid_from_bytes
 from tidings.store.append import AppendResult
 from tidings.store.base import now_micros
 from tidings.store.deadletters import DeadLetterNotFound
@@ -75,12 +75,23 @@ def commit_processed_in(conn: sqlite3.Connection, batch: ProcessedBatch, path: s
         cur = conn.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (batch.remove_dead_letter,))
         if cur.rowcount == 0:
             raise DeadLetterNotFound(batch.group, batch.remove_dead_letter)
+    if batch.processed:
+        # An inbox row that exists already means another delivery of the event committed first
+        # (a bus message handled twice): this one must change nothing.
+        ids = [event_id.bytes for event_id, _ in batch.processed]
+        marks = ", ".join("?" * len(ids))
+        done = conn.execute(
+            f"SELECT event_id FROM tidings_inbox WHERE group_name = ? AND event_id IN ({marks})",
+            (batch.group, *ids),
+        ).fetchall()
+        if done:
+            raise AlreadyProcessed(batch.group, [uuid_from_bytes(r[0]) for r in done])
     if batch.work is not None:
         batch.work(SQLiteTx(conn, path))
     results = [append_in(conn, request) for request in batch.appends]
     if batch.processed:
         conn.executemany(
-            "INSERT OR IGNORE INTO tidings_inbox (group_name, event_id, position) VALUES (?, ?, ?)",
+            "INSERT INTO tidings_inbox (group_name, event_id, position) VALUES (?, ?, ?)",
             [(batch.group, event_id.bytes, position) for event_id, position in batch.processed],
         )
     now = now_micros()
