@@ -50,7 +50,7 @@ def shop(
         raise typer.BadParameter(f"variant must be one of {', '.join(VARIANTS)}")
     config = ShopConfig(
         orders=orders,
-        variant=variant,  # type: ignore[arg-type]
+        variant=variant,
         compare=compare,
         seed=seed,
         duplicate_rate=duplicate_rate,
@@ -77,16 +77,7 @@ def shop(
 def main(argv: list[str] | None = None) -> int:
     """Run the demo with command-line arguments ``argv``; the exit status."""
     try:
-        app(argv, standalone_mode=False)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except SystemExit as exc:  # --help, bad usage
-        return int(exc.code or 0)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return int(exc.exit_code)
-        raise
+        app(argv)
+    except SystemExit as exc:  # Typer always ends with it: 0, 1 (broken invariant), 2 (bad usage)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
