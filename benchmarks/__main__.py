@@ -14,10 +14,16 @@ from benchmarks.harness import FULL, QUICK, Comparison, Workspace, cpu_probe, lo
 from benchmarks.quiet import CpuAccount
 from benchmarks.scenarios_postgres import SCENARIOS as POSTGRES_SCENARIOS
 from benchmarks.scenarios_processing import SCENARIOS as PROCESSING_SCENARIOS
+from benchmarks.scenarios_shop import SCENARIOS as SHOP_SCENARIOS
 from benchmarks.scenarios_sqlite import SCENARIOS as SQLITE_SCENARIOS
 from benchmarks.scenarios_sqlite import Context, Scenario
 
-SCENARIOS: dict[str, Scenario] = {**SQLITE_SCENARIOS, **PROCESSING_SCENARIOS, **POSTGRES_SCENARIOS}
+SCENARIOS: dict[str, Scenario] = {
+    **SQLITE_SCENARIOS,
+    **PROCESSING_SCENARIOS,
+    **POSTGRES_SCENARIOS,
+    **SHOP_SCENARIOS,
+}
 """Every scenario by name, in the order ``make bench`` runs them."""
 
 

@@ -184,7 +184,7 @@ class Counts(Projection):
 async def test_projections_on_a_store_without_sql_are_refused_at_start() -> None:
     service = Service("nosql", "memory://", config=FAST)
     service.add_projection(Counts())
-    with pytest.raises(UnsupportedOperation, match="projections need a SQL database"):
+    with pytest.raises(UnsupportedOperation, match="projections and sagas need a SQL database"):
         async with service.running():
             pass
 
