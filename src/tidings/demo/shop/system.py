@@ -23,8 +23,8 @@ __all__ = ["EmbeddedShop", "build_service", "prepare_store", "store_url"]
 
 
 def store_url(base: str | None, service: str, directory: Path) -> str:
-    """The store of ``service``: a SQLite file in ``directory``, or a schema of its own on the
-    PostgreSQL server of ``base``."""
+    """The store of ``service``: a SQLite file in ``directory`` (``base`` None or ``sqlite``), or
+    a schema of its own on the PostgreSQL server of ``base``."""
     if base is None or base.startswith("sqlite"):
         return f"sqlite:///{directory / (service + '.db')}"
     if base.startswith("postgresql://") or base.startswith("postgres://"):
