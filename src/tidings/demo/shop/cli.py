@@ -31,7 +31,9 @@ def shop(
     out_of_stock_rate: Annotated[float, typer.Option(help="Share of orders for a sold-out item.")] = 0.04,
     slow_payment_rate: Annotated[float, typer.Option(help="Share of payments with a slow provider.")] = 0.01,
     payment_timeout: Annotated[float, typer.Option(help="The authorization's deadline, seconds.")] = 1.0,
-    window: Annotated[int, typer.Option(help="Orders in flight at most.")] = 64,
+    window: Annotated[
+        int | None, typer.Option(help="Orders in flight at most (default 64; 16 with --processes).")
+    ] = None,
     store: Annotated[
         str | None,
         typer.Option(

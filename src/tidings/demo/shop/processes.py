@@ -41,11 +41,11 @@ __all__ = ["ProcessShop"]
 
 def _bus_url(url: str) -> str:
     """The run's bus URL: a subject prefix of its own (two runs on one server never meet) and
-    short partition leases (a killed worker's partitions move quickly)."""
+    shorter partition leases than the default (a killed worker's partitions move quickly)."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     query.setdefault("prefix", f"shop{uuid.uuid4().hex[:8]}")
-    query.setdefault("lease_ttl", "2")
+    query.setdefault("lease_ttl", "4")
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 

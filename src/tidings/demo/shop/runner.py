@@ -73,7 +73,7 @@ class ShopConfig:
     slow_payment_rate: float = 0.01
     payment_timeout: float = 1.0
     slow_latency: float | None = None
-    window: int = 64
+    window: int | None = None
     store: str | None = None
     bus: str | None = None
     processes: bool = False
@@ -93,10 +93,19 @@ class ShopConfig:
         for name in ("duplicate_rate", "decline_rate", "out_of_stock_rate", "slow_payment_rate"):
             if not 0 <= getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.window < 1:
+        if self.window is not None and self.window < 1:
             raise InvalidArgument(f"window must be >= 1, got {self.window}")
         if self.kill is not None and not self.processes:
             raise InvalidArgument("kill needs processes=True (a service is killed as an OS process)")
+
+    @property
+    def in_flight(self) -> int:
+        """Orders in flight at most: ``window``, by default 64 in one process and 16 as processes
+        (where every hop costs more: a larger window only queues orders, and a queued payment
+        trips the saga's deadline)."""
+        if self.window is not None:
+            return self.window
+        return 16 if self.processes else 64
 
     @property
     def variants(self) -> tuple[Variant, ...]:
@@ -319,7 +328,7 @@ async def _place_and_wait(
     with progress:
         task = progress.add_task("orders", total=total, state="")
         while terminal < total:
-            room = min(total - placed, terminal + config.window - placed)
+            room = min(total - placed, terminal + config.in_flight - placed)
             if room > 0:
                 batch = scenario.orders[placed : placed + room]
                 await asyncio.gather(*(_place(stores["orders"], scenario, spec) for spec in batch))
