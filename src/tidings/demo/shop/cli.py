@@ -83,7 +83,7 @@ def shop(
 def main(argv: list[str] | None = None) -> int:
     """Run the demo with command-line arguments ``argv``; the exit status."""
     try:
-        app(argv)
+        app(argv, prog_name="tidings demo")
     except SystemExit as exc:  # Typer always ends with it: 0, 1 (broken invariant), 2 (bad usage)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
