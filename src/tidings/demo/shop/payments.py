@@ -11,7 +11,8 @@ step and does nothing twice.
   ``declined`` / ``timeout``), which Inventory and Orders compensate by reaction. The deadline is
   Payments' own here.
 * **orchestration** -- :func:`wire_orchestration`: one command per step (authorize, capture) and
-  per compensation (void, refund). No deadline of its own: the saga owns it.
+  per compensation (void, refund). The deadline is the saga's: when the provider takes longer,
+  Payments stops waiting (so as not to hold up its bus partition) and does not answer.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def build(store: EventStore | str, bus: Bus | str | None, wiring: Wiring) -> Ser
     if wiring.variant == "choreography":
         wire_choreography(payments, processor, wiring.payment_timeout)
     else:
-        wire_orchestration(payments, processor)
+        wire_orchestration(payments, processor, wiring.payment_timeout)
     return payments
 
 
@@ -183,24 +184,34 @@ def wire_choreography(payments: Service, processor: CardProcessor, timeout: floa
             )
 
 
-def wire_orchestration(payments: Service, processor: CardProcessor) -> None:
+def wire_orchestration(payments: Service, processor: CardProcessor, timeout: float) -> None:
     """Orchestration: one command per step and per compensation, each answered with an event."""
 
     @payments.handles_command(AuthorizePayment, group="payments.orchestration.authorize")
     async def authorize_on_command(command: AuthorizePayment, ctx: HandlerContext) -> None:
         payment = await ctx.load(Payment, payment_stream(command.order_id), create=True)
         if payment.status == "new":
-            if await processor.authorize(command.card, command.amount):
+            try:
+                # Waiting longer would only hold up the other payments of this bus partition: the
+                # saga's deadline (which started before this call) has passed by then.
+                approved = await asyncio.wait_for(processor.authorize(command.card, command.amount), timeout)
+            except TimeoutError:
+                payment.decline("timeout")
+                ctx.save(payment)
+                return  # no answer: the saga's deadline decides, and voids
+            if approved:
                 payment.authorize(command.amount)
             else:
                 payment.decline("declined")
             ctx.save(payment)
+        # Answer by the payment's state (a redelivered command gets the same answer); a payment
+        # voided, or given up on, gets none.
         stream = payment_stream(command.order_id)
-        if payment.status == "declined":
+        if payment.status == "declined" and payment.reason == "declined":
             ctx.emit(
                 stream, [PaymentDeclined(order_id=command.order_id, sku="", quantity=0, reason="declined")]
             )
-        elif payment.status != "voided":
+        elif payment.status == "authorized":
             ctx.emit(stream, [PaymentAuthorized(order_id=command.order_id, amount=payment.amount)])
 
     @payments.handles_command(CapturePayment, group="payments.orchestration.capture")
