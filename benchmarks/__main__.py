@@ -15,6 +15,7 @@ from benchmarks.quiet import CpuAccount
 from benchmarks.scenarios_bus import SCENARIOS as BUS_SCENARIOS
 from benchmarks.scenarios_postgres import SCENARIOS as POSTGRES_SCENARIOS
 from benchmarks.scenarios_processing import SCENARIOS as PROCESSING_SCENARIOS
+from benchmarks.scenarios_shop import SCENARIOS as SHOP_SCENARIOS
 from benchmarks.scenarios_sqlite import SCENARIOS as SQLITE_SCENARIOS
 from benchmarks.scenarios_sqlite import Context, Scenario
 
@@ -23,6 +24,7 @@ SCENARIOS: dict[str, Scenario] = {
     **PROCESSING_SCENARIOS,
     **POSTGRES_SCENARIOS,
     **BUS_SCENARIOS,
+    **SHOP_SCENARIOS,
 }
 """Every scenario by name, in the order ``make bench`` runs them."""
 

@@ -61,6 +61,10 @@ class Service:
     ``store`` is an :class:`EventStore` (opened or not) or a URL. Group names default to
     ``"<service>.<handler>"``; a group's checkpoint, inbox and dead letters are keyed by it, so
     keep it stable across deployments (pass ``group=`` when renaming a function).
+
+    ``ack_wait`` (seconds) is how long the bus waits for a bus-fed handler's acknowledgement
+    before it redelivers the message elsewhere -- the failover bound of a killed process (a live
+    one extends it while its handler runs); the bus's default when None.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class Service:
         *,
         bus: Bus | str | None = None,
         config: SubscriptionConfig | None = None,
+        ack_wait: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"service name must be a non-empty str, got {name!r}")
@@ -77,6 +82,11 @@ class Service:
         self._store_arg = store
         self._store: EventStore | None = store if isinstance(store, EventStore) else None
         self.config = config or SubscriptionConfig()
+        if ack_wait is not None and (
+            not isinstance(ack_wait, int | float) or isinstance(ack_wait, bool) or ack_wait <= 0
+        ):
+            raise InvalidArgument(f"ack_wait must be > 0 seconds, got {ack_wait!r}")
+        self.ack_wait = ack_wait
         self._handlers: dict[str, tuple[Dispatch, str | None, SubscriptionConfig]] = {}
         self._projections: dict[str, tuple[Projection, SubscriptionConfig]] = {}
         self._subscriptions: list[Subscription] = []
@@ -98,6 +108,7 @@ class Service:
         self._translators: dict[type[Event], Translator] = {}
         self._relay: OutboxRelay | None = None
         self._inbound: list[BusHandlerGroup] = []
+        self._skipped_before = 0
         self._sagas: dict[str, tuple[Saga, Clock]] = {}
         self._timers: list[DeadlineTimer] = []
 
@@ -388,7 +399,7 @@ class Service:
                     group,
                     Dispatch(table),
                     sources,
-                    delivery=_delivery_policy(config),
+                    delivery=_delivery_policy(config, self.ack_wait),
                     sql=_has_sql(store),
                 )
             )
@@ -496,6 +507,7 @@ class Service:
             for inbound in self._inbound:
                 with contextlib.suppress(Exception):
                     await inbound.stop()
+            self._skipped_before += sum(inbound.skipped_duplicates for inbound in self._inbound)
             self._inbound = []
             for sub in self._subscriptions:
                 sub.stop()
@@ -625,6 +637,12 @@ class Service:
             self.stop()
             await task
 
+    @property
+    def duplicates_skipped(self) -> int:
+        """Bus deliveries that this service's inboxes recognised as handled before and skipped
+        (redeliveries and re-publishes), counted since this object was created."""
+        return self._skipped_before + sum(inbound.skipped_duplicates for inbound in self._inbound)
+
     def statistics(self) -> list[SubscriptionStats]:
         """One :class:`SubscriptionStats` per running subscription, and per bus-fed handler group."""
         return [s.statistics() for s in self._subscriptions] + [g.statistics() for g in self._inbound]
@@ -676,13 +694,16 @@ class Service:
         return projection[0].group(1 if entry is None else entry.generation)
 
 
-def _delivery_policy(config: SubscriptionConfig) -> DeliveryPolicy:
-    """The bus retry policy of a handler group: the same attempts and delays as its log retries."""
+def _delivery_policy(config: SubscriptionConfig, ack_wait: float | None) -> DeliveryPolicy:
+    """The bus retry policy of a handler group: the same attempts and delays as its log retries,
+    and the service's ``ack_wait`` if it set one."""
     retry = config.retry
     delays = tuple(
         min(retry.max_delay, retry.initial_delay * retry.multiplier**n) for n in range(retry.max_attempts)
     )
-    return DeliveryPolicy(max_deliver=retry.max_attempts, backoff=delays)
+    if ack_wait is None:
+        return DeliveryPolicy(max_deliver=retry.max_attempts, backoff=delays)
+    return DeliveryPolicy(max_deliver=retry.max_attempts, backoff=delays, ack_wait=ack_wait)
 
 
 def _subclasses_of(cls: type[Event]) -> list[type[Event]]:

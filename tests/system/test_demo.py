@@ -58,7 +58,7 @@ def assert_stored(url: str) -> None:
 
 def test_demo_through_the_cli(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/demo.db"
-    result = CliRunner().invoke(app, ["demo", "--store", url], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["tour", "--store", url], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert_narrated(result.stdout)
     assert f"tidings events {ACCOUNT_ID} --store {url}" in result.stdout
@@ -67,8 +67,8 @@ def test_demo_through_the_cli(tmp_path: Path) -> None:
 
 def test_demo_refuses_a_store_that_already_has_the_account(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/demo.db"
-    assert CliRunner().invoke(app, ["demo", "--store", url]).exit_code == 0
-    result = CliRunner().invoke(app, ["demo", "--store", url])
+    assert CliRunner().invoke(app, ["tour", "--store", url]).exit_code == 0
+    result = CliRunner().invoke(app, ["tour", "--store", url])
     assert result.exit_code == 1
     assert "already holds stream 'account-1'" in result.stderr
     assert_stored(url)  # unchanged by the refused second run
@@ -77,7 +77,7 @@ def test_demo_refuses_a_store_that_already_has_the_account(tmp_path: Path) -> No
 def test_demo_as_a_process(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/demo.db"
     out = subprocess.run(
-        [str(BIN), "demo", "--store", url],
+        [str(BIN), "tour", "--store", url],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -91,7 +91,7 @@ def test_demo_as_a_process(tmp_path: Path) -> None:
 
 def test_demo_defaults_to_a_new_file_in_the_temp_dir(tmp_path: Path) -> None:
     out = subprocess.run(
-        [str(BIN), "demo"],
+        [str(BIN), "tour"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

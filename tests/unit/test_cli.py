@@ -327,3 +327,17 @@ def test_follow_with_type_filter(tmp_path: Path) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_loading_the_cli_registers_no_demo_event_classes() -> None:
+    """The demo's event classes join the registry only when the demo runs, never for other
+    commands (an app's own 'OrderPlaced' must not collide with the demo's)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import tidings.cli.main, tidings.events as e;"
+        "print(sorted(t for t in e.default_registry.types() if t.startswith(('shop.', 'bank.'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

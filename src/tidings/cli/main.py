@@ -145,8 +145,22 @@ def _warn_unknown_types(store: str, type_names: tuple[str, ...]) -> None:
         )
 
 
-@app.command()
-def demo(
+@app.command(
+    "demo",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def demo(ctx: typer.Context) -> None:
+    """The reference order-processing system: six services, choreography or saga, failures
+    injected, invariants checked, a summary and a causal trace (tidings demo --help)."""
+    # Imported on use: the demo's event classes must not join the registry of every command.
+    from tidings.demo.shop.cli import main as shop_main
+
+    raise typer.Exit(shop_main(list(ctx.args)))
+
+
+@app.command("tour")
+def tour(
     store: Annotated[
         str | None,
         typer.Option(
@@ -154,7 +168,7 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Walk through a bank account: commands, invariants, a conflict, time travel, a snapshot."""
+    """A guided tour on a bank account: commands, invariants, a conflict, time travel, a snapshot."""
     from tidings.demo import bank  # imported here: it registers the demo's event classes
 
     url = store if store is not None else bank.fresh_store_url()

@@ -1,0 +1,7 @@
+"""``python -m tidings.demo.shop``: the shop demo."""
+
+import sys
+
+from .cli import main
+
+raise SystemExit(main(sys.argv[1:]))
