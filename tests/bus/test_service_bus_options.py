@@ -3,11 +3,11 @@ the count of duplicated deliveries the inboxes absorbed (``Service.duplicates_sk
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tidings import Event, HandlerContext, InvalidArgument, RecordedEvent, Service, SubscriptionConfig
 from tidings.bus import encode, open_bus
 from tidings.bus.relay import translated_id
@@ -50,8 +50,7 @@ async def test_a_republished_message_is_absorbed_and_counted(tmp_path: Path) -> 
         async with depot, courier, depot.running(), courier.running():
             assert [g.consumer_group.delivery.ack_wait for g in courier._inbound] == [2.5]
             await depot.publish("parcel-1", [ParcelLabelled(weight=3)])
-            while not handled:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: handled, 30, "the courier to handle the parcel")
             # The same CloudEvent again under a new broker message id: a duplicated delivery.
             (labelled,) = [r async for r in depot.store.read_stream("parcel-1")]
             public = RecordedEvent(
@@ -66,7 +65,7 @@ async def test_a_republished_message_is_absorbed_and_counted(tmp_path: Path) -> 
             )
             payload = encode(public, "depot")
             assert await bus.publish_raw("depot", ParcelReady.__event_type__, "parcel-1", payload, msg_id="2")
-            while courier.duplicates_skipped == 0:
-                await asyncio.sleep(0.01)
+            # The fault happened and was absorbed: the duplicate reached the courier's inbox.
+            await wait_until(lambda: courier.duplicates_skipped, 30, "the duplicate to be skipped")
         assert handled == ["parcel-1"]
         assert courier.duplicates_skipped == 1  # still counted once the service has stopped

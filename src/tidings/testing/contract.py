@@ -265,7 +265,7 @@ class StoreContract:
     async def test_version_at(self, store: EventStore) -> None:
         await store.append("s", credits(1))
         first = (await collect(store.read_stream("s")))[0].timestamp
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the scenario: time passes between the two appends
         await store.append("s", credits(2))
         assert await store.version_at("s", first) == 1
         assert await store.version_at("s", first - timedelta(seconds=1)) == 0
@@ -429,7 +429,7 @@ class StoreContract:
 
     async def test_wait_for_append_wakes_on_append(self, store: EventStore) -> None:
         waiter = asyncio.create_task(store.wait_for_append(0, timeout=10))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a chance to block first; the assertions hold either way
         assert not waiter.done()
         await store.append("s", credits(1))
         assert await asyncio.wait_for(waiter, 5) == 1
