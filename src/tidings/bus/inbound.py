@@ -15,10 +15,11 @@ import traceback
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from tidings.bus.base import Bus, Consumer, ConsumerGroup, DeliveryPolicy
 from tidings.bus.message import DeadLetter, IncomingMessage
-from tidings.errors import AlreadyProcessed
+from tidings.errors import AlreadyProcessed, CheckpointConflict, TidingsError
 from tidings.events import RecordedEvent
 from tidings.processing.context import HandlerContext, statements_work
 from tidings.processing.handlers import Dispatch, call_handler
@@ -69,6 +70,7 @@ class BusHandlerGroup:
         self.skipped_duplicates = 0
         self.dead_lettered = 0
         self.last_error: str | None = None
+        self._checkpoint = 0
 
     async def start(self) -> None:
         self.consumer = await self.bus.consume(
@@ -131,17 +133,30 @@ class BusHandlerGroup:
         self.handled += 1
 
     async def _commit(self, contexts: Sequence[HandlerContext], event_id: uuid.UUID) -> None:
-        checkpoint = await self.store.load_checkpoint(self.key)
-        await self.store.commit_processed(
-            ProcessedBatch(
-                group=self.key,
-                expected_checkpoint=checkpoint,
-                checkpoint=checkpoint,
-                work=statements_work(contexts),
-                appends=tuple(a for ctx in contexts for a in ctx.appends),
-                processed=((event_id, 0),),
-            )
+        await self._commit_batch(
+            work=statements_work(contexts),
+            appends=tuple(a for ctx in contexts for a in ctx.appends),
+            processed=((event_id, 0),),
         )
+
+    async def _commit_batch(self, **parts: Any) -> None:
+        """Commit with the inbox group's checkpoint unchanged. A bus-fed group has no place in this
+        store's log, so its checkpoint stays where it is (0) and costs no read per message; if
+        someone moved it by hand, the conflict says so once and the stored value is used."""
+        for _ in range(2):
+            try:
+                await self.store.commit_processed(
+                    ProcessedBatch(
+                        group=self.key,
+                        expected_checkpoint=self._checkpoint,
+                        checkpoint=self._checkpoint,
+                        **parts,
+                    )
+                )
+                return
+            except CheckpointConflict as exc:
+                self._checkpoint = exc.actual
+        raise TidingsError(f"{self.key}: its checkpoint keeps moving; something else writes it")
 
     async def on_dead_letter(self, letter: DeadLetter) -> None:
         message = letter.message
@@ -159,10 +174,5 @@ class BusHandlerGroup:
             else letter.payload.decode("utf-8", "replace")[:10_000],
             letter.attempts,
         )
-        checkpoint = await self.store.load_checkpoint(self.key)
-        await self.store.commit_processed(
-            ProcessedBatch(
-                group=self.key, expected_checkpoint=checkpoint, checkpoint=checkpoint, dead_letters=(record,)
-            )
-        )
+        await self._commit_batch(dead_letters=(record,))
         self.dead_lettered += 1

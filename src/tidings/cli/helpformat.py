@@ -13,7 +13,7 @@ from typing import Any
 
 import typer.core
 
-__all__ = ["HelpGroup"]
+__all__ = ["HelpCommand", "HelpGroup"]
 
 
 class _Argument(typer.core.TyperArgument):
@@ -71,3 +71,11 @@ class HelpGroup(typer.core.TyperGroup):
             _clean(command, ctx)
             self._cleaned.add(cmd_name)
         return command
+
+
+class HelpCommand(typer.core.TyperCommand):
+    """A single command (an app of one command) whose help uses metavars, as :class:`HelpGroup`'s."""
+
+    def get_params(self, ctx: Any) -> Any:
+        _clean(self, ctx)
+        return super().get_params(ctx)

@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tidings.cli.helpformat import HelpCommand
+
 from .runner import InvariantViolation, ShopConfig, run_shop
 from .wiring import VARIANTS
 
@@ -20,7 +22,7 @@ __all__ = ["app", "main"]
 app = typer.Typer(add_completion=False, help="The reference order-processing system.")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def shop(
     orders: Annotated[int, typer.Option(help="How many orders to place.")] = 1000,
     variant: Annotated[str, typer.Option(help=f"Checkout variant: {' or '.join(VARIANTS)}.")] = "saga",
