@@ -382,6 +382,7 @@ class EventStore(abc.ABC):
         assert lower is not None
         self._check_open()
         while remaining is None or remaining > 0:
+            self._check_open()  # per page: a reader that outlives close() stops with StoreClosed
             page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
             rows = await self._fetch_stream(stream_id, lower, upper, backwards, page)
             for recorded in self.decode_rows(rows, raw_unknown):
@@ -411,6 +412,7 @@ class EventStore(abc.ABC):
         validators = self.registry.validators
         decode = self.registry.decode
         while remaining is None or remaining > 0:
+            self._check_open()  # per page: a reader that outlives close() stops with StoreClosed
             page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
             rows = await self._fetch_stream(stream_id, lower, None, False, page)
             for row in rows:
@@ -454,6 +456,7 @@ class EventStore(abc.ABC):
             validate_text("stream_prefix", stream_prefix)
         self._check_open()
         while remaining is None or remaining > 0:
+            self._check_open()  # per page: a reader that outlives close() stops with StoreClosed
             page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
             rows, scanned_to = await self._fetch_all(lower, types, stream_prefix, page)
             for recorded in self.decode_rows(rows, raw_unknown):
@@ -486,6 +489,7 @@ class EventStore(abc.ABC):
             raise InvalidArgument(f"stream_prefix must be a str, got {stream_prefix!r}")
         self._check_open()
         while remaining is None or remaining > 0:
+            self._check_open()  # per page: a reader that outlives close() stops with StoreClosed
             page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
             rows, scanned_to = await self._fetch_all(lower, types, stream_prefix, page)
             for position, stream_id, version, event_id, event_type, schema, ts, data, meta in rows:
