@@ -30,7 +30,7 @@ from tidings.cli.runtime import (
     run,
 )
 from tidings.cli.services import AppArgument, AppOption, cli_service
-from tidings.processing.projections import projection_status, rebuild_projection
+from tidings.processing.projections import ProjectionStatus, projection_status, rebuild_projection
 from tidings.processing.status import GroupStatus, group_status
 from tidings.store.base import mask_password
 
@@ -95,6 +95,19 @@ def _when(instant: datetime | None) -> str:
     return "-" if instant is None else instant.strftime("%Y-%m-%d %H:%M:%S")
 
 
+_RUNNER_COLUMNS = (
+    Column("State", "id"),
+    Column("Holder", "id"),
+    Column("Heartbeat (UTC)", "id"),
+    Column("Dead", "number"),
+)
+"""The columns a group and a projection share: who runs it, how it is, what it parked."""
+
+
+def _runner_cells(status: GroupStatus | ProjectionStatus) -> tuple[str, str, str, str]:
+    return status.state, status.holder or "-", _when(status.heartbeat_at), str(status.dead_letters)
+
+
 def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) -> None:
     """List the subscription groups: checkpoint, lag, state, and the process running each."""
 
@@ -131,10 +144,7 @@ def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) 
             Column("Group", "id", "magenta"),
             Column("Checkpoint", "number", "cyan"),
             Column("Lag", "number"),
-            Column("State", "id"),
-            Column("Holder", "id"),
-            Column("Heartbeat (UTC)", "id"),
-            Column("Dead", "number"),
+            *_RUNNER_COLUMNS,
         ],
         empty="none",
     )
@@ -143,10 +153,7 @@ def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) 
             g.group,
             str(g.checkpoint),
             str(g.lag),
-            g.state,
-            g.holder or "-",
-            _when(g.heartbeat_at),
-            str(g.dead_letters),
+            *_runner_cells(g),
         )
     records.finish()
     # A failing runner's error under the table: too long for a cell, and it says what to do.
@@ -197,10 +204,7 @@ def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOpti
             Column("Generation", "number"),
             Column("Checkpoint", "number", "cyan"),
             Column("Lag", "number"),
-            Column("State", "id"),
-            Column("Holder", "id"),
-            Column("Heartbeat (UTC)", "id"),
-            Column("Dead", "number"),
+            *_RUNNER_COLUMNS,
         ],
         empty="none",
     )
@@ -210,10 +214,7 @@ def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOpti
             str(s.generation),
             str(s.checkpoint),
             str(s.lag),
-            s.state,
-            s.holder or "-",
-            _when(s.heartbeat_at),
-            str(s.dead_letters),
+            *_runner_cells(s),
         )
     records.finish()
     for s in found:
