@@ -107,6 +107,7 @@ class Service:
         self._published: list[type[IntegrationEvent]] = []
         self._translators: dict[type[Event], Translator] = {}
         self._relay: OutboxRelay | None = None
+        self._close_requested = False
         self._inbound: list[BusHandlerGroup] = []
         self._skipped_before = 0
         self._sagas: dict[str, tuple[Saga, Clock]] = {}
@@ -337,7 +338,11 @@ class Service:
         return self._store
 
     async def close(self) -> None:
-        """Stop the service if it runs and close the store if the service opened it. Idempotent."""
+        """Stop the service if it runs and close the store (and bus) if the service opened them.
+        Called while :meth:`run` is running, it asks it to stop, and run() closes them on its way
+        out. Idempotent."""
+        if self._running:
+            self._close_requested = True
         self.stop()
         if self._owns_bus and self._bus is not None and not self._running:
             await self._bus.close()
@@ -504,6 +509,9 @@ class Service:
                 await hook()
             await stopping.wait()
         finally:
+            # Whatever ended run() (a stop, a failing on_start hook, a cancellation), everything it
+            # started must end too: the saga timers wait for this event.
+            stopping.set()
             for inbound in self._inbound:
                 with contextlib.suppress(Exception):
                     await inbound.stop()
@@ -519,8 +527,13 @@ class Service:
                     log.exception("service %r: an on_stop hook failed", self.name)
             self._running = False
             self._stop_requested = False
+            self._relay = None
             stopping.clear()
             started.clear()
+            if self._close_requested:  # close() was called while running: close what it owns
+                close_bus = True
+                close_store = close_store or self._owns_store
+                self._close_requested = False
             if close_bus and self._owns_bus and self._bus is not None:
                 with contextlib.suppress(Exception):
                     await self._bus.close()
@@ -541,9 +554,7 @@ class Service:
         while True:
             try:
                 await subscription.run()
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
+            except Exception as exc:
                 failures += 1
                 subscription.state = "failed"
                 subscription.last_error = f"{type(exc).__name__}: {exc}"

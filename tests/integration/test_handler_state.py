@@ -328,3 +328,25 @@ async def test_emit_and_registration_misuse_fail_with_typed_errors(store: EventS
 
     with pytest.raises(InvalidArgument, match="not the class"):
         service.add_handler(H)  # type: ignore[arg-type]
+
+
+@pytest.mark.needs("sql")
+async def test_a_bad_statement_in_a_batch_lands_on_its_own_event(store: EventStore) -> None:
+    """The batch commit fails on one handler's SQL: the others are handled again at once and
+    commit; only the faulty event is dead-lettered (review finding: all five were parked)."""
+    service = Service("shop", store, config=config(1000))
+
+    @service.handles(OrderPlaced)
+    async def answer(event: OrderPlaced, ctx: HandlerContext) -> None:
+        if event.order_id == "3":
+            ctx.execute("INSERT INTO no_such_table VALUES (1)")
+        ctx.emit(f"answer-{event.order_id}", [OrderAnswered(order_id=event.order_id, accepted=True)])
+
+    head = 0
+    for i in range(5):
+        head = (await store.append(f"o-{i}", [OrderPlaced(order_id=str(i), sku="x", quantity=1)])).position
+    async with service.running():
+        assert await service.wait_for(head)
+    [dead] = await store.dead_letters()
+    assert dead.stream_id == "o-3" and dead.attempts == 1
+    assert sorted(await answers(store)) == ["0", "1", "2", "4"]

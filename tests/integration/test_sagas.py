@@ -3,6 +3,7 @@ exactly-once steps under duplicates and replays; on every SQL backend (sagas nee
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -436,3 +437,79 @@ def test_cli_lists_and_shows_sagas(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "no saga" in missing.output
     bad = runner.invoke(app, ["sagas", "list", "--state", "bogus", "--store", url])
     assert bad.exit_code == 2
+
+
+class ShipmentPlanned(Event):
+    """Emitted by Shipping's handler of the checkout's ShipOrder command: it carries that saga's id."""
+
+    __event_type__ = "tests.saga.ShipmentPlanned"
+    order_id: str
+
+
+class PrintLabel(Command):
+    __event_type__ = "tests.saga.PrintLabel"
+    order_id: str
+
+
+class LabelPrinted(Event):
+    __event_type__ = "tests.saga.LabelPrinted"
+    order_id: str
+
+
+class Labels(Saga):
+    """A second saga, started by an event that answered the first saga's command."""
+
+    name = "checkout-labels"  # shares the prefix 'saga-checkout-' with Checkout's instances
+    started_by = ShipmentPlanned
+    steps = (
+        Step(
+            "print",
+            to="labels",
+            command=lambda d: PrintLabel(order_id=d["order_id"]),
+            success=LabelPrinted,
+        ),
+    )
+
+    def start(self, event: Event) -> tuple[str, Mapping[str, Any]]:
+        assert isinstance(event, ShipmentPlanned)
+        return event.order_id, {"order_id": event.order_id}
+
+
+async def test_a_saga_started_by_another_sagas_reply_starts_and_ids_sharing_a_prefix_stay_apart(
+    store: EventStore,
+) -> None:
+    world = World(store, ManualClock())
+
+    @world.shipping.handles(ShipOrder, group="shipping.plan")
+    async def plan(command: ShipOrder, ctx: HandlerContext) -> None:
+        ctx.emit(f"plan-{command.order_id}", [ShipmentPlanned(order_id=command.order_id)])
+
+    world.orders.add_saga(Labels(), clock=ManualClock())
+    labels = Service("labels", store, config=FAST)
+
+    @labels.handles_command(PrintLabel)
+    async def print_label(command: PrintLabel, ctx: HandlerContext) -> None:
+        ctx.emit(f"label-{command.order_id}", [LabelPrinted(order_id=command.order_id)])
+
+    async with Running(world), labels.running():
+        await world.submit("8", amount=10)
+        assert await world.settle("saga-checkout-8", "completed") == "completed"
+        assert await world.settle("saga-checkout-labels-8", "completed") == "completed"
+    # Checkout ('saga-checkout-') never touched the Labels instance ('saga-checkout-labels-8').
+    checkout = await saga_state(store, "saga-checkout-8")
+    labels_state = await saga_state(store, "saga-checkout-labels-8")
+    assert checkout.saga == "checkout" and labels_state.saga == "checkout-labels"
+    kinds = [type(e.event).__name__ for e in await saga_history(store, "saga-checkout-labels-8")]
+    assert kinds == ["SagaStarted", "StepStarted", "StepSucceeded", "SagaCompleted"]
+
+
+async def test_a_failing_start_hook_ends_run_instead_of_hanging(store: EventStore) -> None:
+    service = Service("orders", store, config=FAST)
+    service.add_saga(Checkout(), clock=ManualClock())
+
+    @service.on_start
+    async def broken() -> None:
+        raise RuntimeError("start hook failed")
+
+    with pytest.raises(RuntimeError, match="start hook failed"):
+        await asyncio.wait_for(service.run(), 30)  # the saga timer stops with the rest

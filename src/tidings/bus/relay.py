@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from tidings.bus.base import Bus
 from tidings.commands import Command, destination_of
-from tidings.errors import InvalidArgument, TidingsError, is_permanent, is_transient
+from tidings.errors import InvalidArgument, TidingsError, is_transient
 from tidings.events import Event, RecordedEvent
 from tidings.integration import IntegrationEvent
 from tidings.processing.subscription import Subscription, SubscriptionConfig
@@ -136,8 +136,9 @@ class OutboxRelay(Subscription):
         try:
             await self._publish(events)
         except TidingsError as exc:
-            if is_transient(exc) or not is_permanent(exc):
+            if is_transient(exc):
                 raise  # the bus is away: the runner waits and publishes the batch again
+            # The broker refused something in the batch: find it, park it, publish the rest.
             await self._publish_one_by_one(events)
         except Exception:
             await self._publish_one_by_one(events)

@@ -152,14 +152,16 @@ class HandlerSubscription(Subscription):
         # so that they are skipped when their events come round again.
         await self.commit_patiently(max(first - 1, self.checkpoint), contexts=valid)
         self.handled += len(valid)
+        # Their first attempt was refused for the batch's sake, not theirs: each runs again at
+        # once on fresh state, and only its own failure counts (a bad statement lands on its event).
         for ctx in invalid:
-            if await self.handle_with_retries(ctx.recorded, first_error=refusal) is None:
+            if await self.handle_with_retries(ctx.recorded, first_error=None) is None:
                 return False
         await self.commit_patiently(checkpoint)
         return True
 
     async def handle_with_retries(
-        self, recorded: RecordedEvent, *, first_error: BaseException
+        self, recorded: RecordedEvent, *, first_error: BaseException | None
     ) -> bool | None:
         """Handle one event (commit included) until it succeeds or is dead-lettered.
 

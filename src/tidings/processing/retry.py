@@ -83,11 +83,14 @@ class Waiter(Protocol):
 async def retry_event(
     runner: Waiter,
     policy: RetryPolicy,
-    first_error: BaseException,
+    first_error: BaseException | None,
     attempt: Callable[[int], Awaitable[None]],
     park: Callable[[BaseException, int], Awaitable[None]],
 ) -> bool | None:
     """Retry one event that failed with ``first_error`` until it succeeds or is dead-lettered.
+
+    With ``first_error`` None the event has not failed yet (its effects were refused for reasons
+    of other events, say): the first attempt runs at once and counts as attempt 1.
 
     ``attempt(n)`` processes the event once, commit included, and raises on failure; ``park(error,
     attempts)`` dead-letters it (committing the checkpoint past it). Returns True if an attempt
@@ -97,6 +100,16 @@ async def retry_event(
     """
     number = 1
     outages = 0
+    if first_error is None:
+        try:
+            await attempt(number)
+            return True
+        except CheckpointConflict:
+            raise
+        except BaseException as exc:
+            if not handler_failure(exc):
+                raise
+            first_error = exc
     error: BaseException = first_error
     while True:
         runner.last_error = f"{type(error).__name__}: {error}"

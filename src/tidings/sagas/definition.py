@@ -125,8 +125,7 @@ class Saga:
         self.step_list: tuple[Step, ...] = steps
 
     def start(self, event: Event) -> tuple[str, Mapping[str, Any]]:
-        """The saga's key and initial data for its starting event. Defaults to the event's data
-        keyed by the starting event's stream id."""
+        """The saga's key and initial data for its starting event. Subclasses must define it."""
         raise NotImplementedError(f"{type(self).__qualname__} must define start(event)")
 
     def saga_id(self, key: str) -> str:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from tidings.errors import InvalidArgument, TidingsError, is_transient
+from tidings.errors import InvalidArgument, is_transient
 from tidings.events import Event
 from tidings.processing.context import HandlerContext
 from tidings.sagas.clock import Clock
@@ -98,6 +98,8 @@ class SagaHandler:
         if saga_id is None:
             return
         instance = await ctx.load(SagaInstance, saga_id, create=True)
+        if instance.version and instance.saga != self.saga.name:
+            return  # another saga whose id shares our prefix (saga 'order' vs 'order-refund')
         before = instance.version
         if before == 0:
             if isinstance(event, self.saga.start_types) and not isinstance(event, DeadlinePassed):
@@ -114,7 +116,8 @@ class SagaHandler:
         carried = ctx.recorded.metadata.get("saga_id")
         if isinstance(carried, str) and carried.startswith(self.prefix):
             return carried
-        if isinstance(event, self.saga.start_types) and carried is None:
+        if isinstance(event, self.saga.start_types):
+            # A starting event may carry another saga's id (it answered that saga's command).
             key, _ = self._begin(event)
             return self.saga.saga_id(key)
         return None  # a reply for another saga, or an event no saga of ours sent for
@@ -243,9 +246,10 @@ class DeadlineTimer:
             following: float | None = None
             try:
                 following = await self.fire_due()
-            except TidingsError as exc:
+            except Exception as exc:
+                # Never let the timer die: no deadline would fire until the service restarts.
                 level = logging.WARNING if is_transient(exc) else logging.ERROR
-                log.log(level, "saga %r: deadline timer: %s", self.saga.name, exc)
+                log.log(level, "saga %r: deadline timer: %s", self.saga.name, exc, exc_info=exc)
             await self._wait(stopping, following)
 
     async def fire_due(self) -> float | None:
