@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 
-from tidings.errors import InvalidArgument, TidingsError
+from tidings.errors import InvalidArgument, StatementError
 from tidings.events import Event, RecordedEvent
 from tidings.sagas.state import TERMINAL, SagaInstance
 from tidings.store.base import EventStore
@@ -57,7 +57,7 @@ async def list_sagas(
     params.append(limit)
     try:
         rows = await store.query(sql, params)
-    except TidingsError as exc:
+    except StatementError as exc:
         if "tidings_sagas" in str(exc):
             return []  # no saga has ever run against this store
         raise

@@ -108,7 +108,7 @@ class SagaHandler:
             self._advance(instance, event, ctx)
         if instance.version != before:
             ctx.save(instance)
-            self._index(instance, ctx, started=before == 0)
+            self._index(instance, ctx)
 
     def _saga_id(self, event: Event, ctx: HandlerContext) -> str | None:
         if isinstance(event, DeadlinePassed):
@@ -209,7 +209,7 @@ class SagaHandler:
             metadata={"saga_id": instance.id, "saga_step": step.name, "destination": step.to},
         )
 
-    def _index(self, instance: SagaInstance, ctx: HandlerContext, *, started: bool) -> None:
+    def _index(self, instance: SagaInstance, ctx: HandlerContext) -> None:
         now = self.clock.now()
         ctx.execute(
             _UPSERT,
