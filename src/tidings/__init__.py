@@ -42,6 +42,7 @@ from tidings.errors import (
 )
 from tidings.events import Event, EventRegistry, RawEvent, RecordedEvent, default_registry, upcaster
 from tidings.integration import IntegrationEvent
+from tidings.metrics import MetricsConfig, MetricsError, ServiceMetrics
 from tidings.processing import (
     EventHandler,
     GroupStatus,
@@ -120,6 +121,8 @@ __all__ = [
     "InvalidArgument",
     "InvalidStreamId",
     "ManualClock",
+    "MetricsConfig",
+    "MetricsError",
     "MissingExtra",
     "ProcessedBatch",
     "Projection",
@@ -135,6 +138,7 @@ __all__ = [
     "Saga",
     "SerializationError",
     "Service",
+    "ServiceMetrics",
     "Snapshot",
     "SnapshotError",
     "StatementError",

@@ -31,6 +31,7 @@ from tidings.commands import Command
 from tidings.errors import InvalidArgument, TidingsError, UnsupportedOperation
 from tidings.events import Event
 from tidings.integration import IntegrationEvent, source_of
+from tidings.metrics import MetricsConfig, MetricsServer, require_prometheus
 from tidings.processing.context import HandlerContext
 from tidings.processing.handlers import Dispatch, EventHandler, HandlerFunction, call_handler, handler_methods
 from tidings.processing.handling import HandlerSubscription
@@ -65,6 +66,10 @@ class Service:
     ``ack_wait`` (seconds) is how long the bus waits for a bus-fed handler's acknowledgement
     before it redelivers the message elsewhere -- the failover bound of a killed process (a live
     one extends it while its handler runs); the bus's default when None.
+
+    ``metrics`` serves the service's Prometheus metrics while it runs (see
+    :class:`~tidings.MetricsConfig`; needs ``pip install 'tidings[metrics]'``, or raises
+    :class:`~tidings.MissingExtra`).
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class Service:
         bus: Bus | str | None = None,
         config: SubscriptionConfig | None = None,
         ack_wait: float | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"service name must be a non-empty str, got {name!r}")
@@ -112,6 +118,9 @@ class Service:
         self._skipped_before = 0
         self._sagas: dict[str, tuple[Saga, Clock]] = {}
         self._timers: list[DeadlineTimer] = []
+        self._metrics: MetricsConfig | None = None
+        self._metrics_server: MetricsServer | None = None
+        self.use_metrics(metrics)
 
     # -- declaration ------------------------------------------------------------------------------
 
@@ -213,6 +222,27 @@ class Service:
             raise TidingsError(f"service {self.name!r} is running; cannot change its bus")
         self._bus_arg = bus
         self._bus = bus if isinstance(bus, Bus) else None
+
+    def use_metrics(self, metrics: MetricsConfig | None) -> None:
+        """Serve the service's Prometheus metrics where ``metrics`` says (None: not at all) from
+        its next start, e.g. from ``tidings run --metrics-port``. Raises
+        :class:`~tidings.MissingExtra` without the ``metrics`` extra, and
+        :class:`~tidings.InvalidArgument` for anything but a :class:`~tidings.MetricsConfig`."""
+        if metrics is not None:
+            if not isinstance(metrics, MetricsConfig):
+                raise InvalidArgument(f"metrics must be a tidings.MetricsConfig, got {metrics!r:.80}")
+            require_prometheus()
+        self._metrics = metrics
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics`` while the service runs and serves its metrics, else None."""
+        return None if self._metrics_server is None else self._metrics_server.url
+
+    @property
+    def relay(self) -> OutboxRelay | None:
+        """The outbox relay while the service runs one (it has a bus and events to publish)."""
+        return self._relay
 
     def add_saga(
         self, saga: Saga, *, clock: Clock | None = None, config: SubscriptionConfig | None = None
@@ -455,6 +485,11 @@ class Service:
         close_store = self._store is None or not self._store.is_open
         close_bus = self._bus is None  # run() connected it: run() disconnects it
         try:
+            if self._metrics is not None:
+                # Bound first: a port in use fails the start before anything runs.
+                server = MetricsServer(self, self._metrics)
+                await server.start()
+                self._metrics_server = server
             store = await self.open()
             if self._stop_requested:
                 return
@@ -512,6 +547,9 @@ class Service:
             # Whatever ended run() (a stop, a failing on_start hook, a cancellation), everything it
             # started must end too: the saga timers wait for this event.
             stopping.set()
+            if self._metrics_server is not None:
+                await self._metrics_server.close()
+                self._metrics_server = None
             for inbound in self._inbound:
                 with contextlib.suppress(Exception):
                     await inbound.stop()

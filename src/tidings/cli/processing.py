@@ -30,6 +30,8 @@ from tidings.cli.runtime import (
     run,
 )
 from tidings.cli.services import AppArgument, AppOption, cli_service
+from tidings.errors import InvalidArgument, TidingsError
+from tidings.metrics import MetricsConfig
 from tidings.processing.projections import ProjectionStatus, projection_status, rebuild_projection
 from tidings.processing.status import GroupStatus, group_status
 from tidings.store.base import mask_password
@@ -40,20 +42,54 @@ JsonOption = Annotated[
     bool, typer.Option("--json", metavar="", help="Print JSON lines (one object per line).")
 ]
 
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar="TIDINGS_METRICS_PORT",
+        metavar="PORT",
+        show_default=False,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics while running "
+        "(needs pip install 'tidings[metrics]').",
+    ),
+]
+MetricsHostOption = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics-host",
+        envvar="TIDINGS_METRICS_HOST",
+        metavar="HOST",
+        show_default=False,
+        help="Address the metrics endpoint listens on [default: 127.0.0.1; 0.0.0.0 for every interface].",
+    ),
+]
+
 projections_app = typer.Typer(
     cls=HelpGroup, help="Projections (SQL read models): status and rebuild.", no_args_is_help=True
 )
 
 
-def run_service(app: AppArgument, store: ServiceStoreOption = None, bus: BusOption = None) -> None:
+def run_service(
+    app: AppArgument,
+    store: ServiceStoreOption = None,
+    bus: BusOption = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = None,
+) -> None:
     """Run a service's handlers and projections until SIGINT/SIGTERM, then stop gracefully.
 
     A second Ctrl-C while stopping forces the exit at once (exit code 130); events in flight are
     not committed and are delivered again at the next start.
     """
+    metrics = _metrics_config(metrics_port, metrics_host)
     service = cli_service(app, store)
     if bus is not None:
         service.use_bus(bus)
+    if metrics is not None:
+        try:
+            service.use_metrics(metrics)
+        except TidingsError as exc:  # the extra is missing
+            fail(str(exc))
     console = Console(stderr=True, highlight=False)
 
     def stopping() -> None:
@@ -68,6 +104,9 @@ def run_service(app: AppArgument, store: ServiceStoreOption = None, bus: BusOpti
                 f"[green]running[/] service [bold]{escape(service.name)}[/] on "
                 f"{escape(opened.safe_url)}{on_bus} — Ctrl-C to stop"
             )
+            if metrics is not None:
+                host = f"[{metrics.host}]" if ":" in metrics.host else metrics.host
+                console.print(f"metrics at http://{escape(host)}:{metrics.port}/metrics")
 
         try:
             await service.serve(on_start=started, on_stop=stopping)
@@ -86,6 +125,20 @@ def run_service(app: AppArgument, store: ServiceStoreOption = None, bus: BusOpti
 
     run(serve())
     console.print(f"service [bold]{escape(service.name)}[/] stopped; checkpoints saved")
+
+
+def _metrics_config(port: int | None, host: str | None) -> MetricsConfig | None:
+    """The metrics endpoint the command line asks for; a bad one ends the command (exit code 2)."""
+    if port is None:
+        if host is not None:
+            fail("--metrics-host needs --metrics-port", code=2)
+        return None
+    if port == 0:  # a port chosen by the system could not be found by Prometheus
+        fail("--metrics-port must be a port in 1..65535, got 0", code=2)
+    try:
+        return MetricsConfig(port) if host is None else MetricsConfig(port, host)
+    except InvalidArgument as exc:
+        fail(str(exc), code=2)
 
 
 # -- groups -----------------------------------------------------------------------------------------

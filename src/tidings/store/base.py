@@ -200,6 +200,11 @@ class EventStore(abc.ABC):
     * ``expected_version`` mismatches raise :class:`~tidings.ConcurrencyError` and write nothing;
     * re-sending an append whose events carry explicit ``event_ids`` that were already stored by that
       same append returns the original result instead of writing twice.
+
+    ``append_calls`` and ``appended_events`` count the appends this object has committed (by
+    :meth:`append`, and by a subscription's :meth:`~tidings.TrackingStore.commit_processed`) and
+    their events, since it was created; an exact retry of an append counts again. They are what
+    ``tidings_append_calls_total`` and ``tidings_appended_events_total`` report.
     """
 
     registry: EventRegistry
@@ -211,6 +216,8 @@ class EventStore(abc.ABC):
         self._opened = False
         self._closed = False
         self._head_changed = asyncio.Event()
+        self.append_calls = 0
+        self.appended_events = 0
 
     @property
     def safe_url(self) -> str:
@@ -289,7 +296,11 @@ class EventStore(abc.ABC):
             event_ids=event_ids,
         )
         self._check_open()
-        return await self._append(request)
+        result = await self._append(request)
+        # Two integer adds on the hot path: the metrics read them at scrape time.
+        self.append_calls += 1
+        self.appended_events += len(request.events)
+        return result
 
     def prepare_append(
         self,

@@ -201,6 +201,8 @@ class TrackingStore(EventStore):
         results = await self._commit_processed(batch)
         self._notify_checkpoint()
         if batch.appends:
+            self.append_calls += len(batch.appends)
+            self.appended_events += sum(len(request.events) for request in batch.appends)
             self._notify_appended()
         return results
 
