@@ -150,8 +150,13 @@ async def collect(service: Service) -> list[Metric]:
     head = await store.head()
     stats = service.statistics()
     statuses: dict[str, GroupStatus] = {}
+    dead: dict[str, int] = {}
     if isinstance(store, TrackingStore):
         statuses = {status.group: status for status in await group_status(store)}
+        dead = {group: status.dead_letters for group, status in statuses.items()}
+        for s in stats:
+            if s.group not in dead:  # a bus-fed group, or one that never committed: not listed there
+                dead[s.group] = len(await store.dead_letters(s.group))
 
     appended = CounterMetricFamily(
         "tidings_appended_events",
@@ -170,7 +175,7 @@ async def collect(service: Service) -> list[Metric]:
     )
     head_family.add_metric([name], head)
     families: list[Metric] = [appended, calls, head_family]
-    families += _group_families(name, head, stats, statuses)
+    families += _group_families(name, head, stats, statuses, dead)
     relay = service.relay
     if relay is not None:
         families += await _relay_families(name, store, relay, statuses)
@@ -187,7 +192,11 @@ async def collect(service: Service) -> list[Metric]:
 
 
 def _group_families(
-    service: str, head: int, stats: Sequence[SubscriptionStats], statuses: dict[str, GroupStatus]
+    service: str,
+    head: int,
+    stats: Sequence[SubscriptionStats],
+    statuses: dict[str, GroupStatus],
+    dead: dict[str, int],
 ) -> list[Metric]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -238,10 +247,8 @@ def _group_families(
         skipped.add_metric(key, s.skipped_duplicates)
         retries.add_metric(key, s.retries)
         dead_lettered.add_metric(key, s.dead_lettered)
-        if status is not None:
-            dead_letters.add_metric(key, status.dead_letters)
-        elif not on_bus:
-            dead_letters.add_metric(key, 0)
+        if s.group in dead:
+            dead_letters.add_metric(key, dead[s.group])
         if on_bus:
             alive.add_metric(key, 1 if s.state == "live" else 0)
         else:
@@ -266,7 +273,7 @@ async def _relay_families(
     backlog.add_metric([service], await _backlog(store, relay.event_types or (), position))
     published = CounterMetricFamily(
         "tidings_relay_published",
-        "Events the relay has published to the bus (this process).",
+        "Events the relay got past: published (or left out by a translator, or parked).",
         labels=["service"],
     )
     published.add_metric([service], relay.relayed)

@@ -94,7 +94,9 @@ async def test_relay_and_bus_groups_on_the_memory_bus(tmp_path: Path) -> None:
         )
 
         @inventory.handles(OrderSubmitted)
-        async def reserve(event: OrderSubmitted) -> None: ...
+        async def reserve(event: OrderSubmitted) -> None:
+            if event.order_id == "order-3":
+                raise RuntimeError("no stock for order-3")
 
         async with orders.running(), inventory.running():
             for i in range(4):
@@ -105,10 +107,14 @@ async def test_relay_and_bus_groups_on_the_memory_bus(tmp_path: Path) -> None:
 
             async def consumed() -> dict[tuple[str, str], float] | None:
                 got = await asyncio.to_thread(scrape, inventory)
-                return got if got.get(("tidings_group_handled_total", "inventory.reserve@bus")) == 4 else None
+                group = "inventory.reserve@bus"
+                done = got.get(("tidings_group_handled_total", group)) == 3
+                return got if done and got.get(("tidings_group_dead_letters", group)) == 1 else None
 
-            got = await wait_until(consumed, 60, "inventory to handle the four orders")
+            got = await wait_until(consumed, 60, "inventory to handle three orders and park one")
             assert got[("tidings_group_alive", "inventory.reserve@bus")] == 1
+            assert got[("tidings_group_dead_lettered_total", "inventory.reserve@bus")] == 1
+            assert got[("tidings_group_retries_total", "inventory.reserve@bus")] >= 1  # redelivered
             # A bus-fed group has no position in this store's log: no lag is made up for it.
             assert ("tidings_group_lag", "inventory.reserve@bus") not in got
             assert ("tidings_relay_backlog", "") not in got  # inventory publishes nothing: no relay
