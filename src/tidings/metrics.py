@@ -386,9 +386,13 @@ class MetricsServer:
             return
         try:
             body = await self.metrics.render()
-        except TidingsError as exc:
+        except TidingsError as exc:  # the store is closing, or away: the next scrape may work
             log.warning("metrics of %r: cannot read them: %s", self.metrics.service.name, exc)
             await _send(writer, 503, "Service Unavailable", f"cannot read the metrics: {exc}\n".encode())
+            return
+        except Exception as exc:  # a bug: said to the scraper and logged, the service goes on
+            log.exception("metrics of %r: reading them failed", self.metrics.service.name)
+            await _send(writer, 500, "Internal Server Error", f"{type(exc).__name__}: {exc}\n".encode())
             return
         await _send(
             writer, 200, "OK", body, content_type=self.metrics.content_type, head_only=method == "HEAD"

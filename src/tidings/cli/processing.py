@@ -50,7 +50,7 @@ MetricsPortOption = Annotated[
         metavar="PORT",
         show_default=False,
         help="Serve Prometheus metrics at http://HOST:PORT/metrics while running "
-        "(needs pip install 'tidings[metrics]').",
+        "(needs pip install 'tidings\\[metrics]').",
     ),
 ]
 MetricsHostOption = Annotated[
@@ -60,7 +60,7 @@ MetricsHostOption = Annotated[
         envvar="TIDINGS_METRICS_HOST",
         metavar="HOST",
         show_default=False,
-        help="Address the metrics endpoint listens on [default: 127.0.0.1; 0.0.0.0 for every interface].",
+        help="Address the metrics endpoint listens on (default: 127.0.0.1; 0.0.0.0: every interface).",
     ),
 ]
 
