@@ -228,6 +228,8 @@ class Service:
         its next start, e.g. from ``tidings run --metrics-port``. Raises
         :class:`~tidings.MissingExtra` without the ``metrics`` extra, and
         :class:`~tidings.InvalidArgument` for anything but a :class:`~tidings.MetricsConfig`."""
+        if self._running:
+            raise TidingsError(f"service {self.name!r} is running; cannot change its metrics endpoint")
         if metrics is not None:
             if not isinstance(metrics, MetricsConfig):
                 raise InvalidArgument(f"metrics must be a tidings.MetricsConfig, got {metrics!r:.80}")

@@ -33,6 +33,7 @@ from tidings import (
     ServiceMetrics,
     Step,
     SubscriptionConfig,
+    TidingsError,
 )
 from tidings.testing.servers import free_port
 
@@ -112,6 +113,8 @@ async def test_appends_groups_retries_and_dead_letters(store: EventStore) -> Non
     assert service.metrics_url is None  # not running: nothing served
     async with service.running():
         assert service.metrics_url == f"http://127.0.0.1:{port}/metrics"
+        with pytest.raises(TidingsError, match="is running"):
+            service.use_metrics(None)
         for i in range(10):
             await service.publish(f"order-{i}", [OrderPlaced(order_id=str(i), amount=i)])
 
