@@ -147,7 +147,8 @@ async def test_a_transaction_across_two_services_on_the_bus(
     assert not any(n.dead_lettered or n.compensation for n in trace.nodes())
 
     # By event id (the first, or any later one), by correlation id, by stream: the same tree.
-    for ref in (placed.event_id, accepted.event_id, reserved.event_id, f"  {placed.correlation_id or placed.event_id} "):
+    refs = (placed.event_id, accepted.event_id, reserved.event_id, f"  {reserved.correlation_id} ")
+    for ref in refs:
         again = await build_trace(sources, ref)
         assert again.roots == trace.roots and again.correlation_ids == trace.correlation_ids
     # A store given twice (two labels) shows each event once.
@@ -405,7 +406,7 @@ async def test_an_existing_store_gets_the_index(store_url: str, tmp_path: Path) 
         assert "tidings_events_correlation" in names
         return
     from tidings.store.postgres import migrate
-    from tidings.store.postgres.schema import MIGRATIONS, _MIGRATIONS_TABLE
+    from tidings.store.postgres.schema import _MIGRATIONS_TABLE, MIGRATIONS
 
     schema = parse_qs(urlsplit(store_url).query)["schema"][0]
     quoted = f'"{schema}"'
@@ -420,9 +421,11 @@ async def test_an_existing_store_gets_the_index(store_url: str, tmp_path: Path) 
     async with open_store(store_url) as store:
         await store.append("s", [OrderAccepted()], metadata={"correlation_id": "c"})
         # A row no reader can parse stays writable (the index reads it as NULL).
-        await store.append("t", [OrderAccepted()], metadata={"text": "nul \x00 inside", "correlation_id": "d"})
+        odd = {"text": "nul \x00 inside", "correlation_id": "d"}
+        await store.append("t", [OrderAccepted()], metadata=odd)
         assert [e.stream_id async for e in store.read_correlated(["c"])] == ["s"]
     with psycopg.connect(servers.libpq_url(store_url), autocommit=True) as pg:
         pg.execute(f"UPDATE {quoted}.tidings_events SET metadata = %s WHERE stream_id = 's'", (b"{broken",))
-        names = [r[0] for r in pg.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,))]
+        found = pg.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,))
+        names = [r[0] for r in found]
     assert "tidings_events_correlation" in names

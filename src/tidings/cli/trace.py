@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.text import Text
 from rich.tree import Tree
 
@@ -114,8 +114,19 @@ def _label(node: TraceNode) -> Text:
     return text
 
 
-def render_trace(trace: CausalTrace) -> Tree:
-    """The trace as a Rich tree: one branch per event, under the event that caused it."""
+MIN_LABEL_WIDTH = 24
+"""The narrowest a tree's labels get: deeper branches continue in a tree of their own."""
+
+GUIDE_WIDTH = 4
+"""The columns each level of a Rich tree indents by."""
+
+
+def render_trace(trace: CausalTrace, width: int) -> Group:
+    """The trace as Rich trees: one branch per event, under the event that caused it.
+
+    On a terminal too narrow for the depth of the tree, a branch that would leave its labels
+    less than :data:`MIN_LABEL_WIDTH` columns continues in a tree of its own below, headed by
+    the event that caused it: every event is shown, none is cut off."""
     count = len(trace)
     services = ", ".join(trace.services)
     title = Text(overflow="fold")
@@ -123,12 +134,25 @@ def render_trace(trace: CausalTrace) -> Tree:
     title.append(f"\n{count} event{'s' if count != 1 else ''} in {services}", style="dim")
     if trace.truncated:
         title.append("\n(truncated: raise --limit to see more)", style="yellow")
-    tree = Tree(title)
-    branches: dict[str, Tree] = {}
+    main = Tree(title)
+    trees = [main]
+    max_depth = max(1, (width - MIN_LABEL_WIDTH) // GUIDE_WIDTH)
+    # Where each event's branch is, and how deep it is drawn (the depth restarts in a continuation).
+    branches: dict[str, tuple[Tree, int]] = {}
     for node, parent, _ in trace.walk():
-        under = tree if parent is None else branches[parent.event_id]
-        branches[node.event_id] = under.add(_label(node))
-    return tree
+        if parent is None:
+            under, depth = main, 1
+        else:
+            under, depth = branches[parent.event_id]
+            depth += 1
+            if depth > max_depth:
+                heading = Text(overflow="fold", style="dim")
+                heading.append(f"⤷ continued: caused by {parent.event_type} {parent.event_id[:8]}")
+                under = Tree(heading)
+                trees.append(under)
+                depth = 1
+        branches[node.event_id] = (under.add(_label(node)), depth)
+    return Group(*trees)
 
 
 def trace(
@@ -151,4 +175,5 @@ def trace(
     if json_output:
         typer.echo(orjson.dumps(found.to_dict()).decode())
         return
-    Console().print(render_trace(found))
+    console = Console()
+    console.print(render_trace(found, console.width))
