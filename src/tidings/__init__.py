@@ -13,6 +13,7 @@ The names below are the public API; everything else is implementation. Quick tou
 
 from tidings.aggregate import Aggregate
 from tidings.bus import Bus, open_bus
+from tidings.causal import CausalTrace, DeadLetterInfo, TraceNode, TraceNotFound, build_trace
 from tidings.commands import Command
 from tidings.errors import (
     AggregateNotFound,
@@ -97,12 +98,14 @@ __all__ = [
     "AppendRequest",
     "AppendResult",
     "Bus",
+    "CausalTrace",
     "CheckpointConflict",
     "Command",
     "ConcurrencyError",
     "CorruptEvent",
     "CorruptStore",
     "DeadLetter",
+    "DeadLetterInfo",
     "DeadLetterNotFound",
     "DeadLetterRecord",
     "DuplicateEventId",
@@ -149,12 +152,15 @@ __all__ = [
     "SubscriptionConfig",
     "SubscriptionStats",
     "TidingsError",
+    "TraceNode",
+    "TraceNotFound",
     "TrackingStore",
     "Tx",
     "UnknownEventType",
     "UnsupportedOperation",
     "UpcastError",
     "__version__",
+    "build_trace",
     "default_registry",
     "fold",
     "group_status",

@@ -16,7 +16,7 @@ from typing import TypeVar
 from tidings.errors import AlreadyProcessed, CheckpointConflict, TidingsError, UnsupportedOperation
 from tidings.events import EventRegistry
 from tidings.store.append import AppendPlan, AppendRequest, AppendResult, StoredId, plan_appends
-from tidings.store.base import Row, Snapshot, StreamInfo, now_micros
+from tidings.store.base import Row, Snapshot, StreamInfo, correlation_of, now_micros
 from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.tracking import DeadLetter, ProcessedBatch, TrackingStore
 
@@ -37,6 +37,7 @@ class MemoryStore(TrackingStore):
         self._log: list[Row] = []
         self._streams: dict[str, list[Row]] = {}
         self._ids: dict[uuid.UUID, Row] = {}
+        self._correlated: dict[str, list[Row]] = {}
         self._snapshots: dict[str, dict[int, Snapshot]] = {}
         self._checkpoints_by_group: dict[str, int] = {}
         self._inbox: dict[str, set[uuid.UUID]] = {}
@@ -90,6 +91,11 @@ class MemoryStore(TrackingStore):
                 self._log.append(row)
                 self._streams.setdefault(stream_id, []).append(row)
                 self._ids[e.event_id] = row
+                # Only metadata that names a correlation id is parsed: the index of correlated reads.
+                if meta is not None and b'"correlation_id"' in meta:
+                    correlation = correlation_of(meta)
+                    if correlation is not None:
+                        self._correlated.setdefault(correlation, []).append(row)
             self._notify_appended()
         return plan.outcomes_at(head)
 
@@ -117,6 +123,16 @@ class MemoryStore(TrackingStore):
             if len(out) == limit:
                 return out, row[0]
         return out, None
+
+    async def _fetch_correlated(
+        self, ids: tuple[str, ...], event_ids: tuple[uuid.UUID, ...], after: int, limit: int
+    ) -> list[Row]:
+        found = {row[0]: row for key in ids for row in self._correlated.get(key, ())}
+        for event_id in event_ids:
+            row = self._ids.get(event_id)
+            if row is not None:
+                found[row[0]] = row
+        return [found[p] for p in sorted(found) if p > after][:limit]
 
     async def _stream_version(self, stream_id: str) -> int:
         return len(self._streams.get(stream_id, ()))

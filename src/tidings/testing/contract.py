@@ -241,6 +241,53 @@ class StoreContract:
         assert await positions(event_types=[]) == []
         assert await positions(stream_prefix="%") == []
 
+    async def test_read_correlated(self, store: EventStore) -> None:
+        root = uuid.uuid4()
+        await store.append("order-1", [Noted(text="placed")], event_ids=[root])
+        await store.append("other", credits(1), metadata={"correlation_id": "unrelated"})
+        caused = {"correlation_id": str(root), "causation_id": str(root)}
+        await store.append("stock-1", credits(2, 3), metadata=caused)
+        await store.append("other", credits(4))
+        await store.append("mail-1", [Noted(text="sent")], metadata={"user_id": "u", **caused})
+        await store.append("n", credits(5), metadata={"nested": {"correlation_id": str(root)}})
+        found = await collect(store.read_correlated([str(root)]))
+        assert [(e.stream_id, e.version) for e in found] == [
+            ("order-1", 1),
+            ("stock-1", 1),
+            ("stock-1", 2),
+            ("mail-1", 1),
+        ]
+        assert [e.position for e in found] == sorted(e.position for e in found)
+        assert [e.position for e in await collect(store.read_correlated([str(root)], limit=2))] == [
+            found[0].position,
+            found[1].position,
+        ]
+        both = await collect(store.read_correlated(["unrelated", str(root), "unrelated"]))
+        assert len(both) == 5
+        stored = [e async for e in store.read_correlated_stored(["unrelated"])]
+        assert [(e.stream_id, e.event_type) for e in stored] == [("other", "tidings.testing.Credited")]
+        assert stored[0].metadata is not None and b"unrelated" in stored[0].metadata
+        assert await collect(store.read_correlated(["nobody", str(uuid.uuid4())])) == []
+        assert await collect(store.read_correlated([])) == []
+
+    async def test_read_correlated_pages_past_one_page(self, store: EventStore) -> None:
+        meta = {"correlation_id": "big"}
+        for chunk in range(3):
+            await store.append(f"s-{chunk}", credits(*range(500)), metadata=meta)
+            await store.append("noise", credits(1))
+        found = [e.position async for e in store.read_correlated_stored(["big"])]
+        assert len(found) == 1500 and found == sorted(set(found))
+
+    async def test_read_correlated_bad_input(self, store: EventStore) -> None:
+        await store.append("s", credits(1), metadata={"correlation_id": "c"})
+        for bad in ["c", b"c", 42, None, [1], ["a\x00b"], ["\ud800"]]:
+            with pytest.raises(InvalidArgument):
+                await collect(store.read_correlated(bad))  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            await collect(store.read_correlated([f"c-{i}" for i in range(501)]))
+        with pytest.raises(InvalidArgument):
+            await collect(store.read_correlated(["c"], limit=-1))
+
     async def test_paging_over_many_events(self, store: EventStore) -> None:
         await store.append("big", credits(*range(2500)))
         await store.append("other", [Debited(amount=1)])

@@ -114,6 +114,26 @@ CREATE TABLE {schema}.tidings_dead_letters (
 );
 """,
     ),
+    Migration(
+        2,
+        "index of the events' correlation ids (correlated reads, the causal trace)",
+        # The metadata is bytea holding JSON: the function reads its correlation id, and NULL
+        # for metadata that is not a JSON object or cannot be text (a \u0000 escape), so that an
+        # odd row never makes a write fail. IMMUTABLE is true of it (it reads only its argument),
+        # which an index expression requires; convert_from alone is only STABLE.
+        """
+CREATE FUNCTION {schema}.tidings_correlation_id(metadata bytea) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+BEGIN
+    RETURN convert_from(metadata, 'UTF8')::json ->> 'correlation_id';
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$;
+CREATE INDEX tidings_events_correlation ON {schema}.tidings_events
+    ({schema}.tidings_correlation_id(metadata)) WHERE metadata IS NOT NULL;
+""",
+    ),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1].version
@@ -326,6 +346,16 @@ class Statements:
         )
         self.stream = f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE stream_id = %s AND version > %s"
         self.all = f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE position > %s"
+        # The positions come from the correlation and event id indexes (an InitPlan, run once);
+        # the rows are then read by primary key. A plain OR would let the planner walk the log in
+        # position order for the LIMIT.
+        self.correlated = (
+            f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE position = ANY(ARRAY("
+            f"  SELECT position FROM {s}.tidings_events WHERE metadata IS NOT NULL "
+            f"  AND {s}.tidings_correlation_id(metadata) = ANY(%s::text[]) "
+            f"  UNION SELECT position FROM {s}.tidings_events WHERE event_id = ANY(%s::uuid[]))) "
+            "AND position > %s ORDER BY position LIMIT %s"
+        )
         # Skip scan over the (stream_id, version) index: one index probe per stream listed, instead
         # of a GROUP BY over every event. The recursion counts its rows, so it stops at the page
         # size; with the "C" collation, the ids starting with a prefix are contiguous.

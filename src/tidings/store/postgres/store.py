@@ -338,6 +338,13 @@ class PostgresStore(SQLStore):
         rows = await self._fetch(sql, params)
         return rows, (rows[-1][0] if len(rows) == limit else None)
 
+    async def _fetch_correlated(
+        self, ids: tuple[str, ...], event_ids: tuple[uuid.UUID, ...], after: int, limit: int
+    ) -> list[Row]:
+        return await self._fetch(
+            self._sql.correlated, [list(ids), list(event_ids), min(after, _INT8_MAX), limit]
+        )
+
     async def _stream_version(self, stream_id: str) -> int:
         rows = await self._fetch(self._sql.version, [stream_id])
         return int(rows[0][0]) if rows else 0

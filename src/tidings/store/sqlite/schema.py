@@ -7,7 +7,7 @@ from typing import Final
 
 from tidings.errors import CorruptStore
 
-__all__ = ["ROW_COLUMNS", "SCHEMA_VERSION", "check_schema", "init_schema"]
+__all__ = ["CORRELATION", "ROW_COLUMNS", "SCHEMA_VERSION", "check_schema", "init_schema"]
 
 SCHEMA_VERSION: Final = 1
 """Version of the on-disk schema, stored in ``tidings_meta``; bumped by migrations."""
@@ -16,6 +16,14 @@ ROW_COLUMNS: Final = (
     "position, stream_id, version, event_id, event_type, schema_version, timestamp, data, metadata"
 )
 """The columns of a stored event, in the order of :data:`tidings.store.base.Row`."""
+
+CORRELATION: Final = (
+    "(CASE WHEN json_valid(CAST(metadata AS TEXT)) "
+    "THEN CAST(json_extract(CAST(metadata AS TEXT), '$.correlation_id') AS TEXT) END)"
+)
+"""The metadata's correlation id as text, NULL when there is none. The expression of the
+``tidings_events_correlation`` index: a query must spell it exactly so to use the index. The
+``json_valid`` guard keeps a hand-edited row with broken metadata writable (it is not indexed)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tidings_meta (
@@ -35,6 +43,10 @@ CREATE TABLE IF NOT EXISTS tidings_events (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_stream ON tidings_events (stream_id, version);
 CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_id ON tidings_events (event_id);
+-- Correlated reads (the causal trace). Added without a schema version bump: it changes no table,
+-- and every writable open creates it in an existing store (older tidings versions maintain it).
+CREATE INDEX IF NOT EXISTS tidings_events_correlation ON tidings_events CORRELATION_EXPR
+    WHERE metadata IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tidings_snapshots (
     stream_id      TEXT    NOT NULL,
     version        INTEGER NOT NULL,
@@ -73,6 +85,8 @@ CREATE TABLE IF NOT EXISTS tidings_dead_letters (
     UNIQUE (group_name, event_id)
 );
 """
+
+_SCHEMA = _SCHEMA.replace("CORRELATION_EXPR", f"({CORRELATION})")
 
 
 def check_schema(conn: sqlite3.Connection, path: str) -> bool:

@@ -31,7 +31,7 @@ from tidings.store.append import AppendRequest, AppendResult
 from tidings.store.base import Row, Snapshot, StreamInfo, now_micros
 from tidings.store.sqlite.config import SQLiteConfig, check_location, connect
 from tidings.store.sqlite.errors import BINDING_ERRORS, translate
-from tidings.store.sqlite.schema import ROW_COLUMNS
+from tidings.store.sqlite.schema import CORRELATION, ROW_COLUMNS
 from tidings.store.sqlite.tx import SQLiteTx, commit_processed_in, dead_letter_from_row
 from tidings.store.sqlite.writer import SQLiteStatistics, SQLiteWriter, WriteJob, append_in
 from tidings.store.tracking import DeadLetter, ProcessedBatch, SQLStore, Tx, dead_letter_filter
@@ -195,6 +195,25 @@ class SQLiteStore(SQLStore):
         params.append(limit)
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return rows, (rows[-1][0] if len(rows) == limit else None)
+
+    async def _fetch_correlated(
+        self, ids: tuple[str, ...], event_ids: tuple[uuid.UUID, ...], after: int, limit: int
+    ) -> list[Row]:
+        # Positions from the two indexes (correlation expression, event id), then rows by rowid:
+        # an OR in one WHERE could make the planner walk the log in position order instead.
+        marks = ", ".join("?" * len(ids))
+        sql = (
+            f"SELECT {ROW_COLUMNS} FROM tidings_events WHERE position IN ("
+            f"SELECT position FROM tidings_events WHERE metadata IS NOT NULL AND {CORRELATION} IN ({marks})"
+        )
+        params: list[Any] = list(ids)
+        if event_ids:
+            id_marks = ", ".join("?" * len(event_ids))
+            sql += f" UNION SELECT position FROM tidings_events WHERE event_id IN ({id_marks})"
+            params.extend(e.bytes for e in event_ids)
+        sql += ") AND position > ? ORDER BY position LIMIT ?"
+        params.extend((after, limit))
+        return await self._read(lambda c: c.execute(sql, params).fetchall())
 
     async def _stream_version(self, stream_id: str) -> int:
         return await self._read(lambda c: _version_of(c, stream_id))
