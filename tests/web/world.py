@@ -69,12 +69,18 @@ class Checkout(Saga):
         return event.order_id, {"order_id": event.order_id, "amount": event.amount}
 
 
-class World:
+class Switch:
+    """Whether billing is broken (it fails for order 2)."""
+
+    def __init__(self, broken: bool = True) -> None:
+        self.broken = broken
+
+
+class World(Switch):
     """The three services on one store; ``broken`` makes billing fail for order 2."""
 
-    broken = True
-
     def __init__(self, store: EventStore | str) -> None:
+        super().__init__(broken=True)
         self.orders = Service("orders", store, config=FAST)
         self.orders.add_saga(Checkout(), clock=ManualClock())
         self.payments = Service("payments", store, config=FAST)
@@ -88,7 +94,7 @@ class World:
         return [self.orders, self.payments, self.billing]
 
 
-def billing_service(store: EventStore | str, world: World) -> Service:
+def billing_service(store: EventStore | str, world: Switch) -> Service:
     """The service whose handler parks order 2 while ``world.broken`` (retried from the console)."""
     billing = Service("billing", store, config=FAST)
 
@@ -126,9 +132,9 @@ async def seed(url: str) -> Seeded:
             for _ in range(200):
                 head = await store.head()
                 states = [(await saga_state(store, f"saga-checkout-{o}")).status for o in ("1", "2")]
-                if states == ["completed", "completed"] and await world.billing.wait_for(head, timeout=0.1):
-                    if await store.head() == head:
-                        break
+                settled = states == ["completed", "completed"]
+                if settled and await world.billing.wait_for(head, timeout=0.1) and await store.head() == head:
+                    break
                 await store.wait_for_append(head, timeout=0.05)
             else:
                 raise AssertionError("the test system did not settle")

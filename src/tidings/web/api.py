@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 
+from tidings.causal import CausalTrace, build_trace
 from tidings.errors import TidingsError
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.processing.status import group_status
@@ -37,6 +38,7 @@ from tidings.web.schemas import (
     StreamDetail,
     StreamOut,
     StreamPage,
+    TraceOut,
 )
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "sagas",
     "stream_detail",
     "streams",
+    "trace",
 ]
 
 router = APIRouter(prefix="/api", tags=["console"])
@@ -152,7 +155,7 @@ async def event_detail(console: Console, ref: str, source: str | None = None) ->
     cause = None
     if causation is not None and (cause_id := parse_event_id(str(causation))) is not None:
         cause = await find_event(store, cause_id)
-    caused, reached, complete = await caused_by(store, recorded)
+    caused, complete = await caused_by(store, recorded)
     correlation = recorded.metadata.get("correlation_id")
     return EventDetail(
         event=EventOut.of(recorded),
@@ -160,7 +163,6 @@ async def event_detail(console: Console, ref: str, source: str | None = None) ->
         correlation_id=None if correlation is None else str(correlation),
         cause=None if cause is None else EventRef.of(cause),
         caused=[EventRef.of(e) for e in caused],
-        caused_scanned_to=reached,
         caused_complete=complete,
     )
 
@@ -218,6 +220,12 @@ async def saga_detail(console: Console, saga_id: str) -> SagaDetail:
         raise NotFound(f"no saga {saga_id!r} in this store")
     state = await saga_state(store, saga_id)
     return SagaDetail(saga_id=saga_id, state=SagaState.of(state), history=[EventOut.of(e) for e in history])
+
+
+async def trace(console: Console, ref: str, limit: int) -> CausalTrace:
+    """The causal trace of ``ref`` (an event id, a correlation id or a stream id) across every
+    source; :class:`~tidings.causal.TraceNotFound` (404) if no source knows it."""
+    return await build_trace(console.sources, ref, limit=limit)
 
 
 # -- routes -------------------------------------------------------------------------------------------
@@ -329,6 +337,20 @@ async def get_sagas(
 )
 async def get_saga(console: ConsoleDep, saga_id: str) -> SagaDetail:
     return await saga_detail(console, saga_id)
+
+
+@router.get(
+    "/trace/{ref}",
+    response_model=TraceOut,
+    responses=NOT_FOUND,
+    summary="The causal trace of an event, conversation or stream across every source",
+)
+async def get_trace(
+    console: ConsoleDep,
+    ref: Annotated[str, Path(description="An event id, a correlation id or a stream id.")],
+    limit: Annotated[int, Query(ge=1, le=100_000, description="At most this many events.")] = 10_000,
+) -> TraceOut:
+    return TraceOut.model_validate((await trace(console, ref, limit)).to_dict())
 
 
 # -- actions ------------------------------------------------------------------------------------------

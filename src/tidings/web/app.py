@@ -27,6 +27,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tidings import __version__
+from tidings.causal import TraceNotFound
 from tidings.errors import InvalidArgument, StoreClosed, StoreUnavailable, TidingsError
 from tidings.service import Service
 from tidings.store.base import EventStore
@@ -171,6 +172,10 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> Response:
+        return error_response(request, 404, str(exc))
+
+    @app.exception_handler(TraceNotFound)
+    async def no_trace(request: Request, exc: TraceNotFound) -> Response:
         return error_response(request, 404, str(exc))
 
     @app.exception_handler(Conflict)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from tidings.web import api
+from tidings.web import api, svg
 from tidings.web.app import Console, console_of
 
 __all__ = ["router"]
@@ -132,3 +132,27 @@ async def sagas_page(
 @router.get("/sagas/{saga_id}")
 async def saga_page(request: Request, console: ConsoleDep, saga_id: str) -> HTMLResponse:
     return render(request, "saga.html", saga=await api.saga_detail(console, saga_id))
+
+
+@router.get("/trace", response_model=None)
+async def trace_form(request: Request, ref: str | None = None) -> HTMLResponse | RedirectResponse:
+    if ref and ref.strip():
+        return RedirectResponse(f"/trace/{quote(ref.strip(), safe='')}", status_code=303)
+    return render(request, "trace.html", trace=None, diagram=None, ref="")
+
+
+@router.get("/trace/{ref}")
+async def trace_page(
+    request: Request,
+    console: ConsoleDep,
+    ref: Annotated[str, Path()],
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+) -> HTMLResponse:
+    found = await api.trace(console, ref, limit)
+
+    def link(node: svg.DiagramNode) -> str:
+        source = getattr(node, "source", "") or None
+        return event_url(node.event_id, source if source in console.sources else None)
+
+    diagram = svg.sequence_svg(found.roots, link=link, title=f"causal trace of {ref}")
+    return render(request, "trace.html", trace=found, diagram=diagram, ref=ref)

@@ -2,8 +2,7 @@
 
 An event is found by id through the events table's unique index on SQL stores
 (:meth:`~tidings.SQLStore.query`), by a scan of the log elsewhere (the memory store). The events
-an event caused are found by reading the log after it, bounded: an effect is written after its
-cause, and usually soon after.
+an event caused are found among its conversation's (same correlation id), an indexed read.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from tidings.store.base import EventStore
 from tidings.store.sqlite import SQLiteStore
 from tidings.store.tracking import SQLStore
 
-__all__ = ["CAUSED_SCAN", "caused_by", "event_at", "find_event", "parse_event_id"]
+__all__ = ["CONVERSATION_LIMIT", "caused_by", "event_at", "find_event", "parse_event_id"]
 
-CAUSED_SCAN = 5000
-"""How many events after an event are read to find the events it caused."""
+CONVERSATION_LIMIT = 10_000
+"""How many events of a conversation are read to find the events one of them caused."""
 
 
 def parse_event_id(text: str) -> uuid.UUID | None:
@@ -52,18 +51,20 @@ async def find_event(store: EventStore, event_id: uuid.UUID) -> RecordedEvent | 
 
 
 async def caused_by(
-    store: EventStore, recorded: RecordedEvent, *, scan: int = CAUSED_SCAN
-) -> tuple[list[RecordedEvent], int, bool]:
-    """The events whose ``causation_id`` is ``recorded``'s id, read from at most ``scan`` events
-    after it; also the position the scan reached and whether it reached the head."""
+    store: EventStore, recorded: RecordedEvent, *, limit: int = CONVERSATION_LIMIT
+) -> tuple[list[RecordedEvent], bool]:
+    """The events whose ``causation_id`` is ``recorded``'s id, and whether the search was complete.
+
+    An effect belongs to its cause's conversation, so only that conversation is read (an indexed
+    read, :meth:`~tidings.EventStore.read_correlated`), at most ``limit`` events of it: the
+    answer is incomplete when the conversation is longer.
+    """
     wanted = str(recorded.event_id)
+    conversation = str(recorded.metadata.get("correlation_id") or wanted)
     found: list[RecordedEvent] = []
-    reached = recorded.position
     count = 0
-    async for later in store.read_all(after=recorded.position, limit=scan, raw_unknown=True):
+    async for other in store.read_correlated([conversation], limit=limit, raw_unknown=True):
         count += 1
-        reached = later.position
-        if str(later.metadata.get("causation_id")) == wanted:
-            found.append(later)
-    complete = count < scan or reached >= await store.head()
-    return found, reached, complete
+        if str(other.metadata.get("causation_id")) == wanted:
+            found.append(other)
+    return found, count < limit

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from tidings.events import RawEvent, RecordedEvent
 from tidings.processing.projections import ProjectionStatus
@@ -25,6 +25,7 @@ __all__ = [
     "ConsoleInfo",
     "DeadLetterDetail",
     "DeadLetterOut",
+    "DeadLetteredOut",
     "ErrorOut",
     "EventDetail",
     "EventOut",
@@ -37,6 +38,7 @@ __all__ = [
     "StreamDetail",
     "StreamOut",
     "StreamPage",
+    "TraceNodeOut",
     "TraceOut",
 ]
 
@@ -133,8 +135,8 @@ class EventDetail(BaseModel):
     """One event with its causal neighbours: the event it was caused by (``cause``, None if it
     has no ``causation_id`` or the cause is not in this store) and the events it caused.
 
-    The events it caused are found by reading the log after it, up to ``caused_scanned_to``; when
-    ``caused_complete`` is false the scan stopped at its bound before the head.
+    The events it caused are looked for in its conversation; ``caused_complete`` is false when
+    the conversation was too long to read whole (see :data:`tidings.web.queries.CONVERSATION_LIMIT`).
     """
 
     event: EventOut
@@ -142,7 +144,6 @@ class EventDetail(BaseModel):
     correlation_id: str | None
     cause: EventRef | None
     caused: list[EventRef]
-    caused_scanned_to: int
     caused_complete: bool
 
 
@@ -325,12 +326,49 @@ class ConsoleInfo(BaseModel):
     sql: bool
 
 
+class DeadLetteredOut(BaseModel):
+    """A dead letter of a traced event."""
+
+    group: str
+    error: str
+    attempts: int
+    failed_at: datetime | None
+    service: str | None
+    dead_letter_id: int | None
+
+
+class TraceNodeOut(BaseModel):
+    """One event of a trace; ``parent`` and ``children`` are event ids (the tree is flat)."""
+
+    event_id: str
+    event_type: str
+    stream_id: str
+    version: int
+    position: int
+    timestamp: datetime
+    service: str
+    source: str
+    correlation_id: str | None
+    causation_id: str | None
+    caused_by: str | None
+    saga_id: str | None
+    since_parent_ms: float | None
+    compensation: bool
+    dead_lettered: list[DeadLetteredOut]
+    parent: str | None
+    children: list[str]
+    depth: int
+
+
 class TraceOut(BaseModel):
-    """A causal trace (see :func:`tidings.causal.build_trace`): its roots, each node with its
-    children, as :meth:`~tidings.causal.CausalTrace.to_dict` returns it."""
+    """A causal trace (:meth:`tidings.causal.CausalTrace.to_dict`): its nodes depth-first, a node
+    before its children; ``roots`` are the ids of the events whose cause is not in the trace."""
 
     ref: str
     correlation_ids: list[str]
-    roots: list[dict[str, Any]] = Field(default_factory=list)
-    services: list[str] = Field(default_factory=list)
-    count: int = 0
+    sources: list[str]
+    truncated: bool
+    count: int
+    services: list[str]
+    roots: list[str]
+    nodes: list[TraceNodeOut]
