@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
+from pydantic import StringConstraints
 
 from tidings.causal import CausalTrace, build_trace
 from tidings.errors import TidingsError
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.processing.status import group_status
 from tidings.sagas.queries import list_sagas, saga_history, saga_state
+from tidings.store.append import MAX_STREAM_ID_LENGTH
+from tidings.store.base import MAX_POSITION
 from tidings.store.tracking import DeadLetter, SQLStore, TrackingStore
 from tidings.web.app import Conflict, Console, NotFound, console_of
 from tidings.web.auth import ACTION_RESPONSES, require_token
@@ -62,6 +65,10 @@ router = APIRouter(prefix="/api", tags=["console"])
 ConsoleDep = Annotated[Console, Depends(console_of)]
 NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorOut, "description": "Not found."}}
 Limit = Annotated[int, Query(ge=1, le=1000, description="At most this many items.")]
+TEXT = r"^[^\x00]*$"
+"""What the stores can hold in a name: any text without NUL (and at most 512 characters)."""
+NAME = r"^[^\x00]+$"
+MAX_TEXT = MAX_STREAM_ID_LENGTH
 
 
 # -- reads, shared with the pages ---------------------------------------------------------------------
@@ -143,7 +150,7 @@ async def event_detail(console: Console, ref: str, source: str | None = None) ->
     store = console.source(source)
     recorded = None
     if ref.isdigit():
-        recorded = await event_at(store, int(ref))
+        recorded = await event_at(store, int(ref)) if int(ref) <= MAX_POSITION else None
     else:
         event_id = parse_event_id(ref)
         if event_id is None:
@@ -239,8 +246,14 @@ async def get_info(console: ConsoleDep) -> ConsoleInfo:
 @router.get("/streams", response_model=StreamPage, summary="Streams, by id")
 async def get_streams(
     console: ConsoleDep,
-    prefix: Annotated[str | None, Query(description="Only streams whose id starts with this.")] = None,
-    after: Annotated[str | None, Query(description="Only streams whose id sorts after this.")] = None,
+    prefix: Annotated[
+        str | None,
+        Query(pattern=TEXT, max_length=MAX_TEXT, description="Only streams whose id starts with this."),
+    ] = None,
+    after: Annotated[
+        str | None,
+        Query(pattern=TEXT, max_length=MAX_TEXT, description="Only streams whose id sorts after this."),
+    ] = None,
     limit: Limit = 100,
 ) -> StreamPage:
     return await streams(console, prefix, after, limit)
@@ -251,8 +264,8 @@ async def get_streams(
 )
 async def get_stream(
     console: ConsoleDep,
-    stream_id: Annotated[str, Path(description="The stream's id.")],
-    after: Annotated[int, Query(ge=0, description="Only events after this version.")] = 0,
+    stream_id: Annotated[str, Path(pattern=NAME, max_length=MAX_TEXT, description="The stream's id.")],
+    after: Annotated[int, Query(ge=0, le=MAX_POSITION, description="Only events after this version.")] = 0,
     limit: Limit = 100,
 ) -> StreamDetail:
     return await stream_detail(console, stream_id, after, limit)
@@ -261,10 +274,17 @@ async def get_stream(
 @router.get("/events", response_model=EventPage, summary="Search the global log")
 async def get_events(
     console: ConsoleDep,
-    type: Annotated[list[str] | None, Query(description="Only events of these types (repeatable).")] = None,
-    prefix: Annotated[str | None, Query(description="Only events of streams starting with this.")] = None,
+    type: Annotated[
+        list[Annotated[str, StringConstraints(pattern=TEXT, max_length=MAX_TEXT)]] | None,
+        Query(description="Only events of these types (repeatable)."),
+    ] = None,
+    prefix: Annotated[
+        str | None,
+        Query(pattern=TEXT, max_length=MAX_TEXT, description="Only events of streams starting with this."),
+    ] = None,
     after: Annotated[
-        int | None, Query(ge=0, description="Start after this position (default: the latest page).")
+        int | None,
+        Query(ge=0, le=MAX_POSITION, description="Start after this position (default: the latest page)."),
     ] = None,
     limit: Limit = 50,
 ) -> EventPage:
@@ -279,8 +299,12 @@ async def get_events(
 )
 async def get_event(
     console: ConsoleDep,
-    ref: Annotated[str, Path(description="The event's id, or its global position.")],
-    source: Annotated[str | None, Query(description="The named store to look in.")] = None,
+    ref: Annotated[
+        str, Path(pattern=NAME, max_length=MAX_TEXT, description="The event's id, or its global position.")
+    ],
+    source: Annotated[
+        str | None, Query(pattern=TEXT, max_length=MAX_TEXT, description="The named store to look in.")
+    ] = None,
 ) -> EventDetail:
     return await event_detail(console, ref, source)
 
@@ -298,7 +322,9 @@ async def get_projections(console: ConsoleDep) -> list[ProjectionOut]:
 @router.get("/dead-letters", response_model=list[DeadLetterOut], summary="Parked events, oldest first")
 async def get_dead_letters(
     console: ConsoleDep,
-    group: Annotated[str | None, Query(description="Only this subscription group.")] = None,
+    group: Annotated[
+        str | None, Query(pattern=TEXT, max_length=MAX_TEXT, description="Only this subscription group.")
+    ] = None,
 ) -> list[DeadLetterOut]:
     return await dead_letters(console, group)
 
@@ -309,14 +335,18 @@ async def get_dead_letters(
     responses=NOT_FOUND,
     summary="One parked event with its error, traceback and event",
 )
-async def get_dead_letter(console: ConsoleDep, id: Annotated[int, Path(ge=1)]) -> DeadLetterDetail:
+async def get_dead_letter(
+    console: ConsoleDep, id: Annotated[int, Path(ge=1, le=MAX_POSITION)]
+) -> DeadLetterDetail:
     return await dead_letter_detail(console, id)
 
 
 @router.get("/sagas", response_model=list[SagaOut], summary="Saga instances, most recently changed first")
 async def get_sagas(
     console: ConsoleDep,
-    name: Annotated[str | None, Query(description="Only instances of this saga.")] = None,
+    name: Annotated[
+        str | None, Query(pattern=TEXT, max_length=MAX_TEXT, description="Only instances of this saga.")
+    ] = None,
     status: Annotated[
         str | None,
         Query(
@@ -335,7 +365,9 @@ async def get_sagas(
     responses=NOT_FOUND,
     summary="One saga instance: state and history",
 )
-async def get_saga(console: ConsoleDep, saga_id: str) -> SagaDetail:
+async def get_saga(
+    console: ConsoleDep, saga_id: Annotated[str, Path(pattern=NAME, max_length=MAX_TEXT)]
+) -> SagaDetail:
     return await saga_detail(console, saga_id)
 
 
@@ -347,7 +379,14 @@ async def get_saga(console: ConsoleDep, saga_id: str) -> SagaDetail:
 )
 async def get_trace(
     console: ConsoleDep,
-    ref: Annotated[str, Path(description="An event id, a correlation id or a stream id.")],
+    ref: Annotated[
+        str,
+        Path(
+            pattern=r"^[^\x00]*[^\x00\s][^\x00]*$",
+            max_length=MAX_TEXT,
+            description="An event id, a correlation id or a stream id.",
+        ),
+    ],
     limit: Annotated[int, Query(ge=1, le=100_000, description="At most this many events.")] = 10_000,
 ) -> TraceOut:
     return TraceOut.model_validate((await trace(console, ref, limit)).to_dict())
@@ -365,7 +404,9 @@ ACTION = {**ACTION_RESPONSES, **NOT_FOUND, 409: {"model": ErrorOut, "description
     dependencies=[Depends(require_token)],
     summary="Process a parked event again with its group's handler",
 )
-async def retry_dead_letter(console: ConsoleDep, id: Annotated[int, Path(ge=1)]) -> ActionResult:
+async def retry_dead_letter(
+    console: ConsoleDep, id: Annotated[int, Path(ge=1, le=MAX_POSITION)]
+) -> ActionResult:
     """Runs the group's own handler on the event once more (as ``tidings dlq retry`` does); the
     letter is removed with the handler's effects if that succeeds, else it stays parked with the
     new error. Needs the service (``tidings serve --app``)."""
@@ -402,7 +443,9 @@ async def retry_dead_letter(console: ConsoleDep, id: Annotated[int, Path(ge=1)])
     dependencies=[Depends(require_token)],
     summary="Delete a parked event without processing it",
 )
-async def discard_dead_letter(console: ConsoleDep, id: Annotated[int, Path(ge=1)]) -> ActionResult:
+async def discard_dead_letter(
+    console: ConsoleDep, id: Annotated[int, Path(ge=1, le=MAX_POSITION)]
+) -> ActionResult:
     if not await _tracking(console).discard_dead_letter(id):
         raise NotFound(f"no dead letter with id {id}")
     return ActionResult(outcome="discarded", detail=f"dead letter {id} discarded")

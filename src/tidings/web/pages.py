@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
+from tidings.store.base import MAX_POSITION
 from tidings.web import api, svg
 from tidings.web.app import Console, console_of
 
@@ -58,7 +59,7 @@ async def stream_page(
     request: Request,
     console: ConsoleDep,
     stream_id: Annotated[str, Path()],
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_POSITION)] = 0,
     limit: Limit = 100,
 ) -> HTMLResponse:
     detail = await api.stream_detail(console, stream_id, after, limit)
@@ -71,7 +72,7 @@ async def events_page(
     console: ConsoleDep,
     type: Annotated[list[str] | None, Query()] = None,
     prefix: str | None = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     limit: Limit = 50,
 ) -> HTMLResponse:
     types = [t for t in type or () if t.strip()]
@@ -110,7 +111,7 @@ async def dead_letters_page(request: Request, console: ConsoleDep, group: str | 
 
 @router.get("/dead-letters/{id}")
 async def dead_letter_page(
-    request: Request, console: ConsoleDep, id: Annotated[int, Path(ge=1)]
+    request: Request, console: ConsoleDep, id: Annotated[int, Path(ge=1, le=MAX_POSITION)]
 ) -> HTMLResponse:
     return render(request, "dead_letter.html", dead=await api.dead_letter_detail(console, id))
 

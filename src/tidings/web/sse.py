@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
+from tidings.store.base import MAX_POSITION
 from tidings.web.app import Console, console_of
 from tidings.web.schemas import EventOut
 
@@ -50,7 +51,7 @@ async def tail(console: Console, after: int, *, keepalive: float = KEEPALIVE) ->
 @router.get("/tail", include_in_schema=False)
 async def get_tail(
     console: Annotated[Console, Depends(console_of)],
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     if last_event_id is not None and last_event_id.isdigit():
