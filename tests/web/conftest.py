@@ -7,7 +7,6 @@ browser and schema tests use SQLite only (``sqlite_seeded``).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.web.live import LiveServer
+from tests.web.live import LiveServer, run_async
 from tests.web.world import Seeded, seed
 from tidings import EventStore, open_store
 from tidings.service import Service
@@ -32,13 +31,13 @@ def seeded_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, See
         url = f"sqlite:///{tmp_path}/console.db"
     else:
         url = request.getfixturevalue("pg_url")
-    return url, asyncio.run(seed(url))
+    return url, run_async(seed(url))
 
 
 @pytest.fixture
 def sqlite_seeded(tmp_path: Path) -> tuple[str, Seeded]:
     url = f"sqlite:///{tmp_path}/console.db"
-    return url, asyncio.run(seed(url))
+    return url, run_async(seed(url))
 
 
 Client = Callable[..., AbstractAsyncContextManager[tuple[httpx.AsyncClient, EventStore]]]

@@ -29,6 +29,10 @@ TOP = 64
 """Height of the lane headers."""
 MARGIN = 24
 LABEL_CHARS = 30
+LABEL_ROOM = 260
+"""Room right of the last lane for the labels of its events."""
+LOOP = 16
+"""Width of a self-arrow (an event its own service caused) per level of the tree."""
 
 
 class DiagramNode(Protocol):
@@ -57,11 +61,11 @@ class DiagramNode(Protocol):
 
 
 def _walk(
-    roots: Iterable[DiagramNode], parent: DiagramNode | None = None
-) -> Iterable[tuple[DiagramNode, DiagramNode | None]]:
+    roots: Iterable[DiagramNode], parent: DiagramNode | None = None, depth: int = 0
+) -> Iterable[tuple[DiagramNode, DiagramNode | None, int]]:
     for node in roots:
-        yield node, parent
-        yield from _walk(node.children, node)
+        yield node, parent, depth
+        yield from _walk(node.children, node, depth + 1)
 
 
 def _short(event_type: str) -> str:
@@ -87,11 +91,16 @@ def sequence_svg(
     node's URL (None: not a link). An empty trace gives a small diagram saying so."""
     pairs = sorted(_walk(roots), key=lambda p: (p[0].timestamp, p[0].position, p[0].event_id))
     lanes: list[str] = []
-    for node, _ in pairs:
+    for node, _, _ in pairs:
         if node.service not in lanes:
             lanes.append(node.service)
     x_of = {service: MARGIN + LANE // 2 + i * LANE for i, service in enumerate(lanes)}
-    width = max(1, len(lanes)) * LANE + 2 * MARGIN
+    # Labels of events on their own lane start right of the lane's widest self-arrow.
+    widest = dict.fromkeys(lanes, 0)
+    for node, parent, depth in pairs:
+        if parent is not None and parent.service == node.service:
+            widest[node.service] = max(widest[node.service], LOOP * depth)
+    width = max(1, len(lanes)) * LANE + 2 * MARGIN + LABEL_ROOM
     height = TOP + max(1, len(pairs)) * ROW + 2 * MARGIN
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="sequence" width="{width}" height="{height}" '
@@ -123,7 +132,7 @@ def sequence_svg(
     if not pairs:
         out.append(f'<text class="label" x="{MARGIN}" y="{TOP + MARGIN}">no events in this trace</text>')
     row_of: dict[str, int] = {}
-    for row, (node, parent) in enumerate(pairs):
+    for row, (node, parent, depth) in enumerate(pairs):
         row_of[node.event_id] = row
         x = x_of[node.service]
         y = TOP + MARGIN + row * ROW + ROW // 2
@@ -144,18 +153,20 @@ def sequence_svg(
             px = x_of[parent.service]
             py = TOP + MARGIN + row_of[parent.event_id] * ROW + ROW // 2
             if px == x:
-                loop = 34
+                # Nested self-arrows step right with the depth, so that siblings share a line
+                # and a deeper branch stands apart from its parent's.
+                loop = LOOP * depth
                 parts.append(
                     f'<path class="msg" d="M{x},{py} H{x + loop} V{y} H{x + 5}" marker-end="url(#arrow)"/>'
                 )
-                tx, anchor = x + loop + 6, "start"
+                tx, anchor = x + widest[node.service] + 6, "start"
             else:
                 end = x - 5 if px < x else x + 5
                 parts.append(f'<path class="msg" d="M{px},{y} H{end}" marker-end="url(#arrow)"/>')
                 tx, anchor = (px + x) // 2, "middle"
             ty = y - 6
         else:
-            tx, anchor, ty = x + 10, "start", y - 6
+            tx, anchor, ty = x + max(10, widest[node.service] + 6), "start", y - 6
         parts.append(f'<circle class="dot" cx="{x}" cy="{y}" r="5"/>')
         text = (
             f'<text class="label" x="{tx}" y="{ty}" text-anchor="{anchor}">{label}'
