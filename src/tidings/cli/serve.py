@@ -9,6 +9,7 @@ and projections they run.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import typer
@@ -100,7 +101,7 @@ def serve(
         application = create_app(default, token=token, service=service, sources=sources)
     except TidingsError as exc:
         fail(str(exc).replace("\n", " "))
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     actions = "enabled (bearer token)" if token else "disabled (no --token)"
     console.print(
         f"[green]tidings console[/] on [bold]http://{escape(host)}:{port}/[/] reading "
@@ -114,4 +115,7 @@ def serve(
         # Live tails never end on their own: give them this long once Ctrl-C is pressed.
         timeout_graceful_shutdown=2,
     )
-    uvicorn.Server(config).run()
+    # uvicorn shuts down gracefully on Ctrl-C, then raises it again: the way to stop, so exit 0.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()
+    console.print("tidings console stopped")
