@@ -21,6 +21,8 @@ from tidings.testing.servers import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_store_options_name_the_sources() -> None:
     assert parse_sources(["sqlite:///a.db"]) == {"default": "sqlite:///a.db"}
@@ -60,7 +62,10 @@ def test_serve_runs_the_console_until_interrupted(sqlite_seeded: tuple[str, Seed
     port = free_port()
     env = {**os.environ, "TIDINGS_CONSOLE_TOKEN": "tok"}
     command = [sys.executable, "-m", "tidings.cli", "serve", "--store", url, "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command += ["--app", "tests.web.console_app:service"]  # its handler retries the dead letter
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         info = None
@@ -72,15 +77,18 @@ def test_serve_runs_the_console_until_interrupted(sqlite_seeded: tuple[str, Seed
                 time.sleep(0.1)
         assert info is not None, process.communicate(timeout=10)
         assert info["head"] == seeded.head and info["actions_enabled"] and info["sources"] == ["default"]
+        assert info["service"] == "billing"
         assert httpx.get(f"{base}/streams", timeout=5).status_code == 200
-        refused = httpx.post(f"{base}/api/dead-letters/{seeded.dead_letter}/discard", timeout=5)
+        refused = httpx.post(f"{base}/api/dead-letters/{seeded.dead_letter}/retry", timeout=5)
         assert refused.status_code == 401
         done = httpx.post(
-            f"{base}/api/dead-letters/{seeded.dead_letter}/discard",
+            f"{base}/api/dead-letters/{seeded.dead_letter}/retry",
             headers={"Authorization": "Bearer tok"},
-            timeout=5,
+            timeout=30,
         )
-        assert done.json()["outcome"] == "discarded"
+        assert done.json()["outcome"] == "processed"
+        receipts = httpx.get(f"{base}/api/streams/receipt-2", timeout=5).json()
+        assert [e["event_type"] for e in receipts["events"]] == ["webtest.ReceiptSent"]
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)

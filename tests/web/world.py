@@ -94,7 +94,7 @@ class World(Switch):
         return [self.orders, self.payments, self.billing]
 
 
-def billing_service(store: EventStore | str, world: Switch) -> Service:
+def billing_service(store: EventStore | str | None, world: Switch) -> Service:
     """The service whose handler parks order 2 while ``world.broken`` (retried from the console)."""
     billing = Service("billing", store, config=FAST)
 
