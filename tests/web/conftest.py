@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -76,7 +75,3 @@ def live(sqlite_seeded: tuple[str, Seeded]) -> Iterator[LiveServer]:
         server.seeded = sqlite_seeded[1]
         server.store_url = url
         yield server
-
-
-def pytest_configure(config: Any) -> None:
-    Path(__file__).parent.parent.joinpath("artifacts").mkdir(exist_ok=True)

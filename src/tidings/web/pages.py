@@ -75,7 +75,8 @@ async def events_page(
     after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     limit: Limit = 50,
 ) -> HTMLResponse:
-    types = [t for t in type or () if t.strip()]
+    # The form's one field may hold several types, separated by spaces (no type name has one).
+    types = [name for field in type or () for name in field.split()]
     page = await api.events(console, types or None, prefix, after, limit)
     return render(request, "events.html", page=page, types=" ".join(types), prefix=prefix or "")
 
