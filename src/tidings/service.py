@@ -426,7 +426,13 @@ class Service:
             local = self._local_dispatch(group, self._bus)
             dispatch = local if local is not None else dispatch
             return HandlerSubscription(
-                store, group, dispatch, stream_prefix=prefix, config=config, sql=_has_sql(store)
+                store,
+                group,
+                dispatch,
+                stream_prefix=prefix,
+                config=config,
+                sql=_has_sql(store),
+                service=self.name,
             )
         for projection, config in self._projections.values():
             if group.startswith(projection.group_prefix + ":") or group == projection.name:
@@ -668,8 +674,13 @@ class Service:
         expected_version: ExpectedVersion = ANY,
         metadata: Mapping[str, Any] | None = None,
     ) -> AppendResult:
-        """Publish events: append them to the store; every subscribed group will see them."""
+        """Publish events: append them to the store; every subscribed group will see them.
+
+        The events' metadata carries ``service`` (this service's name) unless ``metadata`` sets it."""
         store = await self.open()
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidArgument(f"metadata must be a mapping, got {type(metadata).__qualname__}")
+        metadata = {"service": self.name, **(metadata or {})}
         return await store.append(stream_id, events, expected_version=expected_version, metadata=metadata)
 
     async def wait_for(

@@ -120,8 +120,12 @@ def test_the_pages_load_and_link_to_each_other(live: LiveServer, page: Page) -> 
     expect(page.locator("#history")).to_contain_text("tidings.saga.SagaCompleted")
     shot(page, "saga")
 
-    page.goto(f"{live.url}/trace/{live.seeded.order_ids['2']}")  # one store: no service lanes yet
+    # One store, several services: each handler stamps its service on what it emits.
+    page.goto(f"{live.url}/trace/{live.seeded.order_ids['2']}")
     diagram = page.locator("#diagram svg")
+    lanes = diagram.locator("g.lane")
+    expect(lanes).to_have_count(3)
+    assert [lanes.nth(i).get_attribute("data-service") for i in range(3)] == ["default", "orders", "payments"]
     expect(diagram.locator("g.event").first).to_contain_text("OrderPlaced")
     expect(diagram.locator("g.event.dead")).to_have_count(1)  # billing parked its CardCharged
     expect(diagram.locator("g.event.dead")).to_contain_text("CardCharged")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from tests.web.world import Seeded
 from tidings.cli.main import app
-from tidings.cli.serve import parse_sources
+from tidings.cli.trace import parse_sources
 from tidings.errors import InvalidArgument
 from tidings.testing.servers import free_port
 
@@ -25,17 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_store_options_name_the_sources() -> None:
-    assert parse_sources(["sqlite:///a.db"]) == {"default": "sqlite:///a.db"}
-    assert parse_sources(["orders=sqlite:///o.db", "billing=postgresql://u@h/db?schema=b"]) == {
+    """As for ``tidings trace``: NAME=URL, or a bare URL named after its file or schema."""
+    assert parse_sources(["sqlite:///a.db"]) == {"a": "sqlite:///a.db"}
+    assert parse_sources(["orders=sqlite:///o.db", "postgresql://u@h/db?schema=billing"]) == {
         "orders": "sqlite:///o.db",
-        "billing": "postgresql://u@h/db?schema=b",
+        "billing": "postgresql://u@h/db?schema=billing",
     }
-    # A URL's own '=' is not a name.
-    assert parse_sources(["postgresql://u@h/db?schema=x"]) == {"default": "postgresql://u@h/db?schema=x"}
-    with pytest.raises(InvalidArgument, match="two stores are named 'a'"):
+    with pytest.raises(InvalidArgument, match="given twice"):
         parse_sources(["a=sqlite:///1.db", "a=sqlite:///2.db"])
-    with pytest.raises(InvalidArgument, match="NAME=URL"):
-        parse_sources(["a="])
 
 
 def test_a_missing_store_file_is_refused_and_not_created(tmp_path: Path) -> None:
@@ -76,7 +73,7 @@ def test_serve_runs_the_console_until_interrupted(sqlite_seeded: tuple[str, Seed
             except httpx.TransportError:
                 time.sleep(0.1)
         assert info is not None, process.communicate(timeout=10)
-        assert info["head"] == seeded.head and info["actions_enabled"] and info["sources"] == ["default"]
+        assert info["head"] == seeded.head and info["actions_enabled"] and info["sources"] == ["console"]
         assert info["service"] == "billing"
         assert httpx.get(f"{base}/streams", timeout=5).status_code == 200
         refused = httpx.post(f"{base}/api/dead-letters/{seeded.dead_letter}/retry", timeout=5)

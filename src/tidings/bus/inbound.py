@@ -61,6 +61,7 @@ class BusHandlerGroup:
         self.store = store
         self.bus = bus
         self.group = group
+        self.service = service
         self.key = inbox_group(group)
         self.dispatch = dispatch
         self.sql = sql
@@ -121,7 +122,14 @@ class BusHandlerGroup:
         if await self.store.processed_ids(self.key, [message.event_id]):
             self.skipped_duplicates += 1
             return  # handled before: a redelivery after the ack was lost
-        ctx = HandlerContext(self.store, self.recorded(message), self.group, message.attempt, sql=self.sql)
+        ctx = HandlerContext(
+            self.store,
+            self.recorded(message),
+            self.group,
+            message.attempt,
+            sql=self.sql,
+            service=self.service,
+        )
         await call_handler(fn, message.event, ctx)
         try:
             await self._commit([ctx], message.event_id)

@@ -1,13 +1,13 @@
 """The ``tidings`` command's Typer app: parse, call the library, render.
 
-Commands: ``streams``, ``events``, ``demo``, ``run``, ``groups``, ``dlq``, ``projections``,
-``serve`` and ``db`` (``tidings --help`` lists them). Every command that takes ``--store URL``
-also reads ``$TIDINGS_STORE``; reading commands default to ``sqlite:///tidings.db`` and never create a
-missing SQLite file; commands that load a service (``run``, ``dlq retry``, ``projections
+Commands: ``streams``, ``events``, ``trace``, ``demo``, ``run``, ``groups``, ``dlq``,
+``projections``, ``serve`` and ``db`` (``tidings --help`` lists them). Every command that takes
+``--store URL`` also reads ``$TIDINGS_STORE``; reading commands default to ``sqlite:///tidings.db``
+and never create a missing SQLite file; commands that load a service (``run``, ``dlq retry``, ``projections
 rebuild``) use ``--store``, then ``$TIDINGS_STORE``, then the service's own store, then
 ``sqlite:///tidings.db``. ``--json`` prints JSON lines. Exit codes: 0 on success (also when
-``--follow`` is ended by Ctrl-C), 1 on a :class:`~tidings.TidingsError` or a failed operation,
-2 on a usage error (including an ``APP`` that is not a service), 130 when a second Ctrl-C forces
+``--follow`` is ended by Ctrl-C), 1 on a :class:`~tidings.TidingsError` or a failed operation, 2 on
+a usage error (including an ``APP`` that is not a service), 130 when a second Ctrl-C forces
 ``tidings run`` to stop.
 """
 
@@ -28,6 +28,7 @@ from tidings.cli.dlq import dlq_app
 from tidings.cli.helpformat import HelpGroup
 from tidings.cli.runtime import DEFAULT_STORE, StoreOption, run
 from tidings.cli.sagas import sagas_app
+from tidings.cli.trace import trace
 from tidings.events import RecordedEvent
 
 __all__ = ["app", "main"]
@@ -178,6 +179,7 @@ def tour(
 app.command("run")(processing.run_service)
 app.command("groups")(processing.groups)
 app.command("serve")(serve.serve)
+app.command("trace")(trace)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(processing.projections_app, name="projections")
 app.add_typer(db_app, name="db")

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tidings.cli.bus import BusOption
 from tidings.cli.helpformat import HelpGroup
@@ -165,6 +166,22 @@ def groups(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) 
 # -- projections ------------------------------------------------------------------------------------
 
 
+def replay_progress(description: str) -> Progress:
+    """A progress bar over log positions for long replays, drawn on stderr and only when stderr is
+    a terminal (disabled otherwise, so piped output and ``--json`` stay clean); it disappears
+    when done."""
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn(escape(description)),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} positions"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+
+
 @projections_app.command("status")
 def projections_status(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) -> None:
     """Each projection's generation, checkpoint and lag (and a rebuild under way)."""
@@ -249,12 +266,22 @@ def projections_rebuild(
         known = ", ".join(sorted(service.projections)) or "none"
         fail(f"service {service.name!r} has no projection {name!r} (it has: {known})", code=2)
 
+    # A progress bar on a terminal only: a pipe or a log gets the result line alone.
+    bar = replay_progress(f"rebuilding {name}")
+
     async def rebuild() -> int:
         if store is not None:
             require_existing(store)
         opened = await service.open()
         try:
-            return await rebuild_projection(opened, projection, force=force)
+            with bar:
+                task = bar.add_task("replay", total=await opened.head())
+                return await rebuild_projection(
+                    opened,
+                    projection,
+                    force=force,
+                    progress=lambda done, head: bar.update(task, completed=done, total=head),
+                )
         finally:
             await opened.close()
 

@@ -18,31 +18,14 @@ from rich.markup import escape
 
 from tidings.cli.runtime import DEFAULT_STORE, STORE_ENV, fail, require_existing
 from tidings.cli.services import cli_service
-from tidings.errors import InvalidArgument, TidingsError
+from tidings.cli.trace import parse_sources
+from tidings.errors import TidingsError
 from tidings.store import EventStore, open_store
 
-__all__ = ["TOKEN_ENV", "parse_sources", "serve"]
+__all__ = ["TOKEN_ENV", "serve"]
 
 TOKEN_ENV = "TIDINGS_CONSOLE_TOKEN"
 """Environment variable holding the action token when ``--token`` is not given."""
-
-
-def parse_sources(specs: list[str]) -> dict[str, str]:
-    """``NAME=URL`` or ``URL`` entries as ``{name: url}`` in order; a bare URL is named
-    ``default`` (the first) or after its position. Raises :class:`InvalidArgument` for an empty
-    or repeated name."""
-    out: dict[str, str] = {}
-    for index, spec in enumerate(specs):
-        name, sep, url = spec.partition("=")
-        # A URL's own '=' (a query string) comes after its scheme's ':'.
-        if not sep or ":" in name or "/" in name:
-            name, url = ("default" if index == 0 else f"store{index + 1}"), spec
-        if not name or not url:
-            raise InvalidArgument(f"expected --store URL or NAME=URL, got {spec!r}")
-        if name in out:
-            raise InvalidArgument(f"two stores are named {name!r}")
-        out[name] = url
-    return out
 
 
 def serve(
@@ -52,8 +35,8 @@ def serve(
             "--store",
             envvar=STORE_ENV,
             metavar="[NAME=]URL",
-            help="Store URL (repeatable as NAME=URL: the causal trace joins every named store; the "
-            f"pages read the first). Default: ${STORE_ENV}, then {DEFAULT_STORE}.",
+            help="Store URL, or NAME=URL (repeatable, as for 'tidings trace': the causal trace joins "
+            f"every store; the other pages read the first). Default: ${STORE_ENV}, then {DEFAULT_STORE}.",
             show_default=False,
         ),
     ] = None,
@@ -89,9 +72,9 @@ def serve(
         if app is not None:
             service = cli_service(app, next(iter(named.values()), None))
             if not named:
-                named = {"default": service.store_url or DEFAULT_STORE}
+                named = parse_sources([service.store_url or DEFAULT_STORE])
         if not named:
-            named = {"default": DEFAULT_STORE}
+            named = parse_sources([DEFAULT_STORE])
         for url in named.values():
             require_existing(url)
         sources: dict[str, EventStore] = {name: open_store(url) for name, url in named.items()}

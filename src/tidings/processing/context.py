@@ -38,9 +38,10 @@ A = TypeVar("A", bound=Aggregate)
 PROPAGATED = ("user_id",)
 """Metadata keys that flow from a handled message to what its handler emits: who acted."""
 
-REPLY_KEYS = ("saga_id", "saga_step")
+REPLY_KEYS = ("saga_id", "saga_step", "compensation")
 """Metadata keys that flow from a handled *command* to the events its handler emits (the replies):
-the saga and step that sent it, so that the replies find their saga. Not carried further."""
+the saga and step that sent it, so that the replies find their saga, and whether it compensates a
+step (so that a trace flags the replies too). Not carried further."""
 
 SQL_EFFECTS = "\x00sql"
 """The pseudo-stream that stands for a handler's SQL statements when conflicts are traced."""
@@ -137,6 +138,7 @@ class HandlerContext:
         batch: BatchState | None = None,
         *,
         sql: bool | None = None,
+        service: str | None = None,
     ) -> None:
         self._store = store
         self._batch = batch if batch is not None else BatchState(store)
@@ -149,6 +151,11 @@ class HandlerContext:
         self.pending: dict[str, list[Event]] = {}
         self.saved: dict[tuple[type[Aggregate], str], tuple[Aggregate, int]] = {}
         self.touched: set[str] = set()
+        self.service = service
+        """The name of the service running the handler (stamped as ``service`` on what it emits)."""
+        self.caused_by: str | None = None
+        """What is running (``handler:<group>.<function>``, set by the runner; a saga sets
+        ``saga:<name>``): stamped as ``caused_by`` on what it emits, for the causal trace."""
 
     # -- aggregates -------------------------------------------------------------------------------
 
@@ -211,9 +218,10 @@ class HandlerContext:
         handler's line, and fails the event at once (it can never succeed). The new events'
         metadata carries ``causation_id`` = the handled event's id, the handled event's
         ``correlation_id`` (or its id, if it started the conversation), and its ``user_id``,
-        and, when the handled message is a command, its ``saga_id`` and ``saga_step`` (so that the
-        replies find their saga). Their event ids are derived from the handled event's id, so a
-        redelivery can never append them twice.
+        and, when the handled message is a command, its ``saga_id``, ``saga_step`` and
+        ``compensation`` (so that the replies find their saga). ``caused_by`` names the handler
+        and ``service`` the running service, when known (see :mod:`tidings.causal`). Their event
+        ids are derived from the handled event's id, so a redelivery can never append them twice.
         """
         if (
             events is None
@@ -246,6 +254,8 @@ class HandlerContext:
                 if isinstance(recorded.event, Command)
                 else {}
             ),
+            **({"caused_by": self.caused_by} if self.caused_by is not None else {}),
+            **({"service": self.service} if self.service is not None else {}),
             **(metadata or {}),
         }
         call = len(self.appends)

@@ -104,11 +104,23 @@ def _subclasses(cls: type[Event]) -> list[type[Event]]:
 
 
 async def call_handler(fn: HandlerFunction, event: Event, ctx: HandlerContext) -> None:
-    """Call ``fn`` with ``(event, ctx)`` or ``(event)``, awaiting it if it is a coroutine function."""
+    """Call ``fn`` with ``(event, ctx)`` or ``(event)``, awaiting it if it is a coroutine function.
+
+    Names ``fn`` in ``ctx.caused_by`` first, so that what it emits records who emitted it."""
+    ctx.caused_by = handler_label(ctx.group, fn)
     takes_ctx = _arity(fn) >= 2
     result = fn(event, ctx) if takes_ctx else fn(event)
     if inspect.isawaitable(result):
         await result
+
+
+def handler_label(group: str, fn: Callable[..., Any]) -> str:
+    """``handler:<group>.<function>``; just ``handler:<group>`` when the group is named after the
+    function (``<service>.<function>``, the default)."""
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    if group == name or group.endswith(f".{name}"):
+        return f"handler:{group}"
+    return f"handler:{group}.{name}"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -68,17 +68,21 @@ class HandlerSubscription(Subscription):
         stream_prefix: str | None = None,
         config: SubscriptionConfig | None = None,
         sql: bool | None = None,
+        service: str | None = None,
     ) -> None:
         super().__init__(
             store, group, event_types=dispatch.type_names, stream_prefix=stream_prefix, config=config
         )
         self.dispatch = dispatch
         self.sql = sql
+        self.service = service
         self._steps_since_prune = 0
         self._pruned_to = 0
 
     def _context(self, recorded: RecordedEvent, attempt: int, batch: BatchState | None) -> HandlerContext:
-        return HandlerContext(self.store, recorded, self.group, attempt, batch, sql=self.sql)
+        return HandlerContext(
+            self.store, recorded, self.group, attempt, batch, sql=self.sql, service=self.service
+        )
 
     async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
         seen = await self.store.processed_ids(self.group, [e.event_id for e in events])

@@ -457,8 +457,11 @@ async def rebuild_projection(
     *,
     config: SubscriptionConfig | None = None,
     force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Rebuild ``projection`` from the whole log, blue/green; return the new generation.
+
+    ``progress(position, head)`` is called as the replay goes (after each batch).
 
     The active generation keeps serving reads (and, in a running service, keeps being updated)
     until the new one has caught up with the head; then the views swap to the new tables in one
@@ -494,7 +497,7 @@ async def rebuild_projection(
     builder = ProjectionSubscription(sql_store, projection, generation=new, config=config)
     # Catch up repeatedly: events keep arriving while we build.
     while True:
-        reached = await builder.run_until_caught_up()
+        reached = await builder.run_until_caught_up(progress)
         if reached >= await store.head():
             break
 

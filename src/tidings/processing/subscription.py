@@ -330,8 +330,10 @@ class Subscription(abc.ABC):
             return False
         return acquired
 
-    async def run_until_caught_up(self) -> int:
-        """Process until the checkpoint reaches the head as of the call; return the checkpoint."""
+    async def run_until_caught_up(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Process until the checkpoint reaches the head as of the call; return the checkpoint.
+
+        ``progress(checkpoint, target)`` is called after each batch (to show a progress bar)."""
         async with self.store.group_lock(self.group):
             await self.prepare()
             self.checkpoint = await self.store.load_checkpoint(self.group)
@@ -339,6 +341,8 @@ class Subscription(abc.ABC):
             try:
                 while self.checkpoint < target and not self.stopping:
                     await self._step()
+                    if progress is not None:
+                        progress(self.checkpoint, target)
             finally:
                 self._drop_prefetch()
             return self.checkpoint

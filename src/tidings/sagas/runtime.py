@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from tidings.errors import InvalidArgument, is_transient
+from tidings.errors import InvalidArgument, TidingsError, is_transient
 from tidings.events import Event
 from tidings.processing.context import HandlerContext
 from tidings.sagas.clock import Clock
@@ -97,6 +97,7 @@ class SagaHandler:
         saga_id = self._saga_id(event, ctx)
         if saga_id is None:
             return
+        ctx.caused_by = f"saga:{self.saga.name}"  # its state events; the commands name their step
         instance = await ctx.load(SagaInstance, saga_id, create=True)
         if instance.version and instance.saga != self.saga.name:
             return  # another saga whose id shares our prefix (saga 'order' vs 'order-refund')
@@ -196,18 +197,25 @@ class SagaHandler:
             instance.record(
                 CompensationStarted(step=step.name, command_type=command.__event_type__, due_at=due)
             )
-            self._send(instance, step, command, ctx)
+            self._send(instance, step, command, ctx, compensation=True)
             if waits:
                 return
             instance.record(CompensationDone(step=step.name))
         instance.record(SagaCompensated(reason=instance.reason or "compensated"))
 
-    def _send(self, instance: SagaInstance, step: Step, command: Event, ctx: HandlerContext) -> None:
-        ctx.emit(
-            f"cmd-{step.to}-{instance.id}",
-            [command],
-            metadata={"saga_id": instance.id, "saga_step": step.name, "destination": step.to},
-        )
+    def _send(
+        self,
+        instance: SagaInstance,
+        step: Step,
+        command: Event,
+        ctx: HandlerContext,
+        compensation: bool = False,
+    ) -> None:
+        metadata: dict[str, Any] = {"saga_id": instance.id, "saga_step": step.name, "destination": step.to}
+        metadata["caused_by"] = f"saga:{self.saga.name}.{step.name}"
+        if compensation:
+            metadata["compensation"] = True  # carried to the replies (REPLY_KEYS): a trace flags them
+        ctx.emit(f"cmd-{step.to}-{instance.id}", [command], metadata=metadata)
 
     def _index(self, instance: SagaInstance, ctx: HandlerContext) -> None:
         now = self.clock.now()
@@ -265,9 +273,29 @@ class DeadlineTimer:
                 return float(due_at)
             event = DeadlinePassed(saga_id=saga_id, step=step, due_at=float(due_at))
             event_id = uuid.uuid5(_NAMESPACE, f"{saga_id}/{step}/{float(due_at)!r}")
-            await self.store.append(timeouts_stream(self.saga), [event], event_ids=[event_id])
+            metadata = await self._conversation(saga_id, step)
+            await self.store.append(
+                timeouts_stream(self.saga), [event], event_ids=[event_id], metadata=metadata
+            )
             self.fired += 1
         return None
+
+    async def _conversation(self, saga_id: str, step: str) -> dict[str, Any]:
+        """The metadata of a deadline: the saga's conversation (its last event's correlation id,
+        that event as the cause), so that what the timeout sets off stays in the same trace."""
+        metadata: dict[str, Any] = {"saga_id": saga_id, "caused_by": f"saga:{self.saga.name}.{step}.deadline"}
+        try:
+            stored = [
+                e async for e in self.store.read_stream(saga_id, backwards=True, limit=1, raw_unknown=True)
+            ]
+        except TidingsError as exc:
+            if is_transient(exc):
+                raise
+            stored = []  # an unreadable saga stream must not keep its deadline from firing
+        if stored:
+            metadata["correlation_id"] = stored[0].correlation_id or str(stored[0].event_id)
+            metadata["causation_id"] = str(stored[0].event_id)
+        return metadata
 
     async def _wait(self, stopping: asyncio.Event, instant: float | None) -> None:
         waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stopping.wait())]
