@@ -268,7 +268,7 @@ async def build_trace(sources: Mapping[str, EventStore], ref: str, *, limit: int
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_TRACE_EVENTS:
         raise InvalidArgument(f"limit must be an int from 1 to {MAX_TRACE_EVENTS}, got {limit!r:.40}")
 
-    conversations = await _resolve(stores, ref)
+    conversations = await _resolve(stores, ref, limit)
     if not conversations:
         raise TraceNotFound(ref, list(stores))
     found, truncated = await _gather(stores, conversations, limit)
@@ -315,8 +315,9 @@ def _metadata(stored: StoredEvent) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-async def _resolve(stores: Mapping[str, EventStore], ref: str) -> list[str]:
-    """The conversations ``ref`` names: as an event id, a correlation id, else a stream id."""
+async def _resolve(stores: Mapping[str, EventStore], ref: str, limit: int) -> list[str]:
+    """The conversations ``ref`` names: as an event id, a correlation id, else a stream id (those
+    of its first ``limit`` events: a trace holds at most that many events anyway)."""
     conversations: dict[str, None] = {}
     normalised = _as_uuid(ref)
     for store in stores.values():
@@ -331,15 +332,16 @@ async def _resolve(stores: Mapping[str, EventStore], ref: str) -> list[str]:
         return list(conversations)
     for store in stores.values():
         after = 0
-        while True:
-            # Rows as stored: an event that no longer decodes still names its conversation.
-            rows = await store._fetch_stream(ref, after, None, False, PAGE_SIZE)
+        while after < limit:
+            # Rows as stored: an event that no longer decodes still names its conversation. (The
+            # backend primitive: the public readers decode, and stored reads have no stream form.)
+            rows = await store._fetch_stream(ref, after, None, False, min(PAGE_SIZE, limit - after))
             for row in rows:
                 stored = stored_event(row)
                 meta = _metadata(stored)
                 correlation = meta.get("correlation_id")
                 conversations[str(correlation) if correlation is not None else str(stored.event_id)] = None
-            if len(rows) < PAGE_SIZE:
+            if len(rows) < min(PAGE_SIZE, limit - after):
                 break
             after = rows[-1][2]
     return list(conversations)

@@ -429,3 +429,17 @@ async def test_an_existing_store_gets_the_index(store_url: str, tmp_path: Path) 
         found = pg.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,))
         names = [r[0] for r in found]
     assert "tidings_events_correlation" in names
+
+
+async def test_a_stream_resolves_to_every_conversation_it_took_part_in(store: EventStore) -> None:
+    first = await store.append("acct-1", [OrderAccepted()], metadata={"correlation_id": "c-1"})
+    await store.append("other", [OrderAccepted()], metadata={"correlation_id": "c-1", "causation_id": "x"})
+    await store.append("acct-1", [OrderAccepted()], metadata={"correlation_id": "c-2"})
+    await store.append("acct-1", [OrderAccepted()])  # began a conversation of its own
+    own = [e async for e in store.read_stream("acct-1")][-1].event_id
+    trace = await build_trace({"bank": store}, "acct-1")
+    assert trace.correlation_ids == ("c-1", "c-2", str(own))
+    assert len(trace) == 4 and len(trace.roots) == 4  # no causes among them: four roots
+    assert [r.position for r in trace.roots] == [first.position, first.position + 1, 3, 4]
+    # A trace holds at most `limit` events, and resolves a stream through that many at most.
+    assert (await build_trace({"bank": store}, "acct-1", limit=1)).correlation_ids == ("c-1",)
