@@ -23,7 +23,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy src
 
+# The console's browser tests need Chromium: installed here when missing and possible.
 pytest: $(STAMP)
+	tools/ensure-chromium
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

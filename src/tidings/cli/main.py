@@ -1,9 +1,9 @@
 """The ``tidings`` command's Typer app: parse, call the library, render.
 
 Commands: ``streams``, ``events``, ``trace``, ``demo``, ``run``, ``groups``, ``dlq``,
-``projections`` and ``db`` (``tidings --help`` lists them). Every command that takes ``--store URL``
-also reads ``$TIDINGS_STORE``; reading commands default to ``sqlite:///tidings.db`` and never create
-a missing SQLite file; commands that load a service (``run``, ``dlq retry``, ``projections
+``projections``, ``serve`` and ``db`` (``tidings --help`` lists them). Every command that takes
+``--store URL`` also reads ``$TIDINGS_STORE``; reading commands default to ``sqlite:///tidings.db``
+and never create a missing SQLite file; commands that load a service (``run``, ``dlq retry``, ``projections
 rebuild``) use ``--store``, then ``$TIDINGS_STORE``, then the service's own store, then
 ``sqlite:///tidings.db``. ``--json`` prints JSON lines. Exit codes: 0 on success (also when
 ``--follow`` is ended by Ctrl-C), 1 on a :class:`~tidings.TidingsError` or a failed operation, 2 on
@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tidings import __version__
-from tidings.cli import processing, reading, render
+from tidings.cli import processing, reading, render, serve
 from tidings.cli.bus import bus_app
 from tidings.cli.db import db_app
 from tidings.cli.dlq import dlq_app
@@ -178,6 +178,7 @@ def tour(
 
 app.command("run")(processing.run_service)
 app.command("groups")(processing.groups)
+app.command("serve")(serve.serve)
 app.command("trace")(trace)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(processing.projections_app, name="projections")

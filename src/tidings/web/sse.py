@@ -1,0 +1,67 @@
+"""The live tail: new events of the global log as server-sent events (``GET /api/tail``).
+
+Each event is one SSE message ``event: tidings-event``, ``id: POSITION``, ``data:`` its JSON (the
+API's :class:`~tidings.web.schemas.EventOut`). The stream starts after ``?after=N`` (default: the
+head, i.e. only what is appended from now on) or after the ``Last-Event-ID`` a reconnecting
+browser sends, so a dropped connection resumes without a gap or a duplicate. It waits with
+:meth:`~tidings.EventStore.wait_for_append` (woken at once by in-process appends, by the backend's
+change detection otherwise) and sends a comment line every ``KEEPALIVE`` seconds, which is also
+how a closed connection is noticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import StreamingResponse
+
+from tidings.store.base import MAX_POSITION
+from tidings.web.app import Console, console_of
+from tidings.web.schemas import EventOut
+
+__all__ = ["KEEPALIVE", "router", "tail"]
+
+router = APIRouter(prefix="/api")
+
+KEEPALIVE = 15.0
+"""Seconds between keep-alive comments when nothing is appended."""
+
+BATCH = 200
+"""Events read per round (a burst is sent in rounds of this size)."""
+
+
+async def tail(console: Console, after: int, *, keepalive: float = KEEPALIVE) -> AsyncIterator[str]:
+    """The SSE text of every event after position ``after``, forever."""
+    store = console.store
+    position = after
+    yield "retry: 2000\n\n"
+    while True:
+        head = await store.wait_for_append(position, timeout=keepalive)
+        if head <= position:
+            yield ": keep-alive\n\n"
+            continue
+        async for recorded in store.read_all(after=position, limit=BATCH, raw_unknown=True):
+            body = EventOut.of(recorded).model_dump_json()
+            position = recorded.position
+            yield f"event: tidings-event\nid: {position}\ndata: {body}\n\n"
+
+
+@router.get("/tail", include_in_schema=False)
+async def get_tail(
+    console: Annotated[Console, Depends(console_of)],
+    after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    if last_event_id is not None and last_event_id.isdigit():
+        start = int(last_event_id)
+    elif after is not None:
+        start = after
+    else:
+        start = await console.store.head()
+    return StreamingResponse(
+        tail(console, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
