@@ -365,17 +365,19 @@ class Subscription(abc.ABC):
                 await self.housekeeping(idle=not progressed)
                 if not progressed:
                     self.state = "live"
-                    appended = await self._wait_for_events()
-                    # A checkpoint moved by hand (a reset, a replay) while the group was idle: the
-                    # stored value differs from ours. Resume from it now, not at the next append.
-                    if (
-                        not appended
-                        and not self.stopping
-                        and await self.store.load_checkpoint(self.group) != self.checkpoint
-                    ):
-                        log.info("subscription %r: checkpoint was moved; resuming from it", self.group)
-                        self._drop_prefetch()
-                        reload = True
+                    # Idle: wait again after a quiet poll interval instead of stepping, since the
+                    # wait has just read the head and found nothing past the checkpoint; a step
+                    # would read it again and the log too (with many idle groups, that polling
+                    # was most of an idle service's CPU).
+                    while await self._wait_for_events() is False and not self.stopping:
+                        # A checkpoint moved by hand (a reset, a replay) while the group was idle:
+                        # the stored value differs from ours. Resume from it now, not at the next
+                        # append.
+                        if await self.store.load_checkpoint(self.group) != self.checkpoint:
+                            log.info("subscription %r: checkpoint was moved; resuming from it", self.group)
+                            self._drop_prefetch()
+                            reload = True
+                            break
                 outages = 0
                 self._failing = False
             except RunnerBlocked as exc:
@@ -430,8 +432,12 @@ class Subscription(abc.ABC):
     async def housekeeping(self, *, idle: bool) -> None:  # noqa: B027 - optional, empty by default
         """Hook: called after each step (``idle`` when there was nothing new), e.g. to prune."""
 
-    async def _wait_for_events(self) -> bool:
-        """Wait for an append past the checkpoint, a stop, or the poll interval; True if appended."""
+    async def _wait_for_events(self) -> bool | None:
+        """Wait for an append past the checkpoint, a stop, or the poll interval.
+
+        True if appended, False after a quiet poll interval, None if stopped or the wait failed
+        (the next step meets the store's error, and the runner waits it out).
+        """
         waiter = asyncio.ensure_future(
             self.store.wait_for_append(self.checkpoint, timeout=self.config.poll_interval)
         )
@@ -445,12 +451,9 @@ class Subscription(abc.ABC):
                 await waiter
             with contextlib.suppress(asyncio.CancelledError):
                 await stopper
-        return (
-            waiter.done()
-            and not waiter.cancelled()
-            and waiter.exception() is None
-            and waiter.result() > self.checkpoint
-        )
+        if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+            return None
+        return waiter.result() > self.checkpoint
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if the runner is asked to stop (or loses its lease) meanwhile."""
