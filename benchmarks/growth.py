@@ -19,9 +19,11 @@ newly opened grown store and on a fresh empty store opened beside it:
 
 Repetitions alternate between the two stores, so that a shared host's speed drifting during the
 long run falls on both alike; each figure is reported as a ratio to the empty store's (aim: within
-1.25x, i.e. a throughput ratio ``>= 0.8``). The empty store holds the events of its own
-measurements (about 113,000), as the grown store holds its own on top of its N. Also reported: the
-space the events take per million, the events table with its indexes (SQLite ``dbstat``;
+1.25x, i.e. a throughput ratio ``>= 0.8``). On SQLite, where all of the store's work runs in the
+benchmark's process, the process's CPU time per event is reported too (aim ``<= 1.25``): on a host
+shared with other work it stays steady where wall-clock rates swing. The empty store holds the
+events of its own measurements (about 113,000), as the grown store holds its own on top of its N.
+Also reported: the space the events take per million, the events table with its indexes (SQLite ``dbstat``;
 PostgreSQL ``pg_total_relation_size``: heap, TOAST and indexes), next to the events' payload
 (data + metadata bytes).
 
@@ -46,12 +48,13 @@ from typing import Final
 
 from benchmarks import domain
 from benchmarks.domain import AccountOpened, Deposited
-from benchmarks.harness import Aim, Comparison, compare, log, settle, stopwatch
+from benchmarks.harness import Aim, Comparison, compare, log, settle
 from benchmarks.scenarios_sqlite import Context, Scenario, open_tidings
 from tidings import NO_STREAM, Event, EventStore, Projection, ProjectionTx, Repository, Service, open_store
 
 ENV_SIZES: Final = "TIDINGS_BENCH_GROWTH_SIZES"
 AIM: Final = Aim(">=", 0.8)  # within 1.25x of the empty store
+CPU_AIM: Final = Aim("<=", 1.25)
 _ACCOUNT_EVENTS: Final = 10
 PG_CATCHUP_EVENTS: Final = 20_000
 
@@ -165,6 +168,8 @@ class Backend:
     events_bytes: Callable[[EventStore], Awaitable[int]]
     space: str  # what events_bytes counts, for the notes
     catchup_events: int | None = None
+    cpu_rows: bool = False
+    """Also report the process's CPU time per event (meaningful when the store runs in-process)."""
     """How many of the window's newest events the projection catches up over (None: all)."""
 
 
@@ -173,13 +178,20 @@ Opener = Callable[[], contextlib.AbstractAsyncContextManager[EventStore]]
 
 @dataclasses.dataclass(slots=True)
 class Figures:
-    """Samples measured on one store (events/s, higher is better)."""
+    """Samples measured on one store, per measurement: events/s (wall clock), and the CPU time the
+    process spent per event (every thread: for SQLite, all of the store's work)."""
 
-    append_seq: list[float] = dataclasses.field(default_factory=list)
-    append_bulk: list[float] = dataclasses.field(default_factory=list)
-    load: list[float] = dataclasses.field(default_factory=list)
-    read_all: list[float] = dataclasses.field(default_factory=list)
-    catchup: list[float] = dataclasses.field(default_factory=list)
+    rate: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    cpu: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timing(self, metric: str, events: int) -> Iterator[None]:
+        settle()
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        self.rate.setdefault(metric, []).append(events / wall)
+        self.cpu.setdefault(metric, []).append(1e6 * cpu / events)
 
 
 @dataclasses.dataclass(slots=True)
@@ -248,24 +260,21 @@ class _Side:
 async def _append_seq(side: _Side, config: GrowthConfig, r: int) -> None:
     per_sample = max(1, config.sequential_saves // config.repeats)
     accounts = [domain.new_account(f"seq-{side.tag}-{r}-{i}", _ACCOUNT_EVENTS) for i in range(per_sample)]
-    with stopwatch() as elapsed:
+    with side.figures.timing("append_seq", per_sample * _ACCOUNT_EVENTS):
         for account in accounts:
             await side.repo.save(account)
-    side.figures.append_seq.append(per_sample * _ACCOUNT_EVENTS / elapsed())
 
 
 async def _append_bulk(side: _Side, config: GrowthConfig, r: int, events: list[Event]) -> None:
-    with stopwatch() as elapsed:
+    with side.figures.timing("append_bulk", len(events)):
         await side.store.append(f"bulk-{side.tag}-{r}", events, expected_version=NO_STREAM)
-    side.figures.append_bulk.append(len(events) / elapsed())
 
 
 async def _load(side: _Side, config: GrowthConfig) -> None:
     stream = f"aggregate-{side.tag}"
-    with stopwatch() as elapsed:
+    with side.figures.timing("load", config.aggregate_events):
         account = await side.repo.get(stream)
     assert account.version == config.aggregate_events
-    side.figures.load.append(config.aggregate_events / elapsed())
 
 
 async def _write_window(side: _Side, config: GrowthConfig) -> None:
@@ -287,11 +296,10 @@ async def _write_window(side: _Side, config: GrowthConfig) -> None:
 
 async def _read_window(side: _Side) -> None:
     count = 0
-    with stopwatch() as elapsed:
+    with side.figures.timing("read_all", side.head - side.window_start):
         async for _ in side.store.read_all(after=side.window_start):
             count += 1
     assert count == side.head - side.window_start, count
-    side.figures.read_all.append(count / elapsed())
 
 
 async def _catch_up(side: _Side, config: GrowthConfig, r: int, events: int | None) -> None:
@@ -304,16 +312,13 @@ async def _catch_up(side: _Side, config: GrowthConfig, r: int, events: int | Non
     service = Service(f"growth-{side.tag}-{r}", store)
     service.add_projection(projection)
     await store.set_checkpoint(projection.group(1), start)
-    settle()
-    began = time.perf_counter()
-    async with service.running():
-        if not await service.wait_for(head, group=projection.name, timeout=900):
-            raise TimeoutError(f"the growth projection did not reach {head}")
-        elapsed = time.perf_counter() - began
+    with side.figures.timing("catchup", head - start):
+        async with service.running():
+            if not await service.wait_for(head, group=projection.name, timeout=900):
+                raise TimeoutError(f"the growth projection did not reach {head}")
     accounts = (head - start) // _ACCOUNT_EVENTS  # whole accounts: both bounds are account edges
     [(rows, total)] = await store.query(f"SELECT count(*), coalesce(sum(balance), 0) FROM {table}")
     assert (int(rows), int(total)) == (accounts, accounts * sum(range(1, _ACCOUNT_EVENTS))), (rows, total)
-    side.figures.catchup.append((head - start) / elapsed)
 
 
 async def _side_by_side(grown: _Side, empty: _Side, config: GrowthConfig, catchup_events: int | None) -> None:
@@ -403,12 +408,26 @@ def _rows(backend: Backend, config: GrowthConfig, steps: Sequence[Step]) -> list
                     backend.name,
                     title,
                     f"events/s, {short}, {_short(step.size)} stored",
-                    getattr(step.grown, attribute),
+                    step.grown.rate[attribute],
                     reference,
-                    getattr(step.empty, attribute),
+                    step.empty.rate[attribute],
                     AIM,
                 )
             )
+            if backend.cpu_rows:
+                rows.append(
+                    compare(
+                        backend.name,
+                        title,
+                        f"CPU us/event, {short}, {_short(step.size)} stored",
+                        step.grown.cpu[attribute],
+                        reference,
+                        step.empty.cpu[attribute],
+                        CPU_AIM,
+                        note="CPU time of the whole process (every thread) per event: on SQLite all of "
+                        "the store's work, and steady while other processes compete for the CPUs",
+                    )
+                )
     for step in steps:
         if step.bytes_per_event is None or not step.payload_per_event:
             continue
@@ -459,6 +478,7 @@ def growth_sqlite(ctx: Context, config: GrowthConfig) -> list[Comparison]:
             fresh,
             events_bytes,
             "the tidings_events table and its two indexes (SQLite dbstat pages)",
+            cpu_rows=True,
         )
         results = asyncio.run(_grow(backend, config))
         log(f"  SQLite file: {path.stat().st_size / 1e6:,.0f} MB")
