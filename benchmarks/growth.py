@@ -13,7 +13,7 @@ newly opened grown store and on a fresh empty store opened beside it:
   before as 10-event accounts; one warm-up page), decoded to typed events;
 * ``catch-up``: a projection (the ``projection_catchup`` scenario's upsert per account) whose
   checkpoint is set at the start of that window, run by a ``Service`` until it reaches the head:
-  100,000 events through batches committed with their checkpoint (on PostgreSQL the newest 20,000:
+  100,000 events through batches committed with their checkpoint (on PostgreSQL the newest 5,000:
   a projection there runs each statement from a worker thread through the event loop, a few
   thousand events/s, so 100,000 would take minutes per repetition).
 
@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import os
 import sqlite3
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import closing
@@ -56,7 +57,7 @@ ENV_SIZES: Final = "TIDINGS_BENCH_GROWTH_SIZES"
 AIM: Final = Aim(">=", 0.8)  # within 1.25x of the empty store
 CPU_AIM: Final = Aim("<=", 1.25)
 _ACCOUNT_EVENTS: Final = 10
-PG_CATCHUP_EVENTS: Final = 20_000
+PG_CATCHUP_EVENTS: Final = 5_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -378,6 +379,18 @@ async def _grow(backend: Backend, config: GrowthConfig) -> list[Step]:
                 await _side_by_side(grown, empty, config, backend.catchup_events)
                 step.payload_per_event = await _payload_per_event(grown_store, grown.window_start, 10_000)
         log(f"  {backend.label}: measured on {size:,} events in {time.perf_counter() - began:.0f} s")
+        for metric, rates in step.grown.rate.items():
+            # Logged as it comes: a run of many sizes takes long enough to be cut short.
+            grown_rate, empty_rate = statistics.median(rates), statistics.median(step.empty.rate[metric])
+            grown_cpu, empty_cpu = (
+                statistics.median(step.grown.cpu[metric]),
+                statistics.median(step.empty.cpu[metric]),
+            )
+            log(
+                f"    {metric}: {grown_rate:,.0f} events/s vs {empty_rate:,.0f} empty "
+                f"({grown_rate / empty_rate:.2f}x); CPU {grown_cpu:.1f} vs {empty_cpu:.1f} us/event"
+            )
+        log(f"    space: {step.bytes_per_event:.0f} bytes/event, payload {step.payload_per_event:.0f}")
         steps.append(step)
     return steps
 

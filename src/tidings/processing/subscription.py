@@ -365,19 +365,10 @@ class Subscription(abc.ABC):
                 await self.housekeeping(idle=not progressed)
                 if not progressed:
                     self.state = "live"
-                    # Idle: wait again after a quiet poll interval instead of stepping, since the
-                    # wait has just read the head and found nothing past the checkpoint; a step
-                    # would read it again and the log too (with many idle groups, that polling
-                    # was most of an idle service's CPU).
-                    while await self._wait_for_events() is False and not self.stopping:
-                        # A checkpoint moved by hand (a reset, a replay) while the group was idle:
-                        # the stored value differs from ours. Resume from it now, not at the next
-                        # append.
-                        if await self.store.load_checkpoint(self.group) != self.checkpoint:
-                            log.info("subscription %r: checkpoint was moved; resuming from it", self.group)
-                            self._drop_prefetch()
-                            reload = True
-                            break
+                    if await self._idle():
+                        log.info("subscription %r: checkpoint was moved; resuming from it", self.group)
+                        self._drop_prefetch()
+                        reload = True
                 outages = 0
                 self._failing = False
             except RunnerBlocked as exc:
@@ -432,18 +423,27 @@ class Subscription(abc.ABC):
     async def housekeeping(self, *, idle: bool) -> None:  # noqa: B027 - optional, empty by default
         """Hook: called after each step (``idle`` when there was nothing new), e.g. to prune."""
 
-    async def _wait_for_events(self) -> bool | None:
-        """Wait for an append past the checkpoint, a stop, or the poll interval.
+    async def _idle(self) -> bool:
+        """Wait, with nothing to do, for an append past the checkpoint, a stop, or the stored
+        checkpoint moving (a reset or replay by hand, here or in another process): True for the last.
 
-        True if appended, False after a quiet poll interval, None if stopped or the wait failed
-        (the next step meets the store's error, and the runner waits it out).
+        One waiter watches the head for the whole idle spell: the store wakes it on every append,
+        its own at once and other processes' through its change detection (SQLite's
+        ``data_version`` watch, PostgreSQL's LISTEN/NOTIFY and head poll). So the runner itself
+        only reads its stored checkpoint each ``poll_interval``; polling the head too, from every
+        subscription, was most of what an idle service cost.
         """
-        waiter = asyncio.ensure_future(
-            self.store.wait_for_append(self.checkpoint, timeout=self.config.poll_interval)
-        )
+        waiter = asyncio.ensure_future(self.store.wait_for_append(self.checkpoint))
         stopper = asyncio.ensure_future(self._halt.wait())
         try:
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait(
+                    {waiter, stopper}, timeout=self.config.poll_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    return False  # appended, stopping, or the wait failed: the next step tells
+                if await self.store.load_checkpoint(self.group) != self.checkpoint:
+                    return True
         finally:
             for task in (waiter, stopper):
                 task.cancel()
@@ -451,9 +451,6 @@ class Subscription(abc.ABC):
                 await waiter
             with contextlib.suppress(asyncio.CancelledError):
                 await stopper
-        if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
-            return None
-        return waiter.result() > self.checkpoint
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if the runner is asked to stop (or loses its lease) meanwhile."""
