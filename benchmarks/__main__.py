@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import footprint, growth, report
 from benchmarks.harness import FULL, QUICK, Comparison, Workspace, cpu_probe, log
 from benchmarks.quiet import CpuAccount
 from benchmarks.scenarios_bus import SCENARIOS as BUS_SCENARIOS
@@ -25,8 +25,11 @@ SCENARIOS: dict[str, Scenario] = {
     **POSTGRES_SCENARIOS,
     **BUS_SCENARIOS,
     **SHOP_SCENARIOS,
+    **growth.scenarios(growth.GrowthConfig()),
+    **footprint.SCENARIOS,
 }
-"""Every scenario by name, in the order ``make bench`` runs them."""
+"""Every scenario by name, in the order ``make bench`` runs them (the growth scenarios are rebuilt
+in :func:`main` with the sizes the command line asks for)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,11 +53,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="directory for results.json and results.md (default: the benchmarks package)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--growth-sizes",
+        metavar="N,N,...",
+        help="numbers of events stored before the growth scenarios measure (default "
+        f"0,1000000; 0,200000 with --quick; or ${growth.ENV_SIZES}); the README used 0,1M,10M",
+    )
     parser.add_argument("--tmpdir", help="where to create the temporary databases (default: system temp)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    try:
+        args.growth = growth.GrowthConfig.choose(args.growth_sizes, quick=args.quick)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -62,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     faulthandler.enable()  # a crash in a driver thread should leave a traceback, not just a signal
     sizes = QUICK if args.quick else FULL
-    names = args.scenarios or list(SCENARIOS)
+    scenarios = {**SCENARIOS, **growth.scenarios(args.growth)}
+    names = args.scenarios or list(scenarios)
     workspace = Workspace(args.tmpdir)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     if load_before is not None and load_before[0] > 0.5 * (os.cpu_count() or 1):
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     probes: dict[str, tuple[float, float]] = {}
     try:
         for name in names:
-            scenario = SCENARIOS[name]
+            scenario = scenarios[name]
             log(f"{name}: {scenario.title} ...")
             probe = cpu_probe()
             begun = time.perf_counter()

@@ -129,7 +129,7 @@ def fairness() -> dict[str, Any]:
 
 
 def _number(value: float, unit: str) -> str:
-    if unit.startswith(("MiB", "ms")):
+    if unit.startswith(("MiB", "ms", "CPU", "%")):
         return f"{value:,.2f}"
     return f"{value:,.0f}"
 
@@ -231,6 +231,7 @@ def markdown(run: Run) -> str:
         "",
         *_markdown_processing(run),
         *_markdown_postgres(run),
+        *_markdown_growth(run),
     ]
     return "\n".join(lines)
 
@@ -261,6 +262,60 @@ def _markdown_postgres(run: Run) -> list[str]:
         + ", ".join(f"`{k}={v}`" for k, v in PEER_PG_CONFIG.items())
         + " and its defaults otherwise (pool 5 + 10 overflow, table lock per insert, no database "
         "functions); tidings with `postgresql://...?schema=...` and its defaults.",
+        "",
+    ]
+
+
+def growth_table(comparisons: Sequence[Comparison]) -> list[str]:
+    """The growth rows as one Markdown table: a row per measurement, a column per store size.
+
+    Each cell is the ratio to the empty store measured alongside, then the two figures; the space
+    rows give MB per million events and the payload beside it.
+    """
+    backends = {"growth_sqlite": "SQLite", "growth_pg": "PostgreSQL"}
+    rows = [c for c in comparisons if c.scenario in backends]
+    if not rows:
+        return []
+
+    def split(unit: str) -> tuple[str, str]:
+        *what, stored = unit.split(", ")
+        return ", ".join(what), stored.removesuffix(" stored")
+
+    columns = list(dict.fromkeys(split(c.unit)[1] for c in rows))
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for c in rows:
+        what, size = split(c.unit)
+        key = (backends[c.scenario], what)
+        if c.unit.startswith("MB"):
+            text = f"{c.value:,.0f} MB (payload {c.reference_value:,.0f} MB)"
+        elif c.unit.startswith("CPU"):
+            text = f"{c.ratio:.2f}x ({c.value:,.1f} vs {c.reference_value:,.1f})"
+        else:
+            text = f"{c.ratio:.2f}x ({c.value:,.0f} vs {c.reference_value:,.0f})"
+        cells.setdefault(key, {})[size] = text
+    lines = [
+        "| store | measurement | " + " | ".join(f"{size} events stored" for size in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
+    for (backend, what), by_size in cells.items():
+        lines.append(
+            f"| {backend} | {what} | " + " | ".join(by_size.get(size, "-") for size in columns) + " |"
+        )
+    return lines
+
+
+def _markdown_growth(run: Run) -> list[str]:
+    table = growth_table(run.comparisons)
+    if not table:
+        return []
+    return [
+        "Growth (tidings only): each measurement on a store already holding N events against the same "
+        "measurement on an empty store opened beside it, repetitions alternating between the two; "
+        "ratio (grown vs empty: events/s, aim >= 0.8x, i.e. within 1.25x; on SQLite also the process's "
+        "CPU microseconds per event, aim <= 1.25x), and the space the events "
+        "table with its indexes takes per million events next to the events' own payload:",
+        "",
+        *table,
         "",
     ]
 

@@ -369,14 +369,7 @@ class Subscription(abc.ABC):
                 await self.housekeeping(idle=not progressed)
                 if not progressed:
                     self.state = "live"
-                    appended = await self._wait_for_events()
-                    # A checkpoint moved by hand (a reset, a replay) while the group was idle: the
-                    # stored value differs from ours. Resume from it now, not at the next append.
-                    if (
-                        not appended
-                        and not self.stopping
-                        and await self.store.load_checkpoint(self.group) != self.checkpoint
-                    ):
+                    if await self._idle():
                         log.info("subscription %r: checkpoint was moved; resuming from it", self.group)
                         self._drop_prefetch()
                         reload = True
@@ -434,14 +427,27 @@ class Subscription(abc.ABC):
     async def housekeeping(self, *, idle: bool) -> None:  # noqa: B027 - optional, empty by default
         """Hook: called after each step (``idle`` when there was nothing new), e.g. to prune."""
 
-    async def _wait_for_events(self) -> bool:
-        """Wait for an append past the checkpoint, a stop, or the poll interval; True if appended."""
-        waiter = asyncio.ensure_future(
-            self.store.wait_for_append(self.checkpoint, timeout=self.config.poll_interval)
-        )
+    async def _idle(self) -> bool:
+        """Wait, with nothing to do, for an append past the checkpoint, a stop, or the stored
+        checkpoint moving (a reset or replay by hand, here or in another process): True for the last.
+
+        One waiter watches the head for the whole idle spell: the store wakes it on every append,
+        its own at once and other processes' through its change detection (SQLite's
+        ``data_version`` watch, PostgreSQL's LISTEN/NOTIFY and head poll). So the runner itself
+        only reads its stored checkpoint each ``poll_interval``; polling the head too, from every
+        subscription, was most of what an idle service cost.
+        """
+        waiter = asyncio.ensure_future(self.store.wait_for_append(self.checkpoint))
         stopper = asyncio.ensure_future(self._halt.wait())
         try:
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait(
+                    {waiter, stopper}, timeout=self.config.poll_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    return False  # appended, stopping, or the wait failed: the next step tells
+                if await self.store.load_checkpoint(self.group) != self.checkpoint:
+                    return True
         finally:
             for task in (waiter, stopper):
                 task.cancel()
@@ -449,12 +455,6 @@ class Subscription(abc.ABC):
                 await waiter
             with contextlib.suppress(asyncio.CancelledError):
                 await stopper
-        return (
-            waiter.done()
-            and not waiter.cancelled()
-            and waiter.exception() is None
-            and waiter.result() > self.checkpoint
-        )
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if the runner is asked to stop (or loses its lease) meanwhile."""

@@ -113,6 +113,7 @@ class SQLiteWriter:
         self._jobs_done = 0
         self._appends = 0
         self._events = 0
+        self._head: int | None = None  # the head as last read by _head_moved (None: unknown)
 
     async def start(self, notify: Callable[[], None]) -> None:
         """Start the thread; return once its connection is open and the schema is ready.
@@ -242,14 +243,34 @@ class SQLiteWriter:
         by_loop: dict[
             asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         ] = {}
-        wrote = False
+        appended = other = False
         for job, (result, error) in zip(batch, outcomes, strict=True):
-            wrote = wrote or error is None
+            if error is None:
+                if job.request is not None:
+                    appended = True
+                else:
+                    other = True
             by_loop.setdefault(job.loop, []).append((job.future, result, error))
+        # Waiters are woken only when the head may have moved: an idle service's lease
+        # heartbeats and checkpoint commits would otherwise wake every subscription to re-read
+        # the head, several times a second each.
+        moved = appended or (other and self._head_moved(conn))
         for loop, settled in by_loop.items():
-            notify = self._notify if wrote and loop is self._loop else None
+            notify = self._notify if moved and loop is self._loop else None
             with contextlib.suppress(RuntimeError):  # the loop may be closing
                 loop.call_soon_threadsafe(_settle_all, settled, notify)
+
+    def _head_moved(self, conn: sqlite3.Connection) -> bool:
+        """After a commit of writes other than appends (which may have appended, as a handler's
+        batch does): whether the head differs from the one last seen here."""
+        try:
+            row = conn.execute("SELECT max(position) FROM tidings_events").fetchone()
+        except sqlite3.Error:
+            return True
+        head = None if row[0] is None else int(row[0])
+        moved = head != self._head
+        self._head = head
+        return moved
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job, single: bool) -> tuple[Any, BaseException | None]:
         if not single:
