@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, get_type_hints
 
+from tidings import tracing
 from tidings.errors import InvalidArgument
 from tidings.events import Event
 from tidings.processing.context import HandlerContext
@@ -104,11 +105,13 @@ def _subclasses(cls: type[Event]) -> list[type[Event]]:
 
 
 async def call_handler(fn: HandlerFunction, event: Event, ctx: HandlerContext) -> None:
-    """Call ``fn`` with ``(event, ctx)`` or ``(event)``, awaiting it if it is a coroutine function."""
+    """Call ``fn`` with ``(event, ctx)`` or ``(event)``, awaiting it if it is a coroutine function,
+    in a ``tidings.handle`` span (see :mod:`tidings.tracing`)."""
     takes_ctx = _arity(fn) >= 2
-    result = fn(event, ctx) if takes_ctx else fn(event)
-    if inspect.isawaitable(result):
-        await result
+    with tracing.handle_span(ctx.recorded, ctx.group, ctx.attempt):
+        result = fn(event, ctx) if takes_ctx else fn(event)
+        if inspect.isawaitable(result):
+            await result
 
 
 @functools.lru_cache(maxsize=1024)
