@@ -383,8 +383,9 @@ def handle_span(recorded: RecordedEvent, group: str, attempt: int) -> _Span | _N
 
 
 def projection_span(group: str, events: Sequence[RecordedEvent]) -> _Span | _NoSpan:
-    """The ``tidings.projection`` span of one projection batch, linked to each event's context."""
-    if _tracer is None:
+    """The ``tidings.projection`` span of one projection batch, linked to each event's context
+    (none for a batch without events: the runner only moved past events of other types)."""
+    if _tracer is None or not events:
         return _NO_SPAN
     return _Span(
         _tracer.start_as_current_span(

@@ -104,10 +104,16 @@ def _subclasses(cls: type[Event]) -> list[type[Event]]:
     return out
 
 
-async def call_handler(fn: HandlerFunction, event: Event, ctx: HandlerContext) -> None:
+async def call_handler(fn: HandlerFunction, event: Event, ctx: HandlerContext, *, span: bool = True) -> None:
     """Call ``fn`` with ``(event, ctx)`` or ``(event)``, awaiting it if it is a coroutine function,
-    in a ``tidings.handle`` span (see :mod:`tidings.tracing`)."""
+    in a ``tidings.handle`` span (see :mod:`tidings.tracing`) unless ``span`` is false (a wrapper
+    calling the handler it wraps: the wrapper's call has the span)."""
     takes_ctx = _arity(fn) >= 2
+    if not span:
+        result = fn(event, ctx) if takes_ctx else fn(event)
+        if inspect.isawaitable(result):
+            await result
+        return
     with tracing.handle_span(ctx.recorded, ctx.group, ctx.attempt):
         result = fn(event, ctx) if takes_ctx else fn(event)
         if inspect.isawaitable(result):
