@@ -29,7 +29,12 @@ turns them on again, optionally with a provider of its own instead of the global
   is the child of the ``traceparent`` of the event it handles, across processes too);
 * ``tidings.projection`` (CONSUMER): one projection batch, linked to each event's context (a batch
   mixes many traces, so it can be the child of none);
-* ``tidings.saga.step`` (INTERNAL): a saga reacting to an event, inside its ``tidings.handle`` span.
+* ``tidings.saga.step`` (INTERNAL): a saga reacting to an event, inside its ``tidings.handle`` span;
+* ``tidings.dead_letter`` (INTERNAL): an event parked in the dead letters, a child of its trace.
+
+A failed handler call's span has ``tidings.outcome`` = ``error`` and the exception; a retry is the
+next ``tidings.handle`` span with ``tidings.attempt`` one higher, and giving up is the
+``tidings.dead_letter`` span (``tidings.outcome`` = ``dead_letter``).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ __all__ = [
     "TraceParent",
     "append_span",
     "child_of",
+    "dead_lettered",
     "disable",
     "enable",
     "enabled",
@@ -404,6 +410,30 @@ def projection_span(group: str, events: Sequence[RecordedEvent]) -> _Span | _NoS
             record_exception=True,
         )
     )
+
+
+def dead_lettered(recorded: RecordedEvent, group: str, attempts: int, error: BaseException | None) -> None:
+    """Record a ``tidings.dead_letter`` span: ``group`` parked the event after ``attempts`` attempts
+    (a child of the event's ``traceparent``, like its ``tidings.handle`` spans)."""
+    if _tracer is None:
+        return
+    attributes: dict[str, str | int] = {
+        "messaging.system": SYSTEM,
+        "messaging.consumer.group.name": group,
+        "messaging.message.id": str(recorded.event_id),
+        "tidings.event_type": recorded.event_type,
+        "tidings.attempt": attempts,
+        "tidings.outcome": "dead_letter",
+    }
+    if recorded.position:
+        attributes["tidings.position"] = recorded.position
+    span = _tracer.start_span(
+        "tidings.dead_letter", context=_parent_context(recorded.metadata), attributes=attributes
+    )
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(_otel.Status(_otel.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    span.end()
 
 
 def saga_step_span(saga: str, saga_id: str, event_type: str) -> _Span | _NoSpan:

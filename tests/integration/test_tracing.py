@@ -215,6 +215,12 @@ async def test_failed_handler_span_records_the_error_and_the_attempt(
     assert [s.attributes["tidings.attempt"] for s in handles] == [1, 2]  # type: ignore[index]
     assert all(s.attributes["tidings.outcome"] == "error" for s in handles)  # type: ignore[index]
     assert all(not s.status.is_ok and s.events[0].name == "exception" for s in handles)
+    # Giving up is a span of the same trace, named for the dead letter.
+    [parked] = [s for s in exporter.get_finished_spans() if s.name == "tidings.dead_letter"]
+    assert parked.attributes is not None and parked.context is not None
+    assert parked.attributes["tidings.outcome"] == "dead_letter" and parked.attributes["tidings.attempt"] == 2
+    assert parked.attributes["messaging.consumer.group.name"] == "shop.fails"
+    assert {parked.context.trace_id} == {s.context.trace_id for s in handles if s.context is not None}
 
 
 async def test_with_spans_disabled_events_still_form_one_trace(
