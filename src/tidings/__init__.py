@@ -84,6 +84,7 @@ from tidings.store import (
 from tidings.store.append import StreamState
 from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.tracking import DeadLetterRecord, ProjectionGeneration
+from tidings.tracing import TraceParent
 
 __version__ = "0.1.0"
 
@@ -149,6 +150,7 @@ __all__ = [
     "SubscriptionConfig",
     "SubscriptionStats",
     "TidingsError",
+    "TraceParent",
     "TrackingStore",
     "Tx",
     "UnknownEventType",
