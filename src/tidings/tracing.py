@@ -18,8 +18,10 @@ the CloudEvents distributed-tracing extension attributes of the same names.
 
 **Spans, when OpenTelemetry is installed** (``pip install 'tidings[otel]'``, then configure a
 ``TracerProvider`` as usual). Decided once, at import: without the ``opentelemetry`` package no
-span code runs at all; :func:`disable` turns the spans off (trace context stays), :func:`enable`
-turns them on again, optionally with a provider of its own instead of the global one.
+span code runs at all; with it, no span is started either until a tracer provider is configured
+(one ``isinstance`` check per operation). :func:`disable` turns the spans off (trace context
+stays), :func:`enable` turns them on again, optionally with a provider of its own instead of the
+global one.
 
 * ``tidings.append`` (PRODUCER): an append through ``EventStore.append``; its events' ``traceparent``
   is this span, so the spans that handle them are its children;
@@ -58,6 +60,9 @@ try:
     from opentelemetry import trace as _otel
 except ImportError:  # the 'otel' extra is not installed: trace context only, no spans
     _otel = None  # type: ignore[assignment]
+    _NO_PROVIDER: tuple[type, ...] = ()
+else:
+    _NO_PROVIDER = (_otel.ProxyTracerProvider, _otel.NoOpTracerProvider)
 
 __all__ = [
     "TRACEPARENT",
@@ -212,25 +217,39 @@ def _new_trace() -> str:
 # -- spans ---------------------------------------------------------------------------------------------
 
 
+def _live_tracer() -> Tracer | None:
+    return _tracer if enabled() else None
+
+
+_explicit = False
+"""True when :func:`enable` was given a provider of its own (then no global one is needed)."""
+
+
 def enabled() -> bool:
-    """True if tidings records OpenTelemetry spans."""
-    return _tracer is not None
+    """True if tidings records OpenTelemetry spans: the package is installed, spans are not
+    turned off by :func:`disable`, and there is a tracer provider -- the one given to
+    :func:`enable`, or a global one (until one is set, the API's stand-in would record nothing,
+    so no span is started)."""
+    if _tracer is None:
+        return False
+    return _explicit or not isinstance(_otel.get_tracer_provider(), _NO_PROVIDER)
 
 
 def enable(tracer_provider: TracerProvider | None = None) -> None:
     """Record spans, with ``tracer_provider`` (default: the global one, as configured with
     ``opentelemetry.trace.set_tracer_provider``, also when it is set later). On by default when
     the ``opentelemetry-api`` package is installed; raises :class:`~tidings.MissingExtra` if not."""
-    global _tracer
+    global _tracer, _explicit
     if _otel is None:
         raise MissingExtra("OpenTelemetry spans", "otel")
     _tracer = _otel.get_tracer("tidings", tracer_provider=tracer_provider)
+    _explicit = tracer_provider is not None
 
 
 def disable() -> None:
     """Record no spans (events still get their trace context); :func:`enable` undoes it."""
-    global _tracer
-    _tracer = None
+    global _tracer, _explicit
+    _tracer, _explicit = None, False
 
 
 class _NoSpan:
@@ -312,10 +331,11 @@ def _links(envelopes: Sequence[RecordedEvent]) -> list[Any]:
 
 def append_span(store_url: str, stream_id: str, count: int) -> _Span | _NoSpan:
     """The ``tidings.append`` span of one append (does nothing while spans are off)."""
-    if _tracer is None:
+    tracer = _live_tracer()
+    if tracer is None:
         return _NO_SPAN
     return _Span(
-        _tracer.start_as_current_span(
+        tracer.start_as_current_span(
             "tidings.append",
             kind=_otel.SpanKind.PRODUCER,
             attributes={
@@ -334,10 +354,11 @@ def append_span(store_url: str, stream_id: str, count: int) -> _Span | _NoSpan:
 def publish_span(service: str, destination: str, envelopes: Sequence[RecordedEvent]) -> _Span | _NoSpan:
     """The ``tidings.publish`` span of one bus publish by ``service``'s relay to ``destination``,
     linked to the creation context (``traceparent``) of each message."""
-    if _tracer is None:
+    tracer = _live_tracer()
+    if tracer is None:
         return _NO_SPAN
     return _Span(
-        _tracer.start_as_current_span(
+        tracer.start_as_current_span(
             "tidings.publish",
             kind=_otel.SpanKind.CLIENT,
             links=_links(envelopes),
@@ -359,7 +380,8 @@ def handle_span(recorded: RecordedEvent, group: str, attempt: int) -> _Span | _N
     """The ``tidings.handle`` span of one handler call, the child of the event's ``traceparent``
     (or of the current span, if the event has none). ``tidings.outcome`` is ``handled`` or
     ``error`` (the exception is recorded); a retry is a later span with a higher ``tidings.attempt``."""
-    if _tracer is None:
+    tracer = _live_tracer()
+    if tracer is None:
         return _NO_SPAN
     attributes: dict[str, str | int] = {
         "messaging.system": SYSTEM,
@@ -378,7 +400,7 @@ def handle_span(recorded: RecordedEvent, group: str, attempt: int) -> _Span | _N
     if isinstance(source, str):
         attributes["tidings.source"] = source
     return _Span(
-        _tracer.start_as_current_span(
+        tracer.start_as_current_span(
             "tidings.handle",
             context=_parent_context(recorded.metadata),
             kind=_otel.SpanKind.CONSUMER,
@@ -391,10 +413,11 @@ def handle_span(recorded: RecordedEvent, group: str, attempt: int) -> _Span | _N
 def projection_span(group: str, events: Sequence[RecordedEvent]) -> _Span | _NoSpan:
     """The ``tidings.projection`` span of one projection batch, linked to each event's context
     (none for a batch without events: the runner only moved past events of other types)."""
-    if _tracer is None or not events:
+    tracer = _live_tracer()
+    if tracer is None or not events:
         return _NO_SPAN
     return _Span(
-        _tracer.start_as_current_span(
+        tracer.start_as_current_span(
             "tidings.projection",
             kind=_otel.SpanKind.CONSUMER,
             links=_links(events),
@@ -415,7 +438,8 @@ def projection_span(group: str, events: Sequence[RecordedEvent]) -> _Span | _NoS
 def dead_lettered(recorded: RecordedEvent, group: str, attempts: int, error: BaseException | None) -> None:
     """Record a ``tidings.dead_letter`` span: ``group`` parked the event after ``attempts`` attempts
     (a child of the event's ``traceparent``, like its ``tidings.handle`` spans)."""
-    if _tracer is None:
+    tracer = _live_tracer()
+    if tracer is None:
         return
     attributes: dict[str, str | int] = {
         "messaging.system": SYSTEM,
@@ -427,7 +451,7 @@ def dead_lettered(recorded: RecordedEvent, group: str, attempts: int, error: Bas
     }
     if recorded.position:
         attributes["tidings.position"] = recorded.position
-    span = _tracer.start_span(
+    span = tracer.start_span(
         "tidings.dead_letter", context=_parent_context(recorded.metadata), attributes=attributes
     )
     if error is not None:
@@ -439,10 +463,11 @@ def dead_lettered(recorded: RecordedEvent, group: str, attempts: int, error: Bas
 def saga_step_span(saga: str, saga_id: str, event_type: str) -> _Span | _NoSpan:
     """The ``tidings.saga.step`` span of a saga reacting to one event (a child of the current,
     ``tidings.handle``, span). The runner adds ``tidings.saga.step`` and ``tidings.saga.status``."""
-    if _tracer is None:
+    tracer = _live_tracer()
+    if tracer is None:
         return _NO_SPAN
     return _Span(
-        _tracer.start_as_current_span(
+        tracer.start_as_current_span(
             "tidings.saga.step",
             attributes={"tidings.saga": saga, "tidings.saga.id": saga_id, "tidings.event_type": event_type},
             record_exception=True,

@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from tidings import InvalidArgument, open_store, tracing
 from tidings.testing.events import Credited
@@ -98,6 +100,22 @@ async def test_append_with_a_bad_traceparent_writes_nothing() -> None:
         await store.append("s", [Credited(amount=1)], metadata={"traceparent": VALID})
         [event] = [e async for e in store.read_stream("s")]
         assert event.metadata["traceparent"] == VALID
+
+
+def test_spans_start_only_once_a_tracer_provider_is_configured() -> None:
+    # This test session sets no global provider: the API's stand-in would record nothing.
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    assert not tracing.enabled()
+    provider = TracerProvider()
+    try:
+        tracing.enable(provider)
+        assert tracing.enabled()
+        tracing.disable()
+        assert not tracing.enabled()
+    finally:
+        tracing.enable()
+        provider.shutdown()
+    assert not tracing.enabled()
 
 
 def test_without_opentelemetry_installed_events_get_trace_context_and_spans_are_off(tmp_path: Path) -> None:
