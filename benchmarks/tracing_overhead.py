@@ -1,4 +1,4 @@
-"""What trace context and spans cost an append: ``python -m benchmarks.tracing_overhead MODE N``.
+"""What trace context and spans cost an append: ``python -m benchmarks.tracing_overhead MODE N [URL]``.
 
 MODE is ``no-otel`` (the opentelemetry package hidden, as when the extra is not installed),
 ``api`` (installed, no SDK: the API's no-op tracer), or ``sdk`` (an SDK TracerProvider with no
@@ -16,6 +16,7 @@ import time
 
 def main() -> None:
     mode, count = sys.argv[1], int(sys.argv[2])
+    url = sys.argv[3] if len(sys.argv) > 3 else "memory://"
     if mode == "no-otel":
         sys.modules["opentelemetry"] = None  # type: ignore[assignment]  # import fails: not installed
     elif mode == "sdk":
@@ -30,7 +31,7 @@ def main() -> None:
         text: str
 
     async def run() -> float:
-        async with open_store("memory://") as store:
+        async with open_store(url) as store:
             events = [Noted(text="x")]
             await store.append("warm", events)
             start = time.perf_counter()

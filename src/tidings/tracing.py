@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from random import getrandbits
+from random import getrandbits, randbytes
 from typing import TYPE_CHECKING, Any
 
 from tidings.errors import InvalidArgument, MissingExtra
@@ -80,6 +80,7 @@ __all__ = [
     "publish_span",
     "saga_step_span",
     "stamp",
+    "stamped_json",
 ]
 
 TRACEPARENT = "traceparent"
@@ -209,9 +210,27 @@ def stamp(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return {**metadata, **(_active_span_context() or {TRACEPARENT: _new_trace()})}
 
 
+def stamped_json(
+    metadata: Mapping[str, Any] | None, encode: Callable[[Mapping[str, Any] | None], bytes | None]
+) -> bytes | None:
+    """``encode(stamp(metadata))``: the stored JSON of an append's metadata, with trace context.
+
+    The common case -- no metadata, no active span -- is written directly, without building and
+    encoding a dict: it runs on every plain append."""
+    if metadata is None and _active_span_context() is None:
+        return f'{{"{TRACEPARENT}":"{_new_trace()}"}}'.encode()
+    return encode(stamp(metadata))
+
+
 def _new_trace() -> str:
-    # Formatted directly (not through TraceParent): this runs on every plain append.
-    return f"00-{getrandbits(128) or 1:032x}-{getrandbits(64) or 1:016x}-01"
+    # Built from one hex string (not through TraceParent): this runs on every plain append.
+    ids = randbytes(24).hex()
+    if ids[32:] == _ZERO_SPAN:  # the spec forbids an all-zero id (the trace id's odds are nil)
+        return TraceParent.new().header()
+    return f"00-{ids[:32]}-{ids[32:]}-01"
+
+
+_ZERO_SPAN = "0" * 16
 
 
 # -- spans ---------------------------------------------------------------------------------------------

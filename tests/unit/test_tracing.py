@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -12,8 +13,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from tidings import InvalidArgument, open_store, tracing
+from tidings.events import EventRegistry
 from tidings.testing.events import Credited
-from tidings.tracing import TraceParent, child_of, parse_traceparent, stamp
+from tidings.tracing import TraceParent, child_of, parse_traceparent, stamp, stamped_json
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -90,6 +92,16 @@ def test_stamp_adds_a_new_trace_keeps_a_given_one_and_refuses_a_bad_one() -> Non
         assert stamp(given) is given
         with pytest.raises(InvalidArgument):
             stamp({"traceparent": "00-nope"})
+
+
+def test_stamped_json_is_the_encoded_stamp() -> None:
+    with tracing_off():
+        plain = stamped_json(None, EventRegistry.encode_metadata)
+        assert plain is not None
+        [(key, value)] = json.loads(plain).items()
+        assert key == "traceparent" and TraceParent.parse(value).sampled
+        given = {"traceparent": VALID, "user_id": "ann"}
+        assert stamped_json(given, EventRegistry.encode_metadata) == EventRegistry.encode_metadata(given)
 
 
 async def test_append_with_a_bad_traceparent_writes_nothing() -> None:

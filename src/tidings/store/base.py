@@ -373,7 +373,7 @@ class EventStore(abc.ABC):
             stream_id,
             encoded,
             expected,
-            self.registry.encode_metadata(tracing.stamp(metadata)),
+            tracing.stamped_json(metadata, self.registry.encode_metadata),
             event_ids is not None,
         )
 
