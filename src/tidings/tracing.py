@@ -3,8 +3,8 @@
 **Trace context, always.** Every stored event's metadata carries ``traceparent`` (and
 ``tracestate`` when there is one), with or without OpenTelemetry:
 
-* appended inside an active OpenTelemetry span (tidings' own ``tidings.append`` span counts):
-  that span's context;
+* appended inside an active OpenTelemetry span while spans are on (:func:`enabled`; tidings' own
+  ``tidings.append`` span counts): that span's context;
 * emitted or saved by a handler, a saga step or a projection (through its ``ctx``): a child of
   the handled event's trace -- same trace id, a new span id (one per handler call), the handled
   event's ``tracestate`` carried on -- so one business transaction is one trace;
@@ -164,8 +164,9 @@ _tracer: Tracer | None = None
 
 
 def _active_span_context() -> dict[str, str] | None:
-    """The trace keys of the active OpenTelemetry span, if spans are on and one is recording."""
-    if _tracer is None:
+    """The trace keys of the active OpenTelemetry span, if spans are on (:func:`enabled`) and
+    there is one."""
+    if not enabled():
         return None
     context = _otel.get_current_span().get_span_context()
     if not context.is_valid:
@@ -240,8 +241,9 @@ def _live_tracer() -> Tracer | None:
     return _tracer if enabled() else None
 
 
-_explicit = False
-"""True when :func:`enable` was given a provider of its own (then no global one is needed)."""
+_provider_known = False
+"""True when :func:`enable` was given a provider of its own, or a global one has been set (which
+cannot be unset): then spans are on without looking again."""
 
 
 def enabled() -> bool:
@@ -249,26 +251,29 @@ def enabled() -> bool:
     turned off by :func:`disable`, and there is a tracer provider -- the one given to
     :func:`enable`, or a global one (until one is set, the API's stand-in would record nothing,
     so no span is started)."""
+    global _provider_known
     if _tracer is None:
         return False
-    return _explicit or not isinstance(_otel.get_tracer_provider(), _NO_PROVIDER)
+    if not _provider_known:
+        _provider_known = not isinstance(_otel.get_tracer_provider(), _NO_PROVIDER)
+    return _provider_known
 
 
 def enable(tracer_provider: TracerProvider | None = None) -> None:
     """Record spans, with ``tracer_provider`` (default: the global one, as configured with
     ``opentelemetry.trace.set_tracer_provider``, also when it is set later). On by default when
     the ``opentelemetry-api`` package is installed; raises :class:`~tidings.MissingExtra` if not."""
-    global _tracer, _explicit
+    global _tracer, _provider_known
     if _otel is None:
         raise MissingExtra("OpenTelemetry spans", "otel")
     _tracer = _otel.get_tracer("tidings", tracer_provider=tracer_provider)
-    _explicit = tracer_provider is not None
+    _provider_known = tracer_provider is not None
 
 
 def disable() -> None:
     """Record no spans (events still get their trace context); :func:`enable` undoes it."""
-    global _tracer, _explicit
-    _tracer, _explicit = None, False
+    global _tracer, _provider_known
+    _tracer, _provider_known = None, False
 
 
 class _NoSpan:
