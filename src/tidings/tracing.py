@@ -255,6 +255,11 @@ def enabled() -> bool:
     if _tracer is None:
         return False
     if not _provider_known:
+        # get_tracer_provider() looks the environment up on each call until a provider is set,
+        # which costs as much as a plain append; the global it fills in is read first (enable()
+        # made the call once, so a provider named by the environment is loaded by then).
+        if getattr(_otel, "_TRACER_PROVIDER", True) is None:
+            return False
         _provider_known = not isinstance(_otel.get_tracer_provider(), _NO_PROVIDER)
     return _provider_known
 
@@ -267,7 +272,7 @@ def enable(tracer_provider: TracerProvider | None = None) -> None:
     if _otel is None:
         raise MissingExtra("OpenTelemetry spans", "otel")
     _tracer = _otel.get_tracer("tidings", tracer_provider=tracer_provider)
-    _provider_known = tracer_provider is not None
+    _provider_known = tracer_provider is not None or not isinstance(_otel.get_tracer_provider(), _NO_PROVIDER)
 
 
 def disable() -> None:
