@@ -86,6 +86,7 @@ from tidings.store import (
 from tidings.store.append import StreamState
 from tidings.store.deadletters import DeadLetterNotFound
 from tidings.store.tracking import DeadLetterRecord, ProjectionGeneration
+from tidings.tracing import TraceParent
 
 __version__ = "0.1.0"
 
@@ -158,6 +159,7 @@ __all__ = [
     "TidingsError",
     "TraceNode",
     "TraceNotFound",
+    "TraceParent",
     "TrackingStore",
     "Tx",
     "UnknownEventType",

@@ -172,7 +172,7 @@ class Service:
                 destination = ctx.recorded.metadata.get("destination")
                 if destination is not None and destination != owner:
                     return
-                await call_handler(fn, command, ctx)
+                await call_handler(fn, command, ctx, span=False)
 
             self._add(name, Dispatch({command_type: owned}), None, config)
             self._commands[command_type] = name

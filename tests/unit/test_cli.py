@@ -150,7 +150,7 @@ def test_events_of_a_stream_json(url: str) -> None:
     assert first["stream_id"] == "acct-1"
     assert first["event_type"] == "test_cli.Opened"
     assert first["schema_version"] == 1
-    assert first["metadata"] == {}
+    assert set(first["metadata"]) == {"traceparent"}  # trace context on every event
     assert first["timestamp"].endswith("+00:00")
     # --after is a version for one stream.
     result = invoke("events", "acct-1", "--store", url, "--json", "--after", "2")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from tidings import tracing
 from tidings.bus.base import Bus, Consumer, ConsumerGroup, DeliveryPolicy
 from tidings.bus.message import DeadLetter, IncomingMessage
 from tidings.errors import AlreadyProcessed, CheckpointConflict, TidingsError
@@ -171,6 +172,8 @@ class BusHandlerGroup:
         event_id = message.event_id if message is not None else uuid.uuid5(_NAMESPACE, letter.payload.hex())
         error = letter.error
         self.last_error = letter.reason
+        if message is not None:
+            tracing.dead_lettered(self.recorded(message), self.group, letter.attempts, error)
         record = DeadLetterRecord(
             0,
             event_id,

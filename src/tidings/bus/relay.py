@@ -17,6 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 
+from tidings import tracing
 from tidings.bus.base import Bus
 from tidings.commands import Command, destination_of
 from tidings.errors import InvalidArgument, TidingsError, is_transient
@@ -130,7 +131,8 @@ class OutboxRelay(Subscription):
             else:
                 runs.append((destination, [envelope]))
         for destination, envelopes in runs:
-            await self.bus.publish(destination, envelopes)
+            with tracing.publish_span(self.service, destination, envelopes):
+                await self.bus.publish(destination, envelopes)
 
     async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
         try:

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from tidings import tracing
 from tidings.aggregate import Aggregate
 from tidings.commands import Command
 from tidings.errors import AggregateNotFound, InvalidArgument, UnsupportedOperation
@@ -156,6 +157,7 @@ class HandlerContext:
         self.caused_by: str | None = None
         """What is running (``handler:<group>.<function>``, set by the runner; a saga sets
         ``saga:<name>``): stamped as ``caused_by`` on what it emits, for the causal trace."""
+        self._trace_keys: dict[str, str] | None = None
 
     # -- aggregates -------------------------------------------------------------------------------
 
@@ -219,9 +221,11 @@ class HandlerContext:
         metadata carries ``causation_id`` = the handled event's id, the handled event's
         ``correlation_id`` (or its id, if it started the conversation), and its ``user_id``,
         and, when the handled message is a command, its ``saga_id``, ``saga_step`` and
-        ``compensation`` (so that the replies find their saga). ``caused_by`` names the handler
-        and ``service`` the running service, when known (see :mod:`tidings.causal`). Their event
-        ids are derived from the handled event's id, so a redelivery can never append them twice.
+        ``compensation`` (so that the replies find their saga), and the trace context
+        (``traceparent``: a child of the handled event's trace, see :mod:`tidings.tracing`).
+        ``caused_by`` names the handler and ``service`` the running service, when known (see
+        :mod:`tidings.causal`). Their event ids are derived from the handled event's id, so a
+        redelivery can never append them twice.
         """
         if (
             events is None
@@ -256,6 +260,7 @@ class HandlerContext:
             ),
             **({"caused_by": self.caused_by} if self.caused_by is not None else {}),
             **({"service": self.service} if self.service is not None else {}),
+            **self._trace(),
             **(metadata or {}),
         }
         call = len(self.appends)
@@ -266,6 +271,12 @@ class HandlerContext:
         self.appends.append(request)
         self.pending.setdefault(stream_id, []).extend(events)
         self.touched.add(stream_id)
+
+    def _trace(self) -> dict[str, str]:
+        # One span id per handler call, whatever it emits: the call is the span of the trace.
+        if self._trace_keys is None:
+            self._trace_keys = tracing.child_of(self.recorded.metadata)
+        return self._trace_keys
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> None:
         """Run a write statement in the commit of this event's processing.

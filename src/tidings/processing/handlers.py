@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, get_type_hints
 
+from tidings import tracing
 from tidings.errors import InvalidArgument
 from tidings.events import Event
 from tidings.processing.context import HandlerContext
@@ -103,15 +104,23 @@ def _subclasses(cls: type[Event]) -> list[type[Event]]:
     return out
 
 
-async def call_handler(fn: HandlerFunction, event: Event, ctx: HandlerContext) -> None:
-    """Call ``fn`` with ``(event, ctx)`` or ``(event)``, awaiting it if it is a coroutine function.
+async def call_handler(fn: HandlerFunction, event: Event, ctx: HandlerContext, *, span: bool = True) -> None:
+    """Call ``fn`` with ``(event, ctx)`` or ``(event)``, awaiting it if it is a coroutine function,
+    in a ``tidings.handle`` span (see :mod:`tidings.tracing`) unless ``span`` is false (a wrapper
+    calling the handler it wraps: the wrapper's call has the span).
 
     Names ``fn`` in ``ctx.caused_by`` first, so that what it emits records who emitted it."""
     ctx.caused_by = handler_label(ctx.group, fn)
     takes_ctx = _arity(fn) >= 2
-    result = fn(event, ctx) if takes_ctx else fn(event)
-    if inspect.isawaitable(result):
-        await result
+    if not span:
+        result = fn(event, ctx) if takes_ctx else fn(event)
+        if inspect.isawaitable(result):
+            await result
+        return
+    with tracing.handle_span(ctx.recorded, ctx.group, ctx.attempt):
+        result = fn(event, ctx) if takes_ctx else fn(event)
+        if inspect.isawaitable(result):
+            await result
 
 
 def handler_label(group: str, fn: Callable[..., Any]) -> str:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
+from tidings import tracing
 from tidings.errors import InvalidArgument, ProjectionError, TidingsError, is_transient
 from tidings.events import Event, RecordedEvent
 from tidings.processing.handlers import Dispatch, handler_methods
@@ -380,7 +381,8 @@ class ProjectionSubscription(Subscription):
 
     async def process_batch(self, events: list[RecordedEvent], scanned_to: int) -> None:
         try:
-            await self._apply(events, scanned_to)
+            with tracing.projection_span(self.group, events):
+                await self._apply(events, scanned_to)
         except ProjectionSuperseded:
             if self._fixed:
                 raise

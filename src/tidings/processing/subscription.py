@@ -28,6 +28,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
+from tidings import tracing
 from tidings.errors import (
     CheckpointConflict,
     EventTypeError,
@@ -684,6 +685,7 @@ class Subscription(abc.ABC):
     def dead_letter_record(
         self, recorded: RecordedEvent, exc: BaseException, attempts: int
     ) -> DeadLetterRecord:
+        tracing.dead_lettered(recorded, self.group, attempts, exc)
         return DeadLetterRecord(
             recorded.position,
             recorded.event_id,

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from tidings import tracing
 from tidings.errors import InvalidArgument, TidingsError, is_transient
 from tidings.events import Event
 from tidings.processing.context import HandlerContext
@@ -101,15 +102,18 @@ class SagaHandler:
         instance = await ctx.load(SagaInstance, saga_id, create=True)
         if instance.version and instance.saga != self.saga.name:
             return  # another saga whose id shares our prefix (saga 'order' vs 'order-refund')
-        before = instance.version
-        if before == 0:
-            if isinstance(event, self.saga.start_types) and not isinstance(event, DeadlinePassed):
-                self._start(instance, event, ctx)
-        elif not instance.terminal:
-            self._advance(instance, event, ctx)
-        if instance.version != before:
-            ctx.save(instance)
-            self._index(instance, ctx)
+        with tracing.saga_step_span(self.saga.name, saga_id, ctx.recorded.event_type) as span:
+            before = instance.version
+            if before == 0:
+                if isinstance(event, self.saga.start_types) and not isinstance(event, DeadlinePassed):
+                    self._start(instance, event, ctx)
+            elif not instance.terminal:
+                self._advance(instance, event, ctx)
+            if instance.version != before:
+                ctx.save(instance)
+                self._index(instance, ctx)
+            span.set("tidings.saga.step", instance.step or "")
+            span.set("tidings.saga.status", instance.status)
 
     def _saga_id(self, event: Event, ctx: HandlerContext) -> str | None:
         if isinstance(event, DeadlinePassed):

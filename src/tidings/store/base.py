@@ -25,6 +25,7 @@ from urllib.parse import unquote_plus, urlsplit
 import orjson
 from pydantic import ValidationError
 
+from tidings import tracing
 from tidings.errors import (
     CorruptEvent,
     InvalidArgument,
@@ -289,6 +290,8 @@ class EventStore(abc.ABC):
         Raises :class:`ConcurrencyError`, :class:`DuplicateEventId`, :class:`InvalidStreamId`,
         :class:`InvalidArgument`, :class:`SerializationError`; in every case nothing is written.
         """
+        if tracing.enabled():
+            return await self._traced_append(stream_id, events, expected_version, metadata, event_ids)
         request = self.prepare_append(
             stream_id,
             events,
@@ -302,6 +305,27 @@ class EventStore(abc.ABC):
         self.append_calls += 1
         self.appended_events += len(request.events)
         return result
+
+    async def _traced_append(
+        self,
+        stream_id: str,
+        events: Iterable[Event],
+        expected_version: ExpectedVersion,
+        metadata: Mapping[str, Any] | None,
+        event_ids: Sequence[uuid.UUID] | None,
+    ) -> AppendResult:
+        """:meth:`append` in a ``tidings.append`` span, which the events' traceparent names."""
+        if isinstance(events, Iterable) and not isinstance(events, Event | str | bytes | Mapping):
+            events = list(events)  # counted for the span, then validated by prepare_append
+        count = len(events) if isinstance(events, list) else 0
+        with tracing.append_span(self.safe_url, str(stream_id), count) as span:
+            request = self.prepare_append(
+                stream_id, events, expected_version=expected_version, metadata=metadata, event_ids=event_ids
+            )
+            self._check_open()
+            result = await self._append(request)
+            span.appended(result)
+            return result
 
     def prepare_append(
         self,
@@ -361,7 +385,7 @@ class EventStore(abc.ABC):
             stream_id,
             encoded,
             expected,
-            self.registry.encode_metadata(metadata),
+            tracing.stamped_json(metadata, self.registry.encode_metadata),
             event_ids is not None,
         )
 

@@ -94,7 +94,8 @@ class StoreContract:
         assert [(e.version, e.position) for e in events] == [(1, 1), (2, 2)]
         for e in events:
             assert e.stream_id == "acc-1"
-            assert dict(e.metadata) == meta
+            # The append adds trace context (a new trace: the metadata names none).
+            assert dict(e.metadata) == {**meta, "traceparent": e.metadata["traceparent"]}
             assert e.correlation_id == "c-1" and e.causation_id == "x-9"
             assert e.timestamp.tzinfo is not None
             assert before <= e.timestamp <= datetime.now(UTC) + timedelta(seconds=1)
