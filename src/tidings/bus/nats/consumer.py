@@ -24,23 +24,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from tidings.bus.base import (
+    BatchHandler,
     Consumer,
     ConsumerGroup,
     ConsumerStatistics,
     Counters,
     DeadLetterHandler,
-    MessageHandler,
+    Delivery,
     Outcome,
-    handle_delivery,
+    handle_batch,
     wait_or_stop,
 )
 from tidings.bus.nats.config import NatsBusConfig
@@ -58,7 +62,16 @@ Part = tuple[str, int]
 
 
 class _Worker:
-    """The pull loop of one held partition."""
+    """The pull loop of one held partition: pull a batch, handle it, acknowledge it, repeat.
+
+    A batch is what the partition holds when the worker asks, up to ``max_batch`` (a pull with
+    ``no_wait`` and ``expires``: it waits for the first message, then returns with what is there).
+    Order across batches rests on the consumer's ``max_ack_pending`` (= ``max_batch``) and on two
+    rules: a worker never pulls while messages of an earlier batch may still be unacknowledged
+    (a previous holder that died, or acknowledgements of its own that failed) -- it waits until the
+    consumer has none pending, or until ``ack_wait`` has passed, after which JetStream redelivers
+    them first, in stream order; and it never pulls with a lease it may have lost.
+    """
 
     def __init__(self, member: NatsMember, part: Part, durable: str) -> None:
         self.member = member
@@ -76,64 +89,114 @@ class _Worker:
         m = self.member
         source, p = self.part
         stream = m.config.stream_name(source)
-        sub: JetStreamContext.PullSubscription | None = None
-        while not self.stopping.is_set():
-            try:
-                if sub is None:
-                    sub = await m.js.pull_subscribe_bind(durable=self.durable, stream=stream)
-                msgs = await sub.fetch(1, timeout=m.config.fetch_wait)
-            except nats.errors.TimeoutError:
-                continue
-            except _NATS_ERRORS as exc:
-                # Disconnected or the server is restarting: the client reconnects by itself.
-                log.debug("%s %s/%d: pull failed: %r", m.group.label, source, p, exc)
-                await wait_or_stop(self.stopping, min(1.0, m.config.fetch_wait))
-                continue
-            for msg in msgs:
+        nc = m.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        # Whatever a previous holder left unacknowledged must come back before anything newer.
+        settled = False
+        try:
+            while not self.stopping.is_set():
                 try:
-                    await self._handle(msg, source)
+                    if not settled:
+                        await self._wait_for_strays(stream)
+                        settled = True
+                    if not m.may_pull(self.part):
+                        await wait_or_stop(self.stopping, min(0.25, m.config.fetch_wait))
+                        continue
+                    msgs = await self._pull(nc, sub, inbox, stream)
+                except _NATS_ERRORS as exc:
+                    # Disconnected or the server is restarting: the client reconnects by itself.
+                    log.debug("%s %s/%d: pull failed: %r", m.group.label, source, p, exc)
+                    await wait_or_stop(self.stopping, min(1.0, m.config.fetch_wait))
+                    continue
+                if not msgs:
+                    continue
+                try:
+                    settled = await self._handle(msgs, source)
                 except Exception:
                     # A bug here must not end the loop while the lease is still renewed: that would
-                    # stall the partition. The message comes back after ack_wait.
-                    log.exception("%s %s/%d: unexpected error settling a message", m.group.label, source, p)
-        if sub is not None:
+                    # stall the partition. The messages come back after ack_wait.
+                    log.exception("%s %s/%d: unexpected error settling messages", m.group.label, source, p)
+                    settled = False
+        finally:
             with contextlib.suppress(*_NATS_ERRORS):
                 await sub.unsubscribe()
 
-    async def _handle(self, msg: Msg, source: str) -> None:
+    async def _pull(self, nc: Client, sub: Subscription, inbox: str, stream: str) -> list[Msg]:
+        """One pull request: wait up to ``fetch_wait`` for the first message, return what is there."""
         m = self.member
-        attempt = msg.metadata.num_delivered or 1
-        outcome, delay = await handle_delivery(
+        limit = m.group.delivery.max_batch
+        wait = m.config.fetch_wait
+        request = {"batch": limit, "no_wait": True, "expires": int(wait * 1_000_000_000)}
+        await nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{self.durable}", json.dumps(request).encode(), reply=inbox
+        )
+        msgs: list[Msg] = []
+        while len(msgs) < limit:
+            try:
+                msg = await sub.next_msg(timeout=wait + m.config.request_timeout)
+            except nats.errors.TimeoutError:
+                break
+            status = msg.headers.get("Status") if msg.headers else None
+            if status is None and msg.reply:
+                msgs.append(msg)
+                continue
+            if status == "100":
+                continue  # a heartbeat
+            if status not in ("404", "408"):
+                log.debug("%s: pull ended with status %s %s", m.group.label, status, msg.headers)
+            break  # 404 (nothing more now) or 408 (expired) ends the pull
+        return msgs
+
+    async def _wait_for_strays(self, stream: str) -> None:
+        """Wait until the consumer has no unacknowledged message, or ``ack_wait`` (plus a margin) has
+        passed: then JetStream redelivers them before any newer message, in stream order."""
+        m = self.member
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + m.group.delivery.ack_wait + 1.0
+        while not self.stopping.is_set() and loop.time() < deadline:
+            info = await m.js.consumer_info(stream, self.durable)
+            if not info.num_ack_pending:
+                return
+            await wait_or_stop(self.stopping, 0.2)
+
+    async def _handle(self, msgs: list[Msg], source: str) -> bool:
+        """Handle a batch and settle it; False if some settlement may not have reached the server."""
+        m = self.member
+        deliveries = [Delivery(msg.subject, msg.data, msg.metadata.num_delivered or 1) for msg in msgs]
+
+        async def keepalive(start: int) -> None:
+            for msg in msgs[start:]:
+                await msg.in_progress()
+
+        outcomes = await handle_batch(
             group=m.group,
             origin=f"bus:{source}",
-            subject=msg.subject,
-            payload=msg.data,
-            attempt=attempt,
+            deliveries=deliveries,
             registry=m.registry,
             handler=m.handler,
             dead_letter=m.dead_letter,
             counters=m.counters,
             stopping=self.stopping,
-            keepalive=msg.in_progress,
+            keepalive=keepalive,
         )
         try:
-            if outcome is Outcome.ACK:
-                # Wait for the server to confirm: the next message of the partition (max_ack_pending=1)
-                # comes only after this ack, and a lost ack would stall it for ack_wait.
-                await msg.ack_sync(timeout=m.config.request_timeout)
-            elif outcome is Outcome.DEAD:
-                await msg.term()
-            else:
-                await msg.nak(delay=delay)
+            for msg, outcome in zip(msgs, outcomes, strict=False):
+                if outcome is Outcome.ACK:
+                    await msg.ack()
+                else:
+                    await msg.term()
+            # Stopping midway: the rest go back at once, in order, ahead of anything newer.
+            for msg in msgs[len(outcomes) :]:
+                await msg.nak()
+            # One round trip for the whole batch: the server has them all when the flush returns.
+            await m.nc.flush(timeout=max(1, int(m.config.request_timeout)))
         except _NATS_ERRORS as exc:
-            # The message comes back after ack_wait; the consumer's inbox absorbs the duplicate.
-            log.warning(
-                "%s: could not settle a message (%s) on %s: %r",
-                m.group.label,
-                outcome.value,
-                msg.subject,
-                exc,
-            )
+            # They come back after ack_wait; the consumer's inbox absorbs the duplicates, and the
+            # next pull waits for them (order).
+            log.warning("%s: could not settle %d message(s) on %s: %r", m.group.label, len(msgs), source, exc)
+            return False
+        return True
 
 
 class NatsMember(Consumer):
@@ -141,13 +204,15 @@ class NatsMember(Consumer):
 
     def __init__(
         self,
+        nc: Client,
         js: JetStreamContext,
         config: NatsBusConfig,
         group: ConsumerGroup,
-        handler: MessageHandler,
+        handler: BatchHandler,
         dead_letter: DeadLetterHandler,
         registry: EventRegistry,
     ) -> None:
+        self.nc = nc
         self.js = js
         self.config = config
         self.group = group
@@ -177,6 +242,15 @@ class NatsMember(Consumer):
         await ensure_lease_stream(self.js, self.config)
         await self._tick()
         self._task = asyncio.create_task(self._run(), name=f"bus {self.group.label} leases")
+
+    def may_pull(self, part: Part) -> bool:
+        """Whether the lease of ``part`` was renewed recently enough to take more messages (after a
+        pause of the process it may have passed to another member: wait for the next renewal)."""
+        renewed = self._renewed.get(part)
+        if renewed is None:
+            return False
+        fence = self.config.lease_ttl - self.config.heartbeat_interval
+        return asyncio.get_running_loop().time() - renewed < fence
 
     def held(self) -> tuple[Part, ...]:
         return tuple(sorted(self._workers))
