@@ -13,8 +13,9 @@ subject, each published with a JetStream per-message TTL of ``lease_ttl`` second
   releases at once (stops its pull loop after the message in hand, deletes its lease message);
 * a member that cannot renew (it lost its connection) stops its pull loops before its leases can
   have expired, so two members never pull one partition except across a pause of the process
-  (SIGSTOP, a long GC) longer than the lease: then the in-flight message may be handled twice, which
-  the consumer's inbox absorbs, and order is still kept by ``max_ack_pending=1``.
+  (SIGSTOP, a long GC) longer than the lease: then the batch in hand may be handled twice, which
+  the consumer's inbox absorbs; order is still kept, since a new holder does not pull while that
+  batch is unacknowledged, and a resumed member pulls no more until its lease is renewed.
 
 Heartbeats run on the member's event loop: a handler that blocks the loop (synchronous I/O waiting
 on a lock) for longer than ``lease_ttl`` loses the member its partitions, exactly like a pause.
@@ -134,7 +135,7 @@ class _Worker:
         msgs: list[Msg] = []
         while len(msgs) < limit:
             try:
-                msg = await sub.next_msg(timeout=wait + m.config.request_timeout)
+                msg = await sub.next_msg(timeout=wait + min(1.0, m.config.request_timeout))
             except nats.errors.TimeoutError:
                 break
             status = msg.headers.get("Status") if msg.headers else None
