@@ -57,7 +57,10 @@ class _Partition:
 
     def append(self, entry: _Entry) -> None:
         self.entries.append(entry)
-        # Wake every waiting worker, then arm a fresh event for the next append.
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every waiting worker (an append, or a group stopping), then arm a fresh event."""
         self.appended.set()
         self.appended = asyncio.Event()
 
@@ -120,8 +123,10 @@ class _GroupState:
         self.members.remove(member)
         self._changed()
         if not self.members:
-            # The last member leaves: workers finish the message in hand, then end.
+            # The last member leaves: workers finish the batch in hand, then end.
             self.stopping.set()
+            for source, p in self.workers:
+                self.bus.partition(source, p).wake()
             workers = list(self.workers.values())
             self.workers.clear()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -146,12 +151,8 @@ class _GroupState:
         while not stopping.is_set():
             cursor = self.cursors.get(key, 0)
             if cursor >= len(part.entries):
-                appended = part.appended
-                waiter = asyncio.create_task(appended.wait())
-                stop = asyncio.create_task(stopping.wait())
-                await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stop.cancel()
+                # One wait, no task: stopping wakes the partition too (see leave()).
+                await part.appended.wait()
                 continue
             # The batch: up to max_batch accepted entries from the cursor; ends[i] is the cursor
             # after the i-th of them (entries of other types in between are passed over).

@@ -92,12 +92,14 @@ class _Worker:
         stream = m.config.stream_name(source)
         nc = m.nc
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        sub: Subscription | None = None
         # Whatever a previous holder left unacknowledged must come back before anything newer.
         settled = False
         try:
             while not self.stopping.is_set():
                 try:
+                    if sub is None:
+                        sub = await nc.subscribe(inbox)
                     if not settled:
                         await self._wait_for_strays(stream)
                         settled = True
@@ -120,8 +122,9 @@ class _Worker:
                     log.exception("%s %s/%d: unexpected error settling messages", m.group.label, source, p)
                     settled = False
         finally:
-            with contextlib.suppress(*_NATS_ERRORS):
-                await sub.unsubscribe()
+            if sub is not None:
+                with contextlib.suppress(*_NATS_ERRORS):
+                    await sub.unsubscribe()
 
     async def _pull(self, nc: Client, sub: Subscription, inbox: str, stream: str) -> list[Msg]:
         """One pull request: wait up to ``fetch_wait`` for the first message, return what is there."""
