@@ -11,11 +11,12 @@ the bus acknowledge the batch. A redelivered message whose id is in the inbox is
 without running the handler again: delivery is at-least-once, effects are exactly-once.
 
 A handler that fails ends the batch there: the messages before it commit, and it goes back to the
-bus's retry policy alone (then the rest of the batch follows). A commit the store refuses (another
-writer changed a stream a handler loaded) keeps the effects that do not rest on the stale stream
-and runs the others again, one at a time, as a subscription over the log does
-(:func:`~tidings.processing.handling.split_on_conflict`); messages of one published stream id
-count as touching the same stream, so their order holds there too.
+bus's retry policy alone (then the rest of the batch follows). A commit the store refuses because
+another writer changed a stream a handler loaded keeps the effects that do not rest on that stream
+(:func:`~tidings.processing.handling.split_on_conflict`; messages of one published stream id count
+as touching the same stream, so their order holds) and sends the first message to redo back to the
+retry policy, the rest following it; a commit refused for another reason (a SQL error) runs the
+messages again one at a time, so that the failure lands on its own message.
 """
 
 from __future__ import annotations
@@ -220,6 +221,11 @@ class BusHandlerGroup:
             await self._commit(valid)
             self.handled += len(valid)
         index_of = {id(ctx): index for index, ctx in done}
+        if isinstance(refusal, ConcurrencyError) and invalid:
+            # Another writer is busy on that stream (two orders of one SKU in two partitions):
+            # running again at once would mostly meet it again. The first message to redo goes
+            # back to the retry policy and its back-off; the ones after it follow it in order.
+            return BatchOutcome(index_of[id(invalid[0])], refusal)
         for ctx in invalid:
             error = await self._run_alone(ctx)
             if error is not None:
