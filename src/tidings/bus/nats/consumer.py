@@ -68,10 +68,10 @@ class _Worker:
     A batch is what the partition holds when the worker asks, up to ``max_batch`` (a pull with
     ``no_wait`` and ``expires``: it waits for the first message, then returns with what is there).
     Order across batches rests on the consumer's ``max_ack_pending`` (= ``max_batch``) and on two
-    rules: a worker never pulls while messages of an earlier batch may still be unacknowledged
-    (a previous holder that died, or acknowledgements of its own that failed) -- it waits until the
-    consumer has none pending, or until ``ack_wait`` has passed, after which JetStream redelivers
-    them first, in stream order; and it never pulls with a lease it may have lost.
+    rules: while messages of an earlier batch may still be unacknowledged (a previous holder that
+    died, or settlements of its own that failed) a worker handles nothing until it holds them all
+    again, and then handles what it holds in stream order (:meth:`_gather_strays`); and it never
+    pulls with a lease it may have lost.
     """
 
     def __init__(self, member: NatsMember, part: Part, durable: str) -> None:
@@ -100,13 +100,14 @@ class _Worker:
                 try:
                     if sub is None:
                         sub = await nc.subscribe(inbox)
-                    if not settled:
-                        await self._wait_for_strays(stream)
-                        settled = True
                     if not m.may_pull(self.part):
                         await wait_or_stop(self.stopping, min(0.25, m.config.fetch_wait))
                         continue
-                    msgs = await self._pull(nc, sub, inbox, stream)
+                    if settled:
+                        msgs = await self._pull(nc, sub, inbox, stream)
+                    else:
+                        msgs = await self._gather_strays(nc, sub, inbox, stream)
+                        settled = True
                 except _NATS_ERRORS as exc:
                     # Disconnected or the server is restarting: the client reconnects by itself.
                     log.debug("%s %s/%d: pull failed: %r", m.group.label, source, p, exc)
@@ -152,17 +153,40 @@ class _Worker:
             break  # 404 (nothing more now) or 408 (expired) ends the pull
         return msgs
 
-    async def _wait_for_strays(self, stream: str) -> None:
-        """Wait until the consumer has no unacknowledged message, or ``ack_wait`` (plus a margin) has
-        passed: then JetStream redelivers them before any newer message, in stream order."""
+    async def _gather_strays(self, nc: Client, sub: Subscription, inbox: str, stream: str) -> list[Msg]:
+        """The messages an earlier batch left unacknowledged (a holder that died, or settlements of
+        our own that failed), with whatever newer ones came with them, in stream order.
+
+        JetStream redelivers unacknowledged messages once their ``ack_wait`` runs out, ahead of
+        newer ones; but until then a pull may return newer messages first. So the worker keeps
+        pulling, holding what it gets (telling the server it is working on it), until every one
+        of the ``num_ack_pending`` messages delivered up to the consumer's last delivered sequence
+        is in hand again -- or acknowledged meanwhile -- and hands them all over sorted by stream
+        sequence. Gives up after ``ack_wait`` plus a margin (the rest then comes in later pulls).
+        """
         m = self.member
+        info = await m.js.consumer_info(stream, self.durable)
+        strays = info.num_ack_pending or 0
+        if not strays:
+            return []
+        last = info.delivered.stream_seq or 0
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + m.group.delivery.ack_wait + 1.0
+        deadline = loop.time() + m.group.delivery.ack_wait + 2.0
+        beat = loop.time()
+        held: dict[int, Msg] = {}
         while not self.stopping.is_set() and loop.time() < deadline:
+            for msg in await self._pull(nc, sub, inbox, stream):
+                held[msg.metadata.sequence.stream] = msg  # a later delivery replaces an earlier one
+            if sum(1 for seq in held if seq <= last) >= strays:
+                break
+            if held and loop.time() - beat > m.group.delivery.ack_wait / 3:
+                beat = loop.time()
+                for msg in held.values():
+                    await msg.in_progress()
             info = await m.js.consumer_info(stream, self.durable)
-            if not info.num_ack_pending:
-                return
-            await wait_or_stop(self.stopping, 0.2)
+            if (info.num_ack_pending or 0) <= len(held):
+                break  # the others were acknowledged meanwhile (a holder that resumed)
+        return [held[seq] for seq in sorted(held)]
 
     async def _handle(self, msgs: list[Msg], source: str) -> bool:
         """Handle a batch and settle it; False if some settlement may not have reached the server."""
