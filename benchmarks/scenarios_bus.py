@@ -25,7 +25,8 @@ FastStream, on one throwaway ``nats-server`` (:mod:`benchmarks.nats_server`: Jet
 ``bus_scaleout``
     A consumer group whose handler costs ~1 ms (``await asyncio.sleep(0.001)``: I/O, no CPU) then
     records its effect, with 1, 2 and 4 member processes (:mod:`benchmarks.bus_worker`, tidings'
-    bus-level ``consume``: 16 partitions, one message in flight per partition, partitions dealt over
+    bus-level ``consume``: 16 partitions, one batch in flight per partition (what it holds, up to
+    100, handled in order and acked after), partitions dealt over
     the members by leases). Once the leases are dealt, N events are published with
     ``NatsBus.publish`` while the members hold their first messages; timed from releasing them
     until the last effect (the group draining a backlog: JetStream's publish rate with
@@ -376,11 +377,13 @@ async def wait_leases_dealt(bus: NatsBus, config: NatsBusConfig, group: Consumer
 
 _NOTE_E2E: Final = (
     "each side publishes with a broker ack (100 in flight for FastStream; the relay's batches for "
-    "tidings) and its consumer, in another process, commits one durable SQLite write per event "
-    "(tidings: effect + inbox row in b's store; FastStream: an idempotent INSERT on the event id, "
-    "WAL + synchronous=FULL, from its handler); FastStream's pull subscriber fetches 100 and runs "
+    "tidings) and its consumer, in another process, commits every effect durably in SQLite "
+    "(tidings: effects + inbox rows in b's store, one transaction per batch; FastStream: an "
+    "idempotent INSERT on the event id per event, WAL + synchronous=FULL, from its handler); "
+    "FastStream's pull subscriber fetches 100 and runs "
     "their handlers concurrently with no order, tidings keeps per-aggregate order (8 partitions, "
-    "one message in flight each)"
+    "one batch in flight each: what the partition holds, up to 100, handled in order, committed in "
+    "one transaction and acked after the commit)"
 )
 
 

@@ -69,7 +69,10 @@ async def test_setup_creates_then_checks(nats_url: str) -> None:
         assert info.config.subjects == [f"{config.prefix}.orders.>"]
         assert info.config.duplicate_window == config.duplicate_window
         consumer = await bus.js.consumer_info(config.stream_name("orders"), config.consumer_name(group, 1))
-        assert consumer.config.max_ack_pending == 1 and consumer.config.ack_policy == AckPolicy.EXPLICIT
+        assert (
+            consumer.config.max_ack_pending == group.delivery.max_batch
+            and consumer.config.ack_policy == AckPolicy.EXPLICIT
+        )
         assert consumer.config.filter_subject == f"{config.prefix}.orders.1.tidings.testing.Credited"
         # Another filter for the same group updates its consumers in place.
         wider = ConsumerGroup("shipping", "g", {"orders": []}, FAST)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlsplit
 
 from tidings.bus.base import (
+    BatchHandler,
+    BatchOutcome,
     Bus,
     BusStatistics,
     Consumer,
@@ -41,6 +43,8 @@ from tidings.bus.errors import (
 from tidings.bus.message import DeadLetter, IncomingMessage
 
 __all__ = [
+    "BatchHandler",
+    "BatchOutcome",
     "Bus",
     "BusClosed",
     "BusConfigError",

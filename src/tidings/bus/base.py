@@ -15,8 +15,15 @@ is a member of it; the group's partitions are shared among its live members. Gua
   consuming service's inbox makes their effects exactly-once);
 * order per aggregate: messages of one stream id (the CloudEvent ``subject``) of one publishing
   service reach the group's handler in publishing order, one at a time, also across members and
-  redeliveries -- a message is not delivered before the previous one of its partition was acked or
-  dead-lettered;
+  redeliveries -- a message is not handled before the previous one of its partition was handled
+  or dead-lettered;
+* batches: a member takes up to :attr:`DeliveryPolicy.max_batch` messages of a partition at once
+  (as many as are there, never waiting to fill a batch) and hands them, in order, to a
+  :data:`BatchHandler` (:meth:`Bus.consume_batches`; :meth:`Bus.consume` calls a
+  :data:`MessageHandler` per message of the batch); they are acknowledged together once the
+  handler returned. A message that fails is retried alone, by the member that holds it, after its
+  back-off (its ``attempt`` counts up); the messages after it in its partition wait for it, the
+  ones before it are acknowledged;
 * dead letters: after :attr:`DeliveryPolicy.max_deliver` failed deliveries, or at once for a
   message that cannot be decoded (:class:`~tidings.bus.errors.UndecodableMessage`) or whose handler
   raised a permanent error, the dead-letter callback receives a :class:`DeadLetter` with the reason
@@ -35,9 +42,9 @@ import hashlib
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from tidings.bus.cloudevents import decode
 from tidings.bus.errors import BusConfigError, UndecodableMessage
@@ -46,6 +53,8 @@ from tidings.errors import is_permanent, is_transient
 from tidings.events import Event, EventRegistry, RecordedEvent, default_registry
 
 __all__ = [
+    "BatchHandler",
+    "BatchOutcome",
     "Bus",
     "BusStatistics",
     "Consumer",
@@ -63,6 +72,21 @@ log = logging.getLogger("tidings.bus")
 
 MessageHandler = Callable[[IncomingMessage], Awaitable[None]]
 """Handles one message; returning acknowledges it, raising makes it come back (or dead-letters it)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What a :data:`BatchHandler` did with a batch: ``messages[:done]`` are handled (they will be
+    acknowledged); if ``error`` is set, ``messages[done]`` failed with it and none after it was
+    handled (they come to the handler again once it is settled). ``error`` None with ``done``
+    short of the batch means the handler stopped early (the rest come again)."""
+
+    done: int
+    error: BaseException | None = None
+
+
+BatchHandler = Callable[[Sequence[IncomingMessage]], Awaitable[BatchOutcome]]
+"""Handles messages of one partition in order; raising counts as the first message failing."""
 
 DeadLetterHandler = Callable[[DeadLetter], Awaitable[None]]
 """Parks a message the bus gave up on; if it raises, the message is retried later, never lost."""
@@ -104,12 +128,15 @@ class DeliveryPolicy:
     any member (a member that died, or was stopped, mid-handler); a live member extends it while its
     handler runs, so it bounds failover, not handler duration.
     ``transient_backoff``: longest wait between local retries of a transient error.
+    ``max_batch``: most messages of one partition a member takes and handles at once (a batch is
+    never waited for: it holds what the partition had); 1 handles them one at a time.
     """
 
     max_deliver: int = 5
     backoff: tuple[float, ...] = (0.5, 2.0, 10.0)
     ack_wait: float = 30.0
     transient_backoff: float = 2.0
+    max_batch: int = 100
 
     def __post_init__(self) -> None:
         if self.max_deliver < 1:
@@ -118,6 +145,8 @@ class DeliveryPolicy:
             raise BusConfigError(f"backoff must be a non-empty tuple of delays >= 0, got {self.backoff}")
         if self.ack_wait <= 0 or self.transient_backoff <= 0:
             raise BusConfigError("ack_wait and transient_backoff must be > 0")
+        if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 10_000:
+            raise BusConfigError(f"max_batch must be an int in 1..10000, got {self.max_batch!r}")
 
     def delay_after(self, attempt: int) -> float:
         """Seconds before the redelivery that follows failed delivery number ``attempt``."""
@@ -235,77 +264,163 @@ class Counters:
 
 class Outcome(enum.Enum):
     ACK = "ack"
-    RETRY = "retry"
     DEAD = "dead"
 
 
-async def handle_delivery(
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message of a batch as the backend got it: its address, bytes and delivery count."""
+
+    subject: str
+    payload: bytes
+    attempt: int
+
+
+def one_at_a_time(handler: MessageHandler) -> BatchHandler:
+    """A :data:`BatchHandler` that calls ``handler`` for each message in turn."""
+
+    async def handle(messages: Sequence[IncomingMessage]) -> BatchOutcome:
+        for index, message in enumerate(messages):
+            try:
+                await handler(message)
+            except Exception as exc:
+                return BatchOutcome(index, exc)
+        return BatchOutcome(len(messages))
+
+    return handle
+
+
+async def handle_batch(
     *,
     group: ConsumerGroup,
     origin: str,
-    subject: str,
-    payload: bytes,
-    attempt: int,
+    deliveries: Sequence[Delivery],
     registry: EventRegistry,
-    handler: MessageHandler,
+    handler: BatchHandler,
     dead_letter: DeadLetterHandler,
     counters: Counters,
     stopping: asyncio.Event,
-    keepalive: Callable[[], Awaitable[None]] | None = None,
-) -> tuple[Outcome, float]:
-    """Run one delivery through decoding, the handler and the retry policy; the same for every backend.
+    keepalive: Callable[[int], Awaitable[None]] | None = None,
+) -> list[Outcome]:
+    """Run a batch of one partition through decoding, the handler and the retry policy; the same
+    for every backend. Returns the outcome of each message of a prefix of ``deliveries`` (ACK, or
+    DEAD: the dead-letter handler parked it; acknowledge both); the messages past that prefix are
+    unsettled (the member is stopping) and must be delivered again.
 
-    Returns what the backend must do with the message: ACK it, RETRY it after the returned delay
-    (a nak), or acknowledge it as DEAD (the dead-letter handler has parked it).
+    A message that cannot be decoded, has run out of deliveries or fails permanently is
+    dead-lettered where it stands and its neighbours go on; one that fails otherwise is retried
+    alone after its back-off, with ``attempt`` counting up, while the ones after it wait (order).
+    A transient error is waited out without spending attempts. ``keepalive(i)`` tells the broker
+    that messages ``i..`` are still being worked on.
     """
     policy = group.delivery
-    counters.delivered += 1
-    if attempt > 1:
-        counters.redelivered += 1
-    try:
-        message = decode(payload, registry, attempt=attempt)
-    except UndecodableMessage as exc:
-        return await _bury(
-            group, origin, subject, payload, attempt, exc.reason, None, exc, dead_letter, counters
-        )
-    if attempt > policy.max_deliver:
-        # A member died or overran ack_wait on the last allowed delivery: nobody saw an outcome.
-        reason = f"delivered {attempt} times without an acknowledgement (max_deliver={policy.max_deliver})"
-        return await _bury(
-            group, origin, subject, payload, attempt, reason, message, None, dead_letter, counters
-        )
-    transient_wait = min(0.05, policy.transient_backoff)
-    while True:
+    outcomes: list[Outcome] = []
+    attempts = [d.attempt for d in deliveries]
+    decoded: list[IncomingMessage | UndecodableMessage] = []
+    for d in deliveries:
+        counters.delivered += 1
+        if d.attempt > 1:
+            counters.redelivered += 1
         try:
-            await _run_with_keepalive(handler(message), keepalive, policy.ack_wait)
-        except Exception as exc:
-            if is_transient(exc) and not stopping.is_set():
-                # The surroundings failed (the consumer's store is locked): wait, retry, keep the attempt.
-                log.warning(
-                    "%s: transient error handling %s, retrying: %s", group.label, message.event_id, exc
-                )
-                await wait_or_stop(stopping, transient_wait)
-                transient_wait = min(transient_wait * 2, policy.transient_backoff)
-                if keepalive is not None:
-                    try:
-                        await keepalive()
-                    except Exception as beat_error:
-                        # Without it the broker redelivers after ack_wait; the inbox absorbs that.
-                        log.debug("%s: keepalive failed: %r", group.label, beat_error)
+            decoded.append(decode(d.payload, registry, attempt=d.attempt))
+        except UndecodableMessage as exc:
+            decoded.append(exc)
+    transient_wait = min(0.05, policy.transient_backoff)
+    index = 0
+    while index < len(deliveries):
+        if stopping.is_set():
+            return outcomes
+        message = decoded[index]
+        d = deliveries[index]
+        attempt = attempts[index]
+        if isinstance(message, UndecodableMessage):
+            if not await _bury(group, origin, d.subject, d.payload, attempt, message.reason, None,
+                               message, dead_letter, counters):  # fmt: skip
+                await _pause(stopping, keepalive, index, policy.delay_after(attempt), policy.ack_wait)
                 continue
-            if is_transient(exc):
-                return Outcome.RETRY, 0.0
-            reason = f"{type(exc).__qualname__}: {exc}"
-            if is_permanent(exc) or attempt >= policy.max_deliver:
-                return await _bury(
-                    group, origin, subject, payload, attempt, reason, message, exc, dead_letter, counters
-                )
-            log.info(
-                "%s: delivery %d of %s failed, retrying: %s", group.label, attempt, message.event_id, reason
+            outcomes.append(Outcome.DEAD)
+            index += 1
+            continue
+        if attempt > policy.max_deliver:
+            # A member died or overran ack_wait on the last allowed delivery: nobody saw an outcome.
+            reason = (
+                f"delivered {attempt} times without an acknowledgement (max_deliver={policy.max_deliver})"
             )
-            return Outcome.RETRY, policy.delay_after(attempt)
-        counters.acked += 1
-        return Outcome.ACK, 0.0
+            if not await _bury(group, origin, d.subject, d.payload, attempt, reason, message, None,
+                               dead_letter, counters):  # fmt: skip
+                await _pause(stopping, keepalive, index, policy.delay_after(attempt), policy.ack_wait)
+                continue
+            outcomes.append(Outcome.DEAD)
+            index += 1
+            continue
+        # The run of decodable messages from here, up to the next one that needs burying.
+        end = index
+        run: list[IncomingMessage] = []
+        while end < len(deliveries) and attempts[end] <= policy.max_deliver:
+            item = decoded[end]
+            if isinstance(item, UndecodableMessage):
+                break
+            run.append(
+                item if item.attempt == attempts[end] else dataclasses.replace(item, attempt=attempts[end])
+            )
+            end += 1
+        try:
+            outcome = await _run_with_keepalive(handler(run), keepalive, index, policy.ack_wait)
+        except Exception as exc:
+            outcome = BatchOutcome(0, exc)
+        done = max(0, min(outcome.done, len(run)))
+        counters.acked += done
+        outcomes.extend([Outcome.ACK] * done)
+        index += done
+        error = outcome.error
+        if error is None:
+            if done < len(run):
+                return outcomes  # the handler stopped early: the rest comes again
+            transient_wait = min(0.05, policy.transient_backoff)
+            continue
+        failed = run[done]
+        if is_transient(error) and not stopping.is_set():
+            # The surroundings failed (the consumer's store is locked): wait, retry, keep the attempt.
+            log.warning("%s: transient error handling %s, retrying: %s", group.label, failed.event_id, error)
+            await _pause(stopping, keepalive, index, transient_wait, policy.ack_wait)
+            transient_wait = min(transient_wait * 2, policy.transient_backoff)
+            continue
+        if is_transient(error):
+            return outcomes
+        attempt = attempts[index]
+        reason = f"{type(error).__qualname__}: {error}"
+        if is_permanent(error) or attempt >= policy.max_deliver:
+            d = deliveries[index]
+            if await _bury(group, origin, d.subject, d.payload, attempt, reason, failed, error,
+                           dead_letter, counters):  # fmt: skip
+                outcomes.append(Outcome.DEAD)
+                index += 1
+                continue
+            await _pause(stopping, keepalive, index, policy.delay_after(attempt), policy.ack_wait)
+            continue
+        log.info("%s: delivery %d of %s failed, retrying: %s", group.label, attempt, failed.event_id, reason)
+        await _pause(stopping, keepalive, index, policy.delay_after(attempt), policy.ack_wait)
+        attempts[index] = attempt + 1
+        counters.delivered += 1
+        counters.redelivered += 1
+    return outcomes
+
+
+async def _pause(
+    stopping: asyncio.Event,
+    keepalive: Callable[[int], Awaitable[None]] | None,
+    index: int,
+    seconds: float,
+    ack_wait: float,
+) -> None:
+    """Wait ``seconds`` (less if stopping) while the broker is told messages ``index..`` are in hand."""
+    await _run_with_keepalive(wait_or_stop(stopping, seconds), keepalive, index, ack_wait)
+    if keepalive is not None:
+        try:
+            await keepalive(index)
+        except Exception as exc:
+            # Without it the broker redelivers after ack_wait; the inbox absorbs that.
+            log.debug("keepalive failed: %r", exc)
 
 
 async def _bury(
@@ -319,7 +434,8 @@ async def _bury(
     error: BaseException | None,
     dead_letter: DeadLetterHandler,
     counters: Counters,
-) -> tuple[Outcome, float]:
+) -> bool:
+    """Park a message with the dead-letter handler; False if it could not be parked (it stays)."""
     letter = DeadLetter(
         group=group.label,
         origin=origin,
@@ -334,35 +450,37 @@ async def _bury(
         await dead_letter(letter)
     except Exception:
         # Never lose a message: if it cannot be parked, it stays on the bus and comes back.
-        log.exception("%s: the dead-letter handler failed; the message will be redelivered", group.label)
-        return Outcome.RETRY, group.delivery.delay_after(attempt)
+        log.exception("%s: the dead-letter handler failed; the message will be tried again", group.label)
+        return False
     counters.dead_lettered += 1
     counters.acked += 1
     log.warning(
         "%s: dead-lettered a message from %s after %d deliveries: %s", group.label, origin, attempt, reason
     )
-    return Outcome.DEAD, 0.0
+    return True
+
+
+T = TypeVar("T")
 
 
 async def _run_with_keepalive(
-    work: Awaitable[None], keepalive: Callable[[], Awaitable[None]] | None, ack_wait: float
-) -> None:
+    work: Awaitable[T], keepalive: Callable[[int], Awaitable[None]] | None, index: int, ack_wait: float
+) -> T:
     if keepalive is None:
-        await work
-        return
+        return await work
 
     async def beat() -> None:
-        # Tell the broker the message is still being worked on, well within ack_wait.
+        # Tell the broker the messages are still being worked on, well within ack_wait.
         while True:
             await asyncio.sleep(ack_wait / 3)
             try:
-                await keepalive()
+                await keepalive(index)
             except Exception as exc:
                 log.debug("keepalive failed: %s", exc)
 
     beating = asyncio.create_task(beat())
     try:
-        await work
+        return await work
     finally:
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -436,7 +554,6 @@ class Bus(ABC):
         of ``event_type`` in the partition of stream id ``key``. Returns False if ``msg_id`` was
         already held (a duplicate). The bytes are not checked: consumers dead-letter bad ones."""
 
-    @abstractmethod
     async def consume(
         self,
         group: ConsumerGroup,
@@ -445,10 +562,27 @@ class Bus(ABC):
         *,
         registry: EventRegistry | None = None,
     ) -> Consumer:
-        """Join ``group`` as a new member and start delivering its messages to ``handler``.
+        """Join ``group`` as a new member and start delivering its messages to ``handler``, one
+        message at a time (taken from the broker in batches, see :meth:`consume_batches`).
 
         Creates the group's durable state on the broker if missing. Messages are decoded with
         ``registry`` (default: :data:`~tidings.events.default_registry`).
+        """
+        return await self.consume_batches(group, one_at_a_time(handler), dead_letter, registry=registry)
+
+    @abstractmethod
+    async def consume_batches(
+        self,
+        group: ConsumerGroup,
+        handler: BatchHandler,
+        dead_letter: DeadLetterHandler,
+        *,
+        registry: EventRegistry | None = None,
+    ) -> Consumer:
+        """Join ``group`` as a new member and deliver its messages to ``handler`` in batches: up to
+        ``group.delivery.max_batch`` messages of one partition, in order, as many as the partition
+        holds when the member asks (see :data:`BatchHandler` and :class:`BatchOutcome`). Handled
+        messages are acknowledged together after the handler returns.
         """
 
     @abstractmethod

@@ -1,10 +1,11 @@
 """The in-process bus (``memory://``): services of one process, each owning a store, and tests.
 
 Same semantics as the NATS bus, by the same code path for decoding, retries and dead letters
-(:func:`tidings.bus.base.handle_delivery`): messages are stored as CloudEvent bytes per publishing
+(:func:`tidings.bus.base.handle_batch`): messages are stored as CloudEvent bytes per publishing
 service and partition; de-duplication by event id (for the life of the bus, not a time window);
-per consumer group and partition one message in flight, so per-aggregate order holds; a failed
-delivery is retried after its back-off, then dead-lettered. The members of a group share its
+per consumer group and partition one batch in flight (what the partition holds, up to
+``max_batch``), handled in order, so per-aggregate order holds; a failed message is retried after
+its back-off, then dead-lettered. The members of a group share its
 partitions round-robin (partition ``p`` goes to member ``p mod n``), re-dealt when one joins or
 leaves. Nothing survives the process: durability is the publishing store's (the outbox).
 """
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Iterable
 
 from tidings.bus.base import (
+    BatchHandler,
     Bus,
     BusStatistics,
     Consumer,
@@ -24,16 +26,14 @@ from tidings.bus.base import (
     ConsumerStatistics,
     Counters,
     DeadLetterHandler,
-    MessageHandler,
-    Outcome,
+    Delivery,
     PublishResult,
     SetupAction,
     check_event_type,
     check_name,
-    handle_delivery,
+    handle_batch,
     partition_of,
     registry_or_default,
-    wait_or_stop,
 )
 from tidings.bus.cloudevents import encode
 from tidings.bus.errors import BusClosed, BusConfigError
@@ -57,13 +57,16 @@ class _Partition:
 
     def append(self, entry: _Entry) -> None:
         self.entries.append(entry)
-        # Wake every waiting worker, then arm a fresh event for the next append.
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every waiting worker (an append, or a group stopping), then arm a fresh event."""
         self.appended.set()
         self.appended = asyncio.Event()
 
 
 class _Member(Consumer):
-    def __init__(self, state: _GroupState, handler: MessageHandler, dead_letter: DeadLetterHandler) -> None:
+    def __init__(self, state: _GroupState, handler: BatchHandler, dead_letter: DeadLetterHandler) -> None:
         self.group = state.group
         self.member = uuid.uuid4().hex
         self.state = state
@@ -94,7 +97,6 @@ class _GroupState:
         self.group = group
         self.registry = registry
         self.cursors: dict[tuple[str, int], int] = {}
-        self.attempts: dict[tuple[str, int], int] = {}
         self.members: list[_Member] = []
         self.workers: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.stopping = asyncio.Event()
@@ -121,8 +123,10 @@ class _GroupState:
         self.members.remove(member)
         self._changed()
         if not self.members:
-            # The last member leaves: workers finish the message in hand, then end.
+            # The last member leaves: workers finish the batch in hand, then end.
             self.stopping.set()
+            for source, p in self.workers:
+                self.bus.partition(source, p).wake()
             workers = list(self.workers.values())
             self.workers.clear()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -147,39 +151,39 @@ class _GroupState:
         while not stopping.is_set():
             cursor = self.cursors.get(key, 0)
             if cursor >= len(part.entries):
-                appended = part.appended
-                waiter = asyncio.create_task(appended.wait())
-                stop = asyncio.create_task(stopping.wait())
-                await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stop.cancel()
+                # One wait, no task: stopping wakes the partition too (see leave()).
+                await part.appended.wait()
                 continue
-            entry = part.entries[cursor]
-            if not self.group.accepts(source, entry.event_type):
-                self.cursors[key] = cursor + 1
+            # The batch: up to max_batch accepted entries from the cursor; ends[i] is the cursor
+            # after the i-th of them (entries of other types in between are passed over).
+            batch: list[Delivery] = []
+            ends: list[int] = []
+            scan = cursor
+            limit = self.group.delivery.max_batch
+            while scan < len(part.entries) and len(batch) < limit:
+                entry = part.entries[scan]
+                scan += 1
+                if self.group.accepts(source, entry.event_type):
+                    batch.append(Delivery(f"{source}.{p}.{entry.event_type}", entry.payload, 1))
+                    ends.append(scan)
+            if not batch:
+                self.cursors[key] = scan
                 continue
             member = self.member_for(p)
             if member is None:
                 return
-            attempt = self.attempts.get(key, 0) + 1
-            self.attempts[key] = attempt
-            outcome, delay = await handle_delivery(
+            outcomes = await handle_batch(
                 group=self.group,
                 origin=f"bus:{source}",
-                subject=f"{source}.{p}.{entry.event_type}",
-                payload=entry.payload,
-                attempt=attempt,
+                deliveries=batch,
                 registry=self.registry,
                 handler=member.handler,
                 dead_letter=member.dead_letter,
                 counters=member.counters,
                 stopping=stopping,
             )
-            if outcome is Outcome.RETRY:
-                await wait_or_stop(stopping, delay)
-                continue
-            self.cursors[key] = cursor + 1
-            self.attempts.pop(key, None)
+            if outcomes:
+                self.cursors[key] = scan if len(outcomes) == len(batch) else ends[len(outcomes) - 1]
 
 
 class MemoryBus(Bus):
@@ -261,10 +265,10 @@ class MemoryBus(Bus):
         self._published += 1
         return True
 
-    async def consume(
+    async def consume_batches(
         self,
         group: ConsumerGroup,
-        handler: MessageHandler,
+        handler: BatchHandler,
         dead_letter: DeadLetterHandler,
         *,
         registry: EventRegistry | None = None,

@@ -11,10 +11,13 @@ inbox de-duplicates beyond it. The publisher computes ``partition = blake2b(stre
 would restrict stream ids to subject-safe characters; hashing in the client does not.)
 
 **Ordered consumer groups that scale out.** A consumer group has one durable pull consumer per
-partition of each source stream, filtered to its event types, with ``max_ack_pending=1``: JetStream
-hands out the next message of a partition only after the previous one was acked (or terminated
-as a dead letter), so the events of one aggregate -- all in one partition -- are handled in order,
-whichever instance handles them and across redeliveries. Throughput scales with the number of
+partition of each source stream, filtered to its event types, with ``max_ack_pending`` = the group's
+``max_batch``. The member holding a partition pulls what it holds (up to ``max_batch``), handles
+that batch in order, acknowledges it, and only then pulls again; it never pulls while messages
+of an earlier batch may be unacknowledged (a holder that died: it waits until they are redelivered,
+which JetStream does first and in stream order), so the events of one aggregate -- all in one
+partition -- are handled in order, whichever instance handles them and across redeliveries
+(:mod:`tidings.bus.nats.consumer`). Throughput scales with the number of
 partitions being worked at once, so the partitions are spread over the group's live instances:
 each partition has one active member, holding a lease (JetStream priority groups with pinned
 clients would do the same on the server, but nats-py has no API for them; the lease is a message
@@ -27,7 +30,7 @@ agree on the sorted member list and deal the partitions round-robin, so N instan
 the others within::
 
     lease_ttl + heartbeat + 1 s (TTL resolution)      -- its leases expire and are re-dealt
-    max(that, ack_wait) + fetch_wait                   -- and the message it had in hand is redelivered
+    max(that, ack_wait) + fetch_wait                   -- and the batch it had in hand is redelivered
 
 (defaults: ``lease_ttl`` 6 s, ``heartbeat`` 2 s, ``ack_wait`` 30 s -- set ``ack_wait`` lower for a
 faster failover: a live member extends it while its handler runs). An instance that stops cleanly
@@ -35,12 +38,13 @@ releases its leases at once (the others take them at their next heartbeat). One 
 ``ack_wait``: a pull the server answered just as its member let the partition go leaves that message
 unacknowledged until ``ack_wait`` runs out. A stalled instance (SIGSTOP) past its lease and
 ``ack_wait`` loses its partitions the same way; when it resumes it may finish the message it had
-in hand -- a duplicate its service's inbox absorbs -- then finds its leases gone and stops pulling.
+in hand -- duplicates its service's inbox absorbs -- then finds its leases gone and stops pulling.
 
-**Retries and dead letters.** A failed handler naks with the group's back-off delay; the client counts
-deliveries (JetStream's ``num_delivered``) and after ``max_deliver`` hands the message to the
-dead-letter callback and terminates it, so a poison message blocks its partition only for its
-retries. A message that cannot be decoded is dead-lettered at its first delivery.
+**Retries and dead letters.** A failed message is retried by the member that holds it, after the
+group's back-off (the messages after it in its batch wait; those before it are acknowledged); its
+``attempt`` counts on from JetStream's ``num_delivered``, and after ``max_deliver`` attempts it goes
+to the dead-letter callback and is terminated, so a poison message blocks its partition only for
+its retries. A message that cannot be decoded is dead-lettered at its first delivery.
 """
 
 from tidings.bus.nats.bus import NatsBus

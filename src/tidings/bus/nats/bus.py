@@ -8,12 +8,12 @@ import logging
 from collections.abc import Iterable
 
 from tidings.bus.base import (
+    BatchHandler,
     Bus,
     BusStatistics,
     Consumer,
     ConsumerGroup,
     DeadLetterHandler,
-    MessageHandler,
     PublishResult,
     SetupAction,
     registry_or_default,
@@ -130,15 +130,19 @@ class NatsBus(Bus):
     ) -> bool:
         return await self.publisher.publish_raw(service, event_type, key, payload, msg_id)
 
-    async def consume(
+    async def consume_batches(
         self,
         group: ConsumerGroup,
-        handler: MessageHandler,
+        handler: BatchHandler,
         dead_letter: DeadLetterHandler,
         *,
         registry: EventRegistry | None = None,
     ) -> Consumer:
-        member = NatsMember(self.js, self.config, group, handler, dead_letter, registry_or_default(registry))
+        js = self.js
+        assert self._nc is not None
+        member = NatsMember(
+            self._nc, js, self.config, group, handler, dead_letter, registry_or_default(registry)
+        )
         try:
             await member.start()
         except _NATS_ERRORS as exc:

@@ -13,8 +13,9 @@ subject, each published with a JetStream per-message TTL of ``lease_ttl`` second
   releases at once (stops its pull loop after the message in hand, deletes its lease message);
 * a member that cannot renew (it lost its connection) stops its pull loops before its leases can
   have expired, so two members never pull one partition except across a pause of the process
-  (SIGSTOP, a long GC) longer than the lease: then the in-flight message may be handled twice, which
-  the consumer's inbox absorbs, and order is still kept by ``max_ack_pending=1``.
+  (SIGSTOP, a long GC) longer than the lease: then the batch in hand may be handled twice, which
+  the consumer's inbox absorbs; order is still kept, since a new holder does not pull while that
+  batch is unacknowledged, and a resumed member pulls no more until its lease is renewed.
 
 Heartbeats run on the member's event loop: a handler that blocks the loop (synchronous I/O waiting
 on a lock) for longer than ``lease_ttl`` loses the member its partitions, exactly like a pause.
@@ -24,23 +25,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from tidings.bus.base import (
+    BatchHandler,
     Consumer,
     ConsumerGroup,
     ConsumerStatistics,
     Counters,
     DeadLetterHandler,
-    MessageHandler,
+    Delivery,
     Outcome,
-    handle_delivery,
+    handle_batch,
     wait_or_stop,
 )
 from tidings.bus.nats.config import NatsBusConfig
@@ -58,7 +63,16 @@ Part = tuple[str, int]
 
 
 class _Worker:
-    """The pull loop of one held partition."""
+    """The pull loop of one held partition: pull a batch, handle it, acknowledge it, repeat.
+
+    A batch is what the partition holds when the worker asks, up to ``max_batch`` (a pull with
+    ``no_wait`` and ``expires``: it waits for the first message, then returns with what is there).
+    Order across batches rests on the consumer's ``max_ack_pending`` (= ``max_batch``) and on two
+    rules: while messages of an earlier batch may still be unacknowledged (a previous holder that
+    died, or settlements of its own that failed) a worker handles nothing until it holds them all
+    again, and then handles what it holds in stream order (:meth:`_gather_strays`); and it never
+    pulls with a lease it may have lost.
+    """
 
     def __init__(self, member: NatsMember, part: Part, durable: str) -> None:
         self.member = member
@@ -76,64 +90,141 @@ class _Worker:
         m = self.member
         source, p = self.part
         stream = m.config.stream_name(source)
-        sub: JetStreamContext.PullSubscription | None = None
-        while not self.stopping.is_set():
-            try:
-                if sub is None:
-                    sub = await m.js.pull_subscribe_bind(durable=self.durable, stream=stream)
-                msgs = await sub.fetch(1, timeout=m.config.fetch_wait)
-            except nats.errors.TimeoutError:
-                continue
-            except _NATS_ERRORS as exc:
-                # Disconnected or the server is restarting: the client reconnects by itself.
-                log.debug("%s %s/%d: pull failed: %r", m.group.label, source, p, exc)
-                await wait_or_stop(self.stopping, min(1.0, m.config.fetch_wait))
-                continue
-            for msg in msgs:
+        nc = m.nc
+        inbox = nc.new_inbox()
+        sub: Subscription | None = None
+        # Whatever a previous holder left unacknowledged must come back before anything newer.
+        settled = False
+        try:
+            while not self.stopping.is_set():
                 try:
-                    await self._handle(msg, source)
+                    if sub is None:
+                        sub = await nc.subscribe(inbox)
+                    if not m.may_pull(self.part):
+                        await wait_or_stop(self.stopping, min(0.25, m.config.fetch_wait))
+                        continue
+                    if settled:
+                        msgs = await self._pull(nc, sub, inbox, stream)
+                    else:
+                        msgs = await self._gather_strays(nc, sub, inbox, stream)
+                        settled = True
+                except _NATS_ERRORS as exc:
+                    # Disconnected or the server is restarting: the client reconnects by itself.
+                    log.debug("%s %s/%d: pull failed: %r", m.group.label, source, p, exc)
+                    await wait_or_stop(self.stopping, min(1.0, m.config.fetch_wait))
+                    continue
+                if not msgs:
+                    continue
+                try:
+                    settled = await self._handle(msgs, source)
                 except Exception:
                     # A bug here must not end the loop while the lease is still renewed: that would
-                    # stall the partition. The message comes back after ack_wait.
-                    log.exception("%s %s/%d: unexpected error settling a message", m.group.label, source, p)
-        if sub is not None:
-            with contextlib.suppress(*_NATS_ERRORS):
-                await sub.unsubscribe()
+                    # stall the partition. The messages come back after ack_wait.
+                    log.exception("%s %s/%d: unexpected error settling messages", m.group.label, source, p)
+                    settled = False
+        finally:
+            if sub is not None:
+                with contextlib.suppress(*_NATS_ERRORS):
+                    await sub.unsubscribe()
 
-    async def _handle(self, msg: Msg, source: str) -> None:
+    async def _pull(self, nc: Client, sub: Subscription, inbox: str, stream: str) -> list[Msg]:
+        """One pull request: wait up to ``fetch_wait`` for the first message, return what is there."""
         m = self.member
-        attempt = msg.metadata.num_delivered or 1
-        outcome, delay = await handle_delivery(
+        limit = m.group.delivery.max_batch
+        wait = m.config.fetch_wait
+        request = {"batch": limit, "no_wait": True, "expires": int(wait * 1_000_000_000)}
+        await nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{self.durable}", json.dumps(request).encode(), reply=inbox
+        )
+        msgs: list[Msg] = []
+        while len(msgs) < limit:
+            try:
+                msg = await sub.next_msg(timeout=wait + min(1.0, m.config.request_timeout))
+            except nats.errors.TimeoutError:
+                break
+            status = msg.headers.get("Status") if msg.headers else None
+            if status is None and msg.reply:
+                msgs.append(msg)
+                continue
+            if status == "100":
+                continue  # a heartbeat
+            if status not in ("404", "408"):
+                log.debug("%s: pull ended with status %s %s", m.group.label, status, msg.headers)
+            break  # 404 (nothing more now) or 408 (expired) ends the pull
+        return msgs
+
+    async def _gather_strays(self, nc: Client, sub: Subscription, inbox: str, stream: str) -> list[Msg]:
+        """The messages an earlier batch left unacknowledged (a holder that died, or settlements of
+        our own that failed), with whatever newer ones came with them, in stream order.
+
+        JetStream redelivers unacknowledged messages once their ``ack_wait`` runs out, ahead of
+        newer ones; but until then a pull may return newer messages first. So the worker keeps
+        pulling, holding what it gets (telling the server it is working on it), until every one
+        of the ``num_ack_pending`` messages delivered up to the consumer's last delivered sequence
+        is in hand again -- or acknowledged meanwhile -- and hands them all over sorted by stream
+        sequence. Gives up after ``ack_wait`` plus a margin (the rest then comes in later pulls).
+        """
+        m = self.member
+        info = await m.js.consumer_info(stream, self.durable)
+        strays = info.num_ack_pending or 0
+        if not strays:
+            return []
+        last = info.delivered.stream_seq or 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + m.group.delivery.ack_wait + 2.0
+        beat = loop.time()
+        held: dict[int, Msg] = {}
+        while not self.stopping.is_set() and loop.time() < deadline:
+            for msg in await self._pull(nc, sub, inbox, stream):
+                held[msg.metadata.sequence.stream] = msg  # a later delivery replaces an earlier one
+            if sum(1 for seq in held if seq <= last) >= strays:
+                break
+            if held and loop.time() - beat > m.group.delivery.ack_wait / 3:
+                beat = loop.time()
+                for msg in held.values():
+                    await msg.in_progress()
+            info = await m.js.consumer_info(stream, self.durable)
+            if (info.num_ack_pending or 0) <= len(held):
+                break  # the others were acknowledged meanwhile (a holder that resumed)
+        return [held[seq] for seq in sorted(held)]
+
+    async def _handle(self, msgs: list[Msg], source: str) -> bool:
+        """Handle a batch and settle it; False if some settlement may not have reached the server."""
+        m = self.member
+        deliveries = [Delivery(msg.subject, msg.data, msg.metadata.num_delivered or 1) for msg in msgs]
+
+        async def keepalive(start: int) -> None:
+            for msg in msgs[start:]:
+                await msg.in_progress()
+
+        outcomes = await handle_batch(
             group=m.group,
             origin=f"bus:{source}",
-            subject=msg.subject,
-            payload=msg.data,
-            attempt=attempt,
+            deliveries=deliveries,
             registry=m.registry,
             handler=m.handler,
             dead_letter=m.dead_letter,
             counters=m.counters,
             stopping=self.stopping,
-            keepalive=msg.in_progress,
+            keepalive=keepalive,
         )
         try:
-            if outcome is Outcome.ACK:
-                # Wait for the server to confirm: the next message of the partition (max_ack_pending=1)
-                # comes only after this ack, and a lost ack would stall it for ack_wait.
-                await msg.ack_sync(timeout=m.config.request_timeout)
-            elif outcome is Outcome.DEAD:
-                await msg.term()
-            else:
-                await msg.nak(delay=delay)
+            for msg, outcome in zip(msgs, outcomes, strict=False):
+                if outcome is Outcome.ACK:
+                    await msg.ack()
+                else:
+                    await msg.term()
+            # Stopping midway: the rest go back at once, in order, ahead of anything newer.
+            for msg in msgs[len(outcomes) :]:
+                await msg.nak()
+            # One round trip for the whole batch: the server has them all when the flush returns.
+            await m.nc.flush(timeout=max(1, int(m.config.request_timeout)))
         except _NATS_ERRORS as exc:
-            # The message comes back after ack_wait; the consumer's inbox absorbs the duplicate.
-            log.warning(
-                "%s: could not settle a message (%s) on %s: %r",
-                m.group.label,
-                outcome.value,
-                msg.subject,
-                exc,
-            )
+            # They come back after ack_wait; the consumer's inbox absorbs the duplicates, and the
+            # next pull waits for them (order).
+            log.warning("%s: could not settle %d message(s) on %s: %r", m.group.label, len(msgs), source, exc)
+            return False
+        return True
 
 
 class NatsMember(Consumer):
@@ -141,13 +232,15 @@ class NatsMember(Consumer):
 
     def __init__(
         self,
+        nc: Client,
         js: JetStreamContext,
         config: NatsBusConfig,
         group: ConsumerGroup,
-        handler: MessageHandler,
+        handler: BatchHandler,
         dead_letter: DeadLetterHandler,
         registry: EventRegistry,
     ) -> None:
+        self.nc = nc
         self.js = js
         self.config = config
         self.group = group
@@ -177,6 +270,15 @@ class NatsMember(Consumer):
         await ensure_lease_stream(self.js, self.config)
         await self._tick()
         self._task = asyncio.create_task(self._run(), name=f"bus {self.group.label} leases")
+
+    def may_pull(self, part: Part) -> bool:
+        """Whether the lease of ``part`` was renewed recently enough to take more messages (after a
+        pause of the process it may have passed to another member: wait for the next renewal)."""
+        renewed = self._renewed.get(part)
+        if renewed is None:
+            return False
+        fence = self.config.lease_ttl - self.config.heartbeat_interval
+        return asyncio.get_running_loop().time() - renewed < fence
 
     def held(self) -> tuple[Part, ...]:
         return tuple(sorted(self._workers))

@@ -5,7 +5,8 @@
   discarded first), a de-duplication window for ``Nats-Msg-Id``, and its partition count in the
   stream's metadata (``tidings_partitions``) so every publisher and consumer agrees on it;
 * one **durable pull consumer per (consumer group, partition)** of each source stream: explicit
-  acks, ``max_ack_pending=1`` (one message in flight: per-aggregate order), unlimited deliveries
+  acks, ``max_ack_pending`` = the group's ``max_batch`` (one batch in flight, handled in order:
+  per-aggregate order, see :mod:`tidings.bus.nats.consumer`), unlimited deliveries
   (the client counts attempts and dead-letters, so a poison message is acked, never stuck),
   ``ack_wait`` from the group's :class:`~tidings.bus.base.DeliveryPolicy`;
 * one **lease stream** ``<PREFIX>_LEASES`` with per-message TTLs, one message kept per subject,
@@ -115,7 +116,7 @@ async def ensure_consumer(
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=group.delivery.ack_wait,
         max_deliver=-1,
-        max_ack_pending=1,
+        max_ack_pending=group.delivery.max_batch,
         replay_policy=ReplayPolicy.INSTANT,
         filter_subject=filters[0] if len(filters) == 1 else None,
         filter_subjects=filters if len(filters) > 1 else None,
@@ -131,15 +132,15 @@ async def ensure_consumer(
         sorted(current.filter_subjects or ([current.filter_subject] if current.filter_subject else []))
         == filters
         and current.ack_wait == consumer.ack_wait
-        and current.max_ack_pending == 1
+        and current.max_ack_pending == consumer.max_ack_pending
         and current.ack_policy == AckPolicy.EXPLICIT
     )
     if same:
         return SetupAction("consumer", name, "unchanged", f"on {stream}")
-    if current.max_ack_pending != 1 or current.ack_policy != AckPolicy.EXPLICIT:
+    if current.ack_policy != AckPolicy.EXPLICIT:
         raise BusConfigError(
-            f"consumer {name} on {stream} exists without explicit acks and max_ack_pending=1, "
-            "which per-aggregate order needs; delete it to let tidings create it"
+            f"consumer {name} on {stream} exists without explicit acks, which per-aggregate order "
+            "needs; delete it to let tidings create it"
         )
     await js.add_consumer(stream, consumer)
     return SetupAction("consumer", name, "updated", f"on {stream}: {', '.join(filters)}")

@@ -15,12 +15,12 @@ import uuid
 from collections.abc import Iterable
 
 from tidings.bus.base import (
+    BatchHandler,
     Bus,
     BusStatistics,
     Consumer,
     ConsumerGroup,
     DeadLetterHandler,
-    MessageHandler,
     PublishResult,
     SetupAction,
 )
@@ -73,15 +73,15 @@ class DuplicatingBus(Bus):
     ) -> bool:
         return await self.inner.publish_raw(service, event_type, key, payload, msg_id=msg_id)
 
-    async def consume(
+    async def consume_batches(
         self,
         group: ConsumerGroup,
-        handler: MessageHandler,
+        handler: BatchHandler,
         dead_letter: DeadLetterHandler,
         *,
         registry: EventRegistry | None = None,
     ) -> Consumer:
-        return await self.inner.consume(group, handler, dead_letter, registry=registry)
+        return await self.inner.consume_batches(group, handler, dead_letter, registry=registry)
 
     async def statistics(self) -> BusStatistics:
         return await self.inner.statistics()
