@@ -22,7 +22,15 @@ from tidings.store.base import MAX_POSITION
 from tidings.store.tracking import DeadLetter, SQLStore, TrackingStore
 from tidings.web.app import Conflict, Console, NotFound, console_of
 from tidings.web.auth import ACTION_RESPONSES, require_token
-from tidings.web.queries import caused_by, event_at, find_event, parse_event_id
+from tidings.web.queries import (
+    caused_by,
+    event_at,
+    event_out,
+    find_event,
+    metadata_of,
+    parse_event_id,
+    read_stream_stored,
+)
 from tidings.web.schemas import (
     ActionResult,
     ConsoleInfo,
@@ -106,14 +114,13 @@ async def stream_detail(console: Console, stream_id: str, after: int, limit: int
     version = await store.stream_version(stream_id)
     if version == 0:
         raise NotFound(f"no stream {stream_id!r} in this store")
-    found = [
-        EventOut.of(r) async for r in store.read_stream(stream_id, after=after, limit=limit, raw_unknown=True)
-    ]
+    page = await read_stream_stored(store, stream_id, after=after, limit=limit)
+    found = [event_out(store, s) for s in page]
     last = found[-1] if found else None
     # The stream's last event's position, for the stream's summary line.
     position = last.position if last is not None and last.version == version else 0
     if position == 0:
-        async for newest in store.read_stream(stream_id, backwards=True, limit=1, raw_unknown=True):
+        for newest in await read_stream_stored(store, stream_id, backwards=True, limit=1):
             position = newest.position
     return StreamDetail(
         stream=StreamOut(stream_id=stream_id, version=version, position=position),
@@ -132,13 +139,9 @@ async def events(
     if after is None:
         after = max(0, head - limit) if not types and not prefix else 0
     found = [
-        EventOut.of(r)
-        async for r in store.read_all(
-            after=after,
-            event_types=types or None,
-            stream_prefix=prefix or None,
-            limit=limit,
-            raw_unknown=True,
+        event_out(store, s)
+        async for s in store.read_all_stored(
+            after=after, event_types=types or None, stream_prefix=prefix or None, limit=limit
         )
     ]
     next_after = found[-1].position if len(found) == limit else None
@@ -158,18 +161,19 @@ async def event_detail(console: Console, ref: str, source: str | None = None) ->
         recorded = await find_event(store, event_id)
     if recorded is None:
         raise NotFound(f"no event {ref!r} in this store")
-    causation = recorded.metadata.get("causation_id")
+    metadata = metadata_of(recorded)
+    causation = metadata.get("causation_id")
     cause = None
     if causation is not None and (cause_id := parse_event_id(str(causation))) is not None:
         cause = await find_event(store, cause_id)
     caused, complete = await caused_by(store, recorded)
-    correlation = recorded.metadata.get("correlation_id")
+    correlation = metadata.get("correlation_id")
     return EventDetail(
-        event=EventOut.of(recorded),
+        event=event_out(store, recorded),
         causation_id=None if causation is None else str(causation),
         correlation_id=None if correlation is None else str(correlation),
-        cause=None if cause is None else EventRef.of(cause),
-        caused=[EventRef.of(e) for e in caused],
+        cause=None if cause is None else EventRef.envelope(cause),
+        caused=[EventRef.envelope(e) for e in caused],
         caused_complete=complete,
     )
 
@@ -208,7 +212,7 @@ async def dead_letter_detail(console: Console, id: int) -> DeadLetterDetail:
     return DeadLetterDetail(
         **DeadLetterOut.of(dead).model_dump(),
         traceback=dead.traceback,
-        event=None if recorded is None else EventOut.of(recorded),
+        event=None if recorded is None else event_out(console.store, recorded),
     )
 
 

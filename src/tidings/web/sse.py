@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from tidings.store.base import MAX_POSITION
 from tidings.web.app import Console, console_of
-from tidings.web.schemas import EventOut
+from tidings.web.queries import event_out
 
 __all__ = ["KEEPALIVE", "router", "tail"]
 
@@ -42,9 +42,11 @@ async def tail(console: Console, after: int, *, keepalive: float = KEEPALIVE) ->
         if head <= position:
             yield ": keep-alive\n\n"
             continue
-        async for recorded in store.read_all(after=position, limit=BATCH, raw_unknown=True):
-            body = EventOut.of(recorded).model_dump_json()
-            position = recorded.position
+        async for stored in store.read_all_stored(after=position, limit=BATCH):
+            # Decoded one by one: an event that no longer decodes is sent raw, marked, rather
+            # than failing the stream (which the browser would reconnect to forever).
+            body = event_out(store, stored).model_dump_json()
+            position = stored.position
             yield f"event: tidings-event\nid: {position}\ndata: {body}\n\n"
 
 
