@@ -5,6 +5,7 @@ On SQLite and PostgreSQL (two files, or two schemas of one database)."""
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -443,3 +444,25 @@ async def test_a_stream_resolves_to_every_conversation_it_took_part_in(store: Ev
     assert [r.position for r in trace.roots] == [first.position, first.position + 1, 3, 4]
     # A trace holds at most `limit` events, and resolves a stream through that many at most.
     assert (await build_trace({"bank": store}, "acct-1", limit=1)).correlation_ids == ("c-1",)
+
+
+async def test_a_loop_of_causes_is_cut_once_and_a_long_chain_links(store: EventStore) -> None:
+    # Hand-written metadata: a -> b -> c -> a. The link of the last-read event of the loop is cut.
+    ids = [uuid.uuid4() for _ in range(3)]
+    for i, event_id in enumerate(ids):
+        metadata = {"correlation_id": "loop", "causation_id": str(ids[i - 1])}
+        await store.append("loop", [OrderAccepted()], metadata=metadata, event_ids=[event_id])
+    trace = await build_trace({"shop": store}, "loop")
+    assert [root.event_id for root in trace.roots] == [str(ids[2])]
+    assert [n.event_id for n in trace.nodes()] == [str(ids[2]), str(ids[0]), str(ids[1])]
+
+    # A chain of causes deeper than the recursion limit: one root, every event at its depth.
+    chain = [uuid.uuid4() for _ in range(1_500)]
+    for i, event_id in enumerate(chain):
+        metadata = {"correlation_id": str(chain[0])} | ({"causation_id": str(chain[i - 1])} if i else {})
+        await store.append("chain", [OrderAccepted()], metadata=metadata, event_ids=[event_id])
+    deep = await build_trace({"shop": store}, str(chain[0]))
+    assert len(deep.roots) == 1 and len(deep) == len(chain)
+    assert [(node.event_id, depth) for node, _, depth in deep.walk()] == [
+        (str(event_id), i) for i, event_id in enumerate(chain)
+    ]

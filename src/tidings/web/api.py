@@ -77,6 +77,8 @@ TEXT = r"^[^\x00]*$"
 """What the stores can hold in a name: any text without NUL (and at most 512 characters)."""
 NAME = r"^[^\x00]+$"
 MAX_TEXT = MAX_STREAM_ID_LENGTH
+MAX_TRACE = 10_000
+"""The most events a console trace gathers: a trace is built in the request, so its size is capped."""
 
 
 # -- reads, shared with the pages ---------------------------------------------------------------------
@@ -391,7 +393,7 @@ async def get_trace(
             description="An event id, a correlation id or a stream id.",
         ),
     ],
-    limit: Annotated[int, Query(ge=1, le=100_000, description="At most this many events.")] = 10_000,
+    limit: Annotated[int, Query(ge=1, le=MAX_TRACE, description="At most this many events.")] = MAX_TRACE,
 ) -> TraceOut:
     return TraceOut.model_validate((await trace(console, ref, limit)).to_dict())
 

@@ -148,7 +148,7 @@ async def trace_page(
     request: Request,
     console: ConsoleDep,
     ref: Annotated[str, Path()],
-    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    limit: Annotated[int, Query(ge=1, le=api.MAX_TRACE)] = api.MAX_TRACE,
 ) -> HTMLResponse:
     found = await api.trace(console, ref, limit)
 
