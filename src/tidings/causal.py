@@ -382,7 +382,8 @@ async def _join_dead_letters(stores: Mapping[str, EventStore], found: Mapping[st
     for label, store in stores.items():
         if not isinstance(store, TrackingStore):
             continue
-        for letter in await store.dead_letters():
+        # Only the letters of these events are read (by event id), not every letter of the store.
+        for letter in await store.dead_letters_of(list(by_id)):
             parked = by_id.get(letter.event_id)
             if parked is not None:
                 parked.dead_letters.append(

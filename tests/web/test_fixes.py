@@ -4,9 +4,13 @@ really happened."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.web.conftest import Client
+from tests.web.world import Seeded
+from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -17,3 +21,24 @@ async def test_a_trace_is_capped_at_ten_thousand_events(client: Client) -> None:
             response = await http.get(path, params={"limit": 100_000})
             assert response.status_code == 422, response.text
             assert (await http.get(path, params={"limit": 10_000})).status_code == 200
+
+
+async def test_dead_letters_are_paged(client: Client, seeded_url: tuple[str, Seeded]) -> None:
+    async with client() as (http, store):
+        assert isinstance(store, TrackingStore)
+        # One more letter, so that there are two pages of one.
+        await store.commit_processed(
+            ProcessedBatch(
+                "extra",
+                expected_checkpoint=0,
+                checkpoint=1,
+                dead_letters=(DeadLetterRecord(1, uuid.uuid4(), "s", "t", "boom", "tb", 1),),
+            )
+        )
+        every = [d.id for d in await store.dead_letters()]
+        assert len(every) == 2 and every[0] == seeded_url[1].dead_letter
+        first = (await http.get("/api/dead-letters", params={"limit": 1})).json()
+        second = (await http.get("/api/dead-letters", params={"limit": 1, "after": first[0]["id"]})).json()
+        assert [d["id"] for d in first + second] == every
+        page = (await http.get("/dead-letters", params={"limit": 1})).text
+        assert f"/dead-letters?after={every[0]}" in page and f'data-dead-letter="{every[1]}"' not in page

@@ -195,8 +195,12 @@ async def projections(console: Console) -> list[ProjectionOut]:
     return [ProjectionOut.of(s) for s in await projection_status(console.store)]
 
 
-async def dead_letters(console: Console, group: str | None) -> list[DeadLetterOut]:
-    return [DeadLetterOut.of(d) for d in await _tracking(console).dead_letters(group or None)]
+async def dead_letters(
+    console: Console, group: str | None, after: int = 0, limit: int = 100
+) -> list[DeadLetterOut]:
+    """A page of the parked events, oldest first: those with an id above ``after``."""
+    found = await _tracking(console).dead_letters(group or None, after_id=after, limit=limit)
+    return [DeadLetterOut.of(d) for d in found]
 
 
 async def _dead_letter(console: Console, id: int) -> DeadLetter:
@@ -331,8 +335,13 @@ async def get_dead_letters(
     group: Annotated[
         str | None, Query(pattern=TEXT, max_length=MAX_TEXT, description="Only this subscription group.")
     ] = None,
+    after: Annotated[
+        int,
+        Query(ge=0, le=MAX_POSITION, description="Only letters with an id above this (the last of a page)."),
+    ] = 0,
+    limit: Limit = 100,
 ) -> list[DeadLetterOut]:
-    return await dead_letters(console, group)
+    return await dead_letters(console, group, after, limit)
 
 
 @router.get(

@@ -106,8 +106,16 @@ async def groups_page(request: Request, console: ConsoleDep) -> HTMLResponse:
 
 
 @router.get("/dead-letters")
-async def dead_letters_page(request: Request, console: ConsoleDep, group: str | None = None) -> HTMLResponse:
-    return render(request, "dead_letters.html", letters=await api.dead_letters(console, group), group=group)
+async def dead_letters_page(
+    request: Request,
+    console: ConsoleDep,
+    group: str | None = None,
+    after: Annotated[int, Query(ge=0, le=MAX_POSITION)] = 0,
+    limit: Limit = 100,
+) -> HTMLResponse:
+    letters = await api.dead_letters(console, group, after, limit)
+    next_after = letters[-1].id if len(letters) == limit else None
+    return render(request, "dead_letters.html", letters=letters, group=group, next_after=next_after)
 
 
 @router.get("/dead-letters/{id}")

@@ -34,7 +34,14 @@ from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.schema import CORRELATION, ROW_COLUMNS
 from tidings.store.sqlite.tx import SQLiteTx, commit_processed_in, dead_letter_from_row
 from tidings.store.sqlite.writer import SQLiteStatistics, SQLiteWriter, WriteJob, append_in
-from tidings.store.tracking import DeadLetter, ProcessedBatch, SQLStore, Tx, dead_letter_filter
+from tidings.store.tracking import (
+    DeadLetter,
+    DeadLetterQuery,
+    ProcessedBatch,
+    SQLStore,
+    Tx,
+    dead_letter_filter,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -328,15 +335,27 @@ class SQLiteStore(SQLStore):
 
         return await self._read(query)
 
-    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
+    async def _dead_letters(
+        self, group: str | None, id: int | None, query: DeadLetterQuery | None = None
+    ) -> list[DeadLetter]:
         sql = (
             "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
             "attempts, failed_at FROM tidings_dead_letters WHERE 1"
         )
-        conditions, params = dead_letter_filter(group, id, "?")
+        conditions, params = dead_letter_filter(group, id, "?", query)
         sql += conditions + " ORDER BY id"
+        if query is not None and query.limit is not None:
+            sql += f" LIMIT {int(query.limit)}"
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [dead_letter_from_row(r) for r in rows]
+
+    async def _count_dead_letters(self, group: str | None) -> int:
+        conditions, params = dead_letter_filter(group, None, "?")
+        sql = "SELECT count(*) FROM tidings_dead_letters WHERE 1" + conditions
+        return int(await self._read(lambda c: c.execute(sql, params).fetchone()[0]))
+
+    def _dead_letter_event_id(self, event_id: uuid.UUID) -> Any:
+        return event_id.bytes
 
     async def _discard_dead_letter(self, id: int) -> bool:
         return await self.write(
