@@ -5,11 +5,12 @@ really happened."""
 from __future__ import annotations
 
 import uuid
+from urllib.parse import quote
 
 import pytest
 
 from tests.web.conftest import Client
-from tests.web.world import Seeded
+from tests.web.world import OrderPlaced, Seeded
 from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,3 +43,21 @@ async def test_dead_letters_are_paged(client: Client, seeded_url: tuple[str, See
         assert [d["id"] for d in first + second] == every
         page = (await http.get("/dead-letters", params={"limit": 1})).text
         assert f"/dead-letters?after={every[0]}" in page and f'data-dead-letter="{every[1]}"' not in page
+
+
+async def test_ids_with_a_slash_route(client: Client) -> None:
+    stream_id = "tenant-7/order-1"
+    async with client() as (http, store):
+        await store.append(stream_id, [OrderPlaced(order_id="7", amount=70)])
+        encoded = quote(stream_id, safe="")
+        for path in (
+            f"/api/streams/{encoded}",
+            f"/streams/{encoded}",
+            f"/api/trace/{encoded}",
+            f"/trace/{encoded}",
+        ):
+            response = await http.get(path)
+            assert response.status_code == 200, (path, response.text)
+        assert (await http.get(f"/api/streams/{encoded}")).json()["stream"]["stream_id"] == stream_id
+        assert f'href="/streams/{encoded}"' in (await http.get("/streams", params={"prefix": "tenant-"})).text
+        assert (await http.get("/api/sagas/no%2Fsuch")).status_code == 404

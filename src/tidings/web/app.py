@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -144,6 +145,8 @@ def templates() -> Jinja2Templates:
     found = Jinja2Templates(directory=HERE / "templates")
     found.env.globals["version"] = __version__
     found.env.filters["when"] = _when
+    # A stream, saga or correlation id as one path segment: ``urlencode`` leaves "/" as is.
+    found.env.filters["segment"] = lambda value: quote(str(value), safe="")
     return found
 
 
