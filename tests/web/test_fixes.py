@@ -9,8 +9,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.web.conftest import Client
-from tests.web.world import OrderPlaced, Seeded
+from tests.web.conftest import TOKEN, Client
+from tests.web.world import OrderPlaced, Seeded, Switch, billing_service
 from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore
 
 pytestmark = pytest.mark.timeout(180)
@@ -61,3 +61,28 @@ async def test_ids_with_a_slash_route(client: Client) -> None:
         assert (await http.get(f"/api/streams/{encoded}")).json()["stream"]["stream_id"] == stream_id
         assert f'href="/streams/{encoded}"' in (await http.get("/streams", params={"prefix": "tenant-"})).text
         assert (await http.get("/api/sagas/no%2Fsuch")).status_code == 404
+
+
+async def test_a_retry_that_cannot_run_says_why(client: Client, seeded_url: tuple[str, Seeded]) -> None:
+    switch = Switch()
+    async with client(service=lambda store: billing_service(store, switch)) as (http, store):
+        assert isinstance(store, TrackingStore)
+        real = await store.dead_letter(seeded_url[1].dead_letter)
+        assert real is not None
+        # A letter whose event is not in the log (its id does not match the event at its position).
+        checkpoint = await store.load_checkpoint(real.group)
+        await store.commit_processed(
+            ProcessedBatch(
+                real.group,
+                expected_checkpoint=checkpoint,
+                checkpoint=checkpoint,
+                dead_letters=(DeadLetterRecord(1, uuid.uuid4(), "s", "t", "old error", "tb", 1),),
+            )
+        )
+        [ghost] = [d for d in await store.dead_letters() if d.error == "old error"]
+        response = await http.post(
+            f"/api/dead-letters/{ghost.id}/retry", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert response.status_code == 409, response.text
+        assert "no longer in the log" in response.json()["detail"] and "old error" not in response.text
+        assert await store.dead_letter(ghost.id) == ghost  # nothing changed

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import StringConstraints
 
 from tidings.causal import CausalTrace, build_trace
-from tidings.errors import TidingsError
+from tidings.errors import InvalidArgument, TidingsError, is_transient
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.processing.status import group_status
 from tidings.sagas.queries import list_sagas, saga_history, saga_state
@@ -443,14 +443,23 @@ async def retry_dead_letter(
     try:
         if await service.subscription(dead.group).retry_dead_letter(dead):
             return ActionResult(outcome="processed", detail=f"dead letter {id} processed and removed")
-        error = "failed again"
+    except InvalidArgument as exc:
+        # Not retried at all (its event is gone, or it is not this group's): the handler never ran.
+        raise Conflict(f"dead letter {id} cannot be retried: {exc}") from exc
     except TidingsError as exc:
-        error = str(exc)
+        if is_transient(exc):
+            raise  # an outage: a 503, try again later
+        return ActionResult(
+            outcome="failed",
+            detail=f"dead letter {id} could not be retried; it stays parked",
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    # The handler ran and failed: the letter now holds its new error.
     again = await _tracking(console).dead_letter(id)
-    if again is not None:
-        error = again.error
     return ActionResult(
-        outcome="failed", detail=f"dead letter {id} failed again; it stays parked", error=error
+        outcome="failed",
+        detail=f"dead letter {id} failed again; it stays parked",
+        error="failed again" if again is None else again.error,
     )
 
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tidings import __version__
 from tidings.causal import TraceNotFound
-from tidings.errors import InvalidArgument, StoreClosed, StoreUnavailable, TidingsError
+from tidings.errors import InvalidArgument, StoreClosed, StoreUnavailable, TidingsError, is_transient
 from tidings.service import Service
 from tidings.store.base import EventStore
 
@@ -200,7 +200,9 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(TidingsError)
     async def failed(request: Request, exc: TidingsError) -> Response:
-        return error_response(request, 500, f"{type(exc).__name__}: {exc}")
+        # A failure of the surroundings (an outage) is a 503: trying again later may succeed.
+        status = 503 if is_transient(exc) else 500
+        return error_response(request, status, f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:
