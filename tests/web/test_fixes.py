@@ -86,3 +86,12 @@ async def test_a_retry_that_cannot_run_says_why(client: Client, seeded_url: tupl
         assert response.status_code == 409, response.text
         assert "no longer in the log" in response.json()["detail"] and "old error" not in response.text
         assert await store.dead_letter(ghost.id) == ghost  # nothing changed
+
+
+async def test_odd_digits_and_huge_positions_are_refused_cleanly(client: Client) -> None:
+    async with client() as (http, _):
+        assert (await http.get("/api/events/²")).status_code == 404
+        assert (await http.get("/events/²")).status_code == 404
+        huge = str(2**63)
+        response = await http.get("/api/tail", headers={"Last-Event-ID": huge})
+        assert response.status_code == 422 and "Last-Event-ID" in response.text

@@ -154,7 +154,7 @@ async def event_detail(console: Console, ref: str, source: str | None = None) ->
     """The event named by ``ref`` (its id, or its global position) with its causal neighbours."""
     store = console.source(source)
     recorded = None
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # "²".isdigit() is true, but int() refuses it
         recorded = await event_at(store, int(ref)) if int(ref) <= MAX_POSITION else None
     else:
         event_id = parse_event_id(ref)

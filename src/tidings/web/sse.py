@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
+from tidings.errors import InvalidArgument
 from tidings.store.base import MAX_POSITION
 from tidings.web.app import Console, console_of
 from tidings.web.queries import event_out
@@ -56,7 +57,12 @@ async def get_tail(
     after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    if last_event_id is not None and last_event_id.isdigit():
+    # Only what this stream sent (a position) resumes it; anything else is ignored, as if absent.
+    if last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit():
+        if int(last_event_id) > MAX_POSITION:
+            raise InvalidArgument(
+                f"Last-Event-ID must be a position up to 2**63 - 1, got {last_event_id:.40}"
+            )
         start = int(last_event_id)
     elif after is not None:
         start = after
