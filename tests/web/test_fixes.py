@@ -11,7 +11,8 @@ import pytest
 
 from tests.web.conftest import TOKEN, Client
 from tests.web.world import OrderPlaced, Seeded, Switch, billing_service
-from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, TrackingStore
+from tidings import EventStore, Projection, ProjectionTx, Service
+from tidings.store.tracking import DeadLetterRecord, ProcessedBatch, SQLStore, TrackingStore
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,3 +96,32 @@ async def test_odd_digits_and_huge_positions_are_refused_cleanly(client: Client)
         huge = str(2**63)
         response = await http.get("/api/tail", headers={"Last-Event-ID": huge})
         assert response.status_code == 422 and "Last-Event-ID" in response.text
+
+
+class OrderTotals(Projection):
+    name = "order_totals"
+    tables = {"totals": "CREATE TABLE {totals} (order_id TEXT PRIMARY KEY, amount INTEGER)"}
+
+    def placed(self, event: OrderPlaced, tx: ProjectionTx) -> None:
+        tx.execute("INSERT INTO {totals} VALUES (?, ?)", (event.order_id, event.amount))
+
+
+def with_totals(store: EventStore) -> Service:
+    service = billing_service(store, Switch())
+    service.add_projection(OrderTotals())
+    return service
+
+
+async def test_a_rebuild_left_interrupted_is_a_409_pointing_at_force(client: Client) -> None:
+    async with client(service=with_totals) as (http, store):
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        done = await http.post("/api/projections/order_totals/rebuild", headers=headers)
+        assert done.status_code == 200, done.text
+        assert isinstance(store, SQLStore)
+        # What a rebuild killed midway leaves: a generation marked as being built.
+        await store.transaction(
+            lambda tx: tx.execute("UPDATE tidings_projections SET building = generation + 7")
+        )
+        response = await http.post("/api/projections/order_totals/rebuild", headers=headers)
+        assert response.status_code == 409, response.text
+        assert "--force" in response.json()["detail"]

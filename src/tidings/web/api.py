@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import StringConstraints
 
 from tidings.causal import CausalTrace, build_trace
-from tidings.errors import InvalidArgument, TidingsError, is_transient
+from tidings.errors import InvalidArgument, ProjectionError, TidingsError, is_transient
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.processing.status import group_status
 from tidings.sagas.queries import list_sagas, saga_history, saga_state
@@ -494,7 +494,15 @@ async def rebuild(console: ConsoleDep, name: str) -> ActionResult:
     if projection is None:
         known = ", ".join(sorted(service.projections)) or "none"
         raise NotFound(f"service {service.name!r} has no projection {name!r} (it has: {known})")
-    generation = await rebuild_projection(console.store, projection)
+    try:
+        generation = await rebuild_projection(console.store, projection)
+    except ProjectionError as exc:
+        # A rebuild under way, or one that was interrupted and left its mark: the console never
+        # forces (that would drop what a live rebuild has built), the command line can.
+        raise Conflict(
+            f"projection {name} cannot be rebuilt now: {exc}. If no rebuild is running any more "
+            f"(one was interrupted), run 'tidings projections rebuild {name} --app MODULE:SERVICE --force'"
+        ) from exc
     return ActionResult(
         outcome="rebuilt",
         detail=f"projection {name} rebuilt; generation {generation} is now serving",
