@@ -466,3 +466,49 @@ async def test_a_loop_of_causes_is_cut_once_and_a_long_chain_links(store: EventS
     assert [(node.event_id, depth) for node, _, depth in deep.walk()] == [
         (str(event_id), i) for i, event_id in enumerate(chain)
     ]
+
+
+async def test_the_correlation_index_can_be_built_beforehand(store_url: str) -> None:
+    """On a large store the operator builds the index without blocking appends (PostgreSQL: CREATE
+    INDEX CONCURRENTLY, as the README says); opening or migrating the store then keeps it."""
+    if store_url.startswith("sqlite"):
+        async with open_store(store_url) as store:
+            await store.append("s", [OrderAccepted()], metadata={"correlation_id": "c"})
+        path = urlsplit(store_url).path
+        with sqlite3.connect(path) as conn:
+            sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tidings_events_correlation'")
+            [[ddl]] = sql.fetchall()
+            conn.execute("DROP INDEX tidings_events_correlation")
+            conn.execute(ddl)  # built by hand, as the store would
+        async with open_store(store_url) as store:
+            assert [e.stream_id async for e in store.read_correlated(["c"])] == ["s"]
+        return
+    from tidings.store.postgres import migrate
+    from tidings.store.postgres.schema import _MIGRATIONS_TABLE, MIGRATIONS
+
+    schema = parse_qs(urlsplit(store_url).query)["schema"][0]
+    quoted = f'"{schema}"'
+    function, _, _ = MIGRATIONS[1].sql.format(schema=quoted).partition("CREATE INDEX")
+    with psycopg.connect(servers.libpq_url(store_url), autocommit=True) as pg:
+        # A store at schema version 1 with events, as tidings made it before this index existed.
+        pg.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        pg.execute(_MIGRATIONS_TABLE.format(schema=quoted))
+        pg.execute(MIGRATIONS[0].sql.format(schema=quoted))
+        pg.execute(f"INSERT INTO {quoted}.tidings_migrations (version, description) VALUES (1, 'v1')")
+        # What the README tells the operator to run beforehand (outside any transaction).
+        pg.execute(function)
+        pg.execute(
+            f"CREATE INDEX CONCURRENTLY tidings_events_correlation ON {quoted}.tidings_events "
+            f"({quoted}.tidings_correlation_id(metadata)) WHERE metadata IS NOT NULL"
+        )
+    assert await migrate(store_url) == [2]
+    async with open_store(store_url) as store:
+        await store.append("s", [OrderAccepted()], metadata={"correlation_id": "c"})
+        assert [e.stream_id async for e in store.read_correlated(["c"])] == ["s"]
+    with psycopg.connect(servers.libpq_url(store_url), autocommit=True) as pg:
+        found = pg.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s "
+            "AND indexname LIKE 'tidings_events_corr%%'",
+            (schema,),
+        )
+        assert [r[0] for r in found] == ["tidings_events_correlation"]
