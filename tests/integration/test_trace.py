@@ -512,3 +512,33 @@ async def test_the_correlation_index_can_be_built_beforehand(store_url: str) -> 
             (schema,),
         )
         assert [r[0] for r in found] == ["tidings_events_correlation"]
+
+
+async def test_a_later_page_of_a_conversation_starts_where_the_last_ended(tmp_path: Path) -> None:
+    """SQLite: the correlation index holds the position (rowid), so each page's query searches from
+    the page's start (``rowid>?``) rather than collecting the whole conversation every page."""
+    url = f"sqlite:///{tmp_path}/pages.db"
+    async with open_store(url) as store:
+        for _ in range(3):
+            await store.append("s", [OrderAccepted()], metadata={"correlation_id": "c"})
+        captured: list[tuple[str, list[Any]]] = []
+        read = store._read  # type: ignore[attr-defined]
+
+        async def spy(fn: Any) -> Any:
+            class Spying:
+                def __init__(self, conn: sqlite3.Connection) -> None:
+                    self.conn = conn
+
+                def execute(self, sql: str, params: Any = ()) -> Any:
+                    captured.append((sql, list(params)))
+                    return self.conn.execute(sql, params)
+
+            return await read(lambda conn: fn(Spying(conn)))
+
+        store._read = spy  # type: ignore[attr-defined]
+        pages = [e.position async for e in store.read_correlated(["c"], limit=3)]
+        assert pages == [1, 2, 3]
+    [(sql, params)] = [c for c in captured if "tidings_events_correlation" in c[0] or "IN (SELECT" in c[0]]
+    with sqlite3.connect(urlsplit(url).path) as conn:
+        plan = [str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+    assert any("tidings_events_correlation" in step and "rowid>?" in step for step in plan), plan

@@ -351,13 +351,14 @@ class Statements:
         self.all = f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE position > %s"
         # The positions come from the correlation and event id indexes (an InitPlan, run once);
         # the rows are then read by primary key. A plain OR would let the planner walk the log in
-        # position order for the LIMIT.
+        # position order for the LIMIT. "position > %s" inside both: a later page does not
+        # probe the positions of the pages before it.
         self.correlated = (
             f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE position = ANY(ARRAY("
             f"  SELECT position FROM {s}.tidings_events WHERE metadata IS NOT NULL "
-            f"  AND {s}.tidings_correlation_id(metadata) = ANY(%s::text[]) "
-            f"  UNION SELECT position FROM {s}.tidings_events WHERE event_id = ANY(%s::uuid[]))) "
-            "AND position > %s ORDER BY position LIMIT %s"
+            f"  AND {s}.tidings_correlation_id(metadata) = ANY(%s::text[]) AND position > %s "
+            f"  UNION SELECT position FROM {s}.tidings_events WHERE event_id = ANY(%s::uuid[]) "
+            "  AND position > %s)) ORDER BY position LIMIT %s"
         )
         # Skip scan over the (stream_id, version) index: one index probe per stream listed, instead
         # of a GROUP BY over every event. The recursion counts its rows, so it stops at the page

@@ -349,7 +349,8 @@ class PostgresStore(SQLStore):
         self, ids: tuple[str, ...], event_ids: tuple[uuid.UUID, ...], after: int, limit: int
     ) -> list[Row]:
         return await self._fetch(
-            self._sql.correlated, [list(ids), list(event_ids), min(after, _INT8_MAX), limit]
+            self._sql.correlated,
+            [list(ids), min(after, _INT8_MAX), list(event_ids), min(after, _INT8_MAX), limit],
         )
 
     async def _stream_version(self, stream_id: str) -> int:

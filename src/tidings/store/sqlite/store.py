@@ -208,18 +208,24 @@ class SQLiteStore(SQLStore):
     ) -> list[Row]:
         # Positions from the two indexes (correlation expression, event id), then rows by rowid:
         # an OR in one WHERE could make the planner walk the log in position order instead.
+        # "position > ?" inside each: the correlation index holds the rowid (the position), so a
+        # later page starts where the previous one ended instead of collecting the conversation.
         marks = ", ".join("?" * len(ids))
         sql = (
             f"SELECT {ROW_COLUMNS} FROM tidings_events WHERE position IN ("
-            f"SELECT position FROM tidings_events WHERE metadata IS NOT NULL AND {CORRELATION} IN ({marks})"
+            f"SELECT position FROM tidings_events WHERE metadata IS NOT NULL AND {CORRELATION} IN ({marks}) "
+            "AND position > ?"
         )
-        params: list[Any] = list(ids)
+        params: list[Any] = [*ids, after]
         if event_ids:
             id_marks = ", ".join("?" * len(event_ids))
-            sql += f" UNION SELECT position FROM tidings_events WHERE event_id IN ({id_marks})"
+            sql += (
+                f" UNION SELECT position FROM tidings_events WHERE event_id IN ({id_marks}) AND position > ?"
+            )
             params.extend(e.bytes for e in event_ids)
-        sql += ") AND position > ? ORDER BY position LIMIT ?"
-        params.extend((after, limit))
+            params.append(after)
+        sql += ") ORDER BY position LIMIT ?"
+        params.append(limit)
         return await self._read(lambda c: c.execute(sql, params).fetchall())
 
     async def _stream_version(self, stream_id: str) -> int:
