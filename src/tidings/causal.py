@@ -382,7 +382,8 @@ async def _join_dead_letters(stores: Mapping[str, EventStore], found: Mapping[st
     for label, store in stores.items():
         if not isinstance(store, TrackingStore):
             continue
-        for letter in await store.dead_letters():
+        # Only the letters of these events are read (by event id), not every letter of the store.
+        for letter in await store.dead_letters_of(list(by_id)):
             parked = by_id.get(letter.event_id)
             if parked is not None:
                 parked.dead_letters.append(
@@ -399,18 +400,12 @@ def _link(found: dict[str, _Found]) -> tuple[TraceNode, ...]:
         if cause is None or cause == key:
             continue
         parent = cause if cause in found else translated.get(cause)
-        if parent is None or parent == key:
-            continue
-        # Hand-written metadata could make a loop: a cause that descends from this event is cut.
-        ancestor: str | None = parent
-        seen = {key}
-        while ancestor is not None and ancestor not in seen:
-            seen.add(ancestor)
-            ancestor = found[ancestor].parent
-        if ancestor is not None:
-            continue
-        item.parent = parent
-        found[parent].children.append(key)
+        if parent is not None and parent != key:
+            item.parent = parent
+    _cut_cycles(found)
+    for key, item in found.items():
+        if item.parent is not None:
+            found[item.parent].children.append(key)
 
     def when(key: str) -> tuple[datetime, int, int]:
         item = found[key]
@@ -430,6 +425,26 @@ def _link(found: dict[str, _Found]) -> tuple[TraceNode, ...]:
         item.children.sort(key=when)
         built[key] = _node(item, found, tuple(built[child] for child in item.children))
     return tuple(built[key] for key in roots)
+
+
+def _cut_cycles(found: Mapping[str, _Found]) -> None:
+    """Cut one link of every loop of causes (hand-written metadata could make one): the link of
+    the loop's last-read event, which then becomes a root.
+
+    Each event has at most one parent, so every walk up from an event either ends at a root, joins
+    a path already checked, or comes back to itself: marking the events as they are checked makes
+    this one pass over the trace, however deep its chains."""
+    done: set[str] = set()
+    for start in found:
+        path: dict[str, None] = {}  # the current walk up, in order (a dict: ordered, O(1) lookup)
+        key: str | None = start
+        while key is not None and key not in done and key not in path:
+            path[key] = None
+            key = found[key].parent
+        if key is not None and key in path:
+            loop = list(path)[list(path).index(key) :]
+            found[max(loop, key=lambda k: found[k].order)].parent = None
+        done.update(path)
 
 
 def _node(item: _Found, found: Mapping[str, _Found], children: tuple[TraceNode, ...]) -> TraceNode:

@@ -156,7 +156,7 @@ async def collect(service: Service) -> list[Metric]:
         dead = {group: status.dead_letters for group, status in statuses.items()}
         for s in stats:
             if s.group not in dead:  # a bus-fed group, or one that never committed: not listed there
-                dead[s.group] = len(await store.dead_letters(s.group))
+                dead[s.group] = await store.count_dead_letters(s.group)
 
     appended = CounterMetricFamily(
         "tidings_appended_events",

@@ -5,6 +5,7 @@ On SQLite and PostgreSQL (two files, or two schemas of one database)."""
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -443,3 +444,101 @@ async def test_a_stream_resolves_to_every_conversation_it_took_part_in(store: Ev
     assert [r.position for r in trace.roots] == [first.position, first.position + 1, 3, 4]
     # A trace holds at most `limit` events, and resolves a stream through that many at most.
     assert (await build_trace({"bank": store}, "acct-1", limit=1)).correlation_ids == ("c-1",)
+
+
+async def test_a_loop_of_causes_is_cut_once_and_a_long_chain_links(store: EventStore) -> None:
+    # Hand-written metadata: a -> b -> c -> a. The link of the last-read event of the loop is cut.
+    ids = [uuid.uuid4() for _ in range(3)]
+    for i, event_id in enumerate(ids):
+        metadata = {"correlation_id": "loop", "causation_id": str(ids[i - 1])}
+        await store.append("loop", [OrderAccepted()], metadata=metadata, event_ids=[event_id])
+    trace = await build_trace({"shop": store}, "loop")
+    assert [root.event_id for root in trace.roots] == [str(ids[2])]
+    assert [n.event_id for n in trace.nodes()] == [str(ids[2]), str(ids[0]), str(ids[1])]
+
+    # A chain of causes deeper than the recursion limit: one root, every event at its depth.
+    chain = [uuid.uuid4() for _ in range(1_500)]
+    for i, event_id in enumerate(chain):
+        metadata = {"correlation_id": str(chain[0])} | ({"causation_id": str(chain[i - 1])} if i else {})
+        await store.append("chain", [OrderAccepted()], metadata=metadata, event_ids=[event_id])
+    deep = await build_trace({"shop": store}, str(chain[0]))
+    assert len(deep.roots) == 1 and len(deep) == len(chain)
+    assert [(node.event_id, depth) for node, _, depth in deep.walk()] == [
+        (str(event_id), i) for i, event_id in enumerate(chain)
+    ]
+
+
+async def test_the_correlation_index_can_be_built_beforehand(store_url: str) -> None:
+    """On a large store the operator builds the index without blocking appends (PostgreSQL: CREATE
+    INDEX CONCURRENTLY, as the README says); opening or migrating the store then keeps it."""
+    if store_url.startswith("sqlite"):
+        async with open_store(store_url) as store:
+            await store.append("s", [OrderAccepted()], metadata={"correlation_id": "c"})
+        path = urlsplit(store_url).path
+        with sqlite3.connect(path) as conn:
+            sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tidings_events_correlation'")
+            [[ddl]] = sql.fetchall()
+            conn.execute("DROP INDEX tidings_events_correlation")
+            conn.execute(ddl)  # built by hand, as the store would
+        async with open_store(store_url) as store:
+            assert [e.stream_id async for e in store.read_correlated(["c"])] == ["s"]
+        return
+    from tidings.store.postgres import migrate
+    from tidings.store.postgres.schema import _MIGRATIONS_TABLE, MIGRATIONS
+
+    schema = parse_qs(urlsplit(store_url).query)["schema"][0]
+    quoted = f'"{schema}"'
+    function, _, _ = MIGRATIONS[1].sql.format(schema=quoted).partition("CREATE INDEX")
+    with psycopg.connect(servers.libpq_url(store_url), autocommit=True) as pg:
+        # A store at schema version 1 with events, as tidings made it before this index existed.
+        pg.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        pg.execute(_MIGRATIONS_TABLE.format(schema=quoted))
+        pg.execute(MIGRATIONS[0].sql.format(schema=quoted))
+        pg.execute(f"INSERT INTO {quoted}.tidings_migrations (version, description) VALUES (1, 'v1')")
+        # What the README tells the operator to run beforehand (outside any transaction).
+        pg.execute(function)
+        pg.execute(
+            f"CREATE INDEX CONCURRENTLY tidings_events_correlation ON {quoted}.tidings_events "
+            f"({quoted}.tidings_correlation_id(metadata)) WHERE metadata IS NOT NULL"
+        )
+    assert await migrate(store_url) == [2]
+    async with open_store(store_url) as store:
+        await store.append("s", [OrderAccepted()], metadata={"correlation_id": "c"})
+        assert [e.stream_id async for e in store.read_correlated(["c"])] == ["s"]
+    with psycopg.connect(servers.libpq_url(store_url), autocommit=True) as pg:
+        found = pg.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s "
+            "AND indexname LIKE 'tidings_events_corr%%'",
+            (schema,),
+        )
+        assert [r[0] for r in found] == ["tidings_events_correlation"]
+
+
+async def test_a_later_page_of_a_conversation_starts_where_the_last_ended(tmp_path: Path) -> None:
+    """SQLite: the correlation index holds the position (rowid), so each page's query searches from
+    the page's start (``rowid>?``) rather than collecting the whole conversation every page."""
+    url = f"sqlite:///{tmp_path}/pages.db"
+    async with open_store(url) as store:
+        for _ in range(3):
+            await store.append("s", [OrderAccepted()], metadata={"correlation_id": "c"})
+        captured: list[tuple[str, list[Any]]] = []
+        read = store._read  # type: ignore[attr-defined]
+
+        async def spy(fn: Any) -> Any:
+            class Spying:
+                def __init__(self, conn: sqlite3.Connection) -> None:
+                    self.conn = conn
+
+                def execute(self, sql: str, params: Any = ()) -> Any:
+                    captured.append((sql, list(params)))
+                    return self.conn.execute(sql, params)
+
+            return await read(lambda conn: fn(Spying(conn)))
+
+        store._read = spy  # type: ignore[attr-defined]
+        pages = [e.position async for e in store.read_correlated(["c"], limit=3)]
+        assert pages == [1, 2, 3]
+    [(sql, params)] = [c for c in captured if "tidings_events_correlation" in c[0] or "IN (SELECT" in c[0]]
+    with sqlite3.connect(urlsplit(url).path) as conn:
+        plan = [str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+    assert any("tidings_events_correlation" in step and "rowid>?" in step for step in plan), plan

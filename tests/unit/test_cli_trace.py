@@ -174,3 +174,13 @@ def test_events_in_a_narrow_terminal(world: World) -> None:
     events = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [e["stream_id"] for e in events] == ["order-1", "stock-1"]
     assert events[1]["metadata"]["caused_by"] == "handler:inventory.reserve"
+
+
+def test_the_store_variable_is_one_url_even_with_a_space(tmp_path: Path) -> None:
+    spaced = tmp_path / "my stores"
+    spaced.mkdir()
+    made = World(spaced)
+    asyncio.run(made.build())
+    result = invoke("trace", "order-1", "--json", env={"TIDINGS_STORE": made.orders})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["count"] == 2  # the orders store alone: order-1 and stock-1

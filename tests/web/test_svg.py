@@ -62,3 +62,20 @@ def test_lanes_rows_and_arrows() -> None:
 def test_an_empty_trace_says_so() -> None:
     svg = sequence_svg([])
     assert groups(svg, "event") == [] and "no events in this trace" in svg
+
+
+def test_a_chain_deeper_than_the_recursion_limit_draws_within_its_width() -> None:
+    depth = 3_000  # the interpreter's recursion limit is 1,000
+    node = Node(f"e{depth}", "shop.Step", "orders", depth)
+    for at in range(depth - 1, 0, -1):
+        node = Node(f"e{at}", "shop.Step", "orders", at, children=(node,))
+    svg = sequence_svg([node])
+    root = ET.fromstring(svg)
+    width = int(root.get("width") or 0)
+    assert len(groups(svg, "event")) == depth
+    for path in root.iter(f"{SVG}path"):
+        d = path.get("d") or ""
+        if d.startswith("M") and " H" in d:  # a self-arrow: M x,y H x+loop V y' H x+5
+            assert int(d.split(" H")[1].split(" ")[0]) < width
+    texts = [float(t.get("x") or 0) for t in root.iter(f"{SVG}text")]
+    assert max(texts) < width

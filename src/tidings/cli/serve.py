@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from tidings.cli.runtime import DEFAULT_STORE, STORE_ENV, fail, require_existing
 from tidings.cli.services import cli_service
-from tidings.cli.trace import parse_sources
+from tidings.cli.trace import parse_sources, store_from_env
 from tidings.errors import TidingsError
 from tidings.store import EventStore, open_store
 
@@ -33,7 +33,6 @@ def serve(
         list[str] | None,
         typer.Option(
             "--store",
-            envvar=STORE_ENV,
             metavar="[NAME=]URL",
             help="Store URL, or NAME=URL (repeatable, as for 'tidings trace': the causal trace joins "
             f"every store; the other pages read the first). Default: ${STORE_ENV}, then {DEFAULT_STORE}.",
@@ -67,7 +66,7 @@ def serve(
 
         from tidings.web import create_app
 
-        named = parse_sources(stores or [])
+        named = parse_sources(stores or store_from_env())
         service = None
         if app is not None:
             service = cli_service(app, next(iter(named.values()), None))

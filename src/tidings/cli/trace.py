@@ -9,6 +9,7 @@ stream id. The tree hangs every event under the event that caused it; ``--json``
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import PurePosixPath
 from typing import Annotated
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -24,19 +25,26 @@ from tidings.cli.runtime import DEFAULT_STORE, STORE_ENV, fail, open_existing, r
 from tidings.errors import InvalidArgument
 from tidings.store.base import EventStore
 
-__all__ = ["parse_sources", "render_trace", "trace"]
+__all__ = ["parse_sources", "render_trace", "store_from_env", "trace"]
 
 StoresOption = Annotated[
     list[str] | None,
     typer.Option(
         "--store",
-        envvar=STORE_ENV,
         metavar="[NAME=]URL",
         help="A service's store (repeatable): URL, or NAME=URL to label its events with NAME. "
         f"Default: ${STORE_ENV}, then {DEFAULT_STORE}.",
         show_default=False,
     ),
 ]
+
+
+def store_from_env() -> list[str]:
+    """``$TIDINGS_STORE`` as one store URL (``[]`` when unset or blank). Read by hand: Click
+    splits an option's environment variable on whitespace when the option is repeatable, which
+    breaks a path with a space in it."""
+    value = os.environ.get(STORE_ENV, "").strip()
+    return [value] if value else []
 
 
 def _label_of(url: str) -> str:
@@ -168,7 +176,7 @@ def trace(
 ) -> None:
     """The causal tree of a business transaction across the services' stores."""
     try:
-        sources = parse_sources(store or [DEFAULT_STORE])
+        sources = parse_sources(store or store_from_env() or [DEFAULT_STORE])
     except InvalidArgument as exc:
         fail(str(exc), code=2)
     found = run(_trace(sources, ref, limit))

@@ -18,7 +18,7 @@ from tidings.events import EventRegistry
 from tidings.store.append import AppendPlan, AppendRequest, AppendResult, StoredId, plan_appends
 from tidings.store.base import Row, Snapshot, StreamInfo, correlation_of, now_micros
 from tidings.store.deadletters import DeadLetterNotFound
-from tidings.store.tracking import DeadLetter, ProcessedBatch, TrackingStore
+from tidings.store.tracking import DeadLetter, DeadLetterQuery, ProcessedBatch, TrackingStore
 
 T = TypeVar("T")
 
@@ -236,12 +236,19 @@ class MemoryStore(TrackingStore):
     async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         return self._inbox.get(group, set()).intersection(event_ids)
 
-    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
-        return [
+    async def _dead_letters(
+        self, group: str | None, id: int | None, query: DeadLetterQuery | None = None
+    ) -> list[DeadLetter]:
+        query = query or DeadLetterQuery()
+        found = [
             d
             for i, d in sorted(self._parked.items())
-            if (group is None or d.group == group) and (id is None or i == id)
+            if (group is None or d.group == group) and (id is None or i == id) and query.matches(d)
         ]
+        return found if query.limit is None else found[: query.limit]
+
+    async def _count_dead_letters(self, group: str | None) -> int:
+        return sum(1 for d in self._parked.values() if group is None or d.group == group)
 
     async def _discard_dead_letter(self, id: int) -> bool:
         return self._parked.pop(id, None) is not None

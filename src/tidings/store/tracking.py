@@ -36,7 +36,9 @@ from tidings.store.append import AppendRequest, AppendResult
 from tidings.store.base import EventStore, validate_position, validate_text, validate_timeout
 
 __all__ = [
+    "MAX_DEAD_LETTER_IDS",
     "DeadLetter",
+    "DeadLetterQuery",
     "DeadLetterRecord",
     "ProcessedBatch",
     "ProjectionGeneration",
@@ -137,9 +139,38 @@ class DeadLetter:
     failed_at: datetime
 
 
-def dead_letter_filter(group: str | None, id: int | None, mark: str) -> tuple[str, list[Any]]:
+MAX_DEAD_LETTER_IDS: Final = 500
+"""Event ids per query of :meth:`TrackingStore.dead_letters_of` (more are read in chunks)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetterQuery:
+    """Which dead letters a backend's ``_dead_letters`` returns: of ``group``, the one with
+    ``id``, those with an id above ``after_id``, of the events ``event_ids`` (backend form, at
+    most :data:`MAX_DEAD_LETTER_IDS`), at most ``limit`` -- always in id order."""
+
+    group: str | None = None
+    id: int | None = None
+    after_id: int = 0
+    event_ids: tuple[Any, ...] | None = None
+    limit: int | None = None
+
+    def matches(self, dead: DeadLetter) -> bool:
+        """Whether ``dead`` is selected (``event_ids`` as UUIDs), ignoring ``limit``."""
+        return (
+            (self.group is None or dead.group == self.group)
+            and (self.id is None or dead.id == self.id)
+            and dead.id > self.after_id
+            and (self.event_ids is None or dead.event_id in self.event_ids)
+        )
+
+
+def dead_letter_filter(
+    group: str | None, id: int | None, mark: str, query: DeadLetterQuery | None = None
+) -> tuple[str, list[Any]]:
     """The ``AND ...`` conditions (with ``mark`` as the placeholder) and parameters selecting
-    dead letters by group and/or id, for each backend's query."""
+    dead letters by group and/or id (and by ``query``'s ``after_id`` and ``event_ids``), for
+    each backend's query. ``query``'s ``limit`` is the caller's to add, after ``ORDER BY id``."""
     sql = ""
     params: list[Any] = []
     if group is not None:
@@ -148,6 +179,16 @@ def dead_letter_filter(group: str | None, id: int | None, mark: str) -> tuple[st
     if id is not None:
         sql += f" AND id = {mark}"
         params.append(id)
+    if query is not None and query.after_id:
+        sql += f" AND id > {mark}"
+        params.append(query.after_id)
+    if query is not None and query.event_ids is not None:
+        sql += (
+            f" AND event_id IN ({', '.join([mark] * len(query.event_ids))})"
+            if query.event_ids
+            else " AND 1=0"
+        )
+        params.extend(query.event_ids)
     return sql, params
 
 
@@ -215,10 +256,34 @@ class TrackingStore(EventStore):
             return set()
         return await self._processed_ids(group, ids)
 
-    async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
-        """Parked events, oldest first, optionally of one group."""
+    async def dead_letters(
+        self, group: str | None = None, *, after_id: int = 0, limit: int | None = None
+    ) -> list[DeadLetter]:
+        """Parked events, oldest first, optionally of one group; a page of them with ``after_id``
+        (only ids above it: the last id of the previous page) and ``limit``."""
+        validate_position("after_id", after_id)
+        validate_position("limit", limit, allow_none=True)
         self._check_open()
-        return await self._dead_letters(None if group is None else validate_group(group), None)
+        group = None if group is None else validate_group(group)
+        if limit == 0:
+            return []
+        return await self._dead_letters(group, None, DeadLetterQuery(group, after_id=after_id, limit=limit))
+
+    async def dead_letters_of(self, event_ids: Iterable[uuid.UUID]) -> list[DeadLetter]:
+        """The dead letters (of any group) of the events ``event_ids``, in id order: read by
+        event id (in chunks of :data:`MAX_DEAD_LETTER_IDS`), not by loading every letter."""
+        ids = list(dict.fromkeys(_uuid_list("event_ids", event_ids)))
+        self._check_open()
+        found: list[DeadLetter] = []
+        for start in range(0, len(ids), MAX_DEAD_LETTER_IDS):
+            chunk = tuple(self._dead_letter_event_id(i) for i in ids[start : start + MAX_DEAD_LETTER_IDS])
+            found.extend(await self._dead_letters(None, None, DeadLetterQuery(event_ids=chunk)))
+        return sorted(found, key=lambda d: d.id)
+
+    async def count_dead_letters(self, group: str | None = None) -> int:
+        """How many events are parked, optionally of one group (counted by the database)."""
+        self._check_open()
+        return await self._count_dead_letters(None if group is None else validate_group(group))
 
     async def dead_letter(self, id: int) -> DeadLetter | None:
         """One parked event by its id, or None."""
@@ -304,7 +369,16 @@ class TrackingStore(EventStore):
     async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]: ...
 
     @abc.abstractmethod
-    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]: ...
+    async def _dead_letters(
+        self, group: str | None, id: int | None, query: DeadLetterQuery | None = None
+    ) -> list[DeadLetter]: ...
+
+    @abc.abstractmethod
+    async def _count_dead_letters(self, group: str | None) -> int: ...
+
+    def _dead_letter_event_id(self, event_id: uuid.UUID) -> Any:
+        """An event id as the backend stores it in its dead letters (a UUID unless overridden)."""
+        return event_id
 
     @abc.abstractmethod
     async def _discard_dead_letter(self, id: int) -> bool: ...

@@ -157,6 +157,36 @@ class TrackingContract:
         assert await tracking.discard_dead_letter(other.id)
         assert not await tracking.discard_dead_letter(other.id)
 
+    async def test_dead_letters_are_paged_counted_and_found_by_event(self, tracking: TrackingStore) -> None:
+        ids = [uuid.uuid4() for _ in range(5)]
+        for group, chunk in (("a", ids[:3]), ("b", ids[3:])):
+            await tracking.commit_processed(
+                ProcessedBatch(
+                    group,
+                    expected_checkpoint=0,
+                    checkpoint=9,
+                    dead_letters=tuple(_dead(i + 1, e) for i, e in enumerate(chunk)),
+                )
+            )
+        every = await tracking.dead_letters()
+        first = await tracking.dead_letters(limit=2)
+        rest = await tracking.dead_letters(after_id=first[-1].id, limit=10)
+        assert first + rest == every and len(every) == 5
+        assert [d.event_id for d in await tracking.dead_letters("a", after_id=first[0].id)] == ids[1:3]
+        assert await tracking.dead_letters(limit=0) == []
+        assert (await tracking.count_dead_letters(), await tracking.count_dead_letters("b")) == (5, 2)
+        assert await tracking.count_dead_letters("nobody") == 0
+        wanted = [ids[4], ids[0], uuid.uuid4()]
+        assert {d.event_id for d in await tracking.dead_letters_of(wanted)} == {ids[0], ids[4]}
+        assert await tracking.dead_letters_of([]) == []
+        many = [uuid.uuid4() for _ in range(1_200)] + [ids[2]]  # more than one chunk
+        assert [d.event_id for d in await tracking.dead_letters_of(many)] == [ids[2]]
+        for bad in ({"after_id": -1}, {"limit": -1}, {"limit": True}):
+            with pytest.raises(InvalidArgument):
+                await tracking.dead_letters(**bad)
+        with pytest.raises(InvalidArgument):
+            await tracking.dead_letters_of(["not-a-uuid"])  # type: ignore[list-item]
+
     async def test_set_checkpoint_moves_or_resets_a_group(self, tracking: TrackingStore) -> None:
         event_id = uuid.uuid4()
         await tracking.commit_processed(

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import StringConstraints
 
 from tidings.causal import CausalTrace, build_trace
-from tidings.errors import TidingsError
+from tidings.errors import InvalidArgument, ProjectionError, TidingsError, is_transient
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.processing.status import group_status
 from tidings.sagas.queries import list_sagas, saga_history, saga_state
@@ -22,7 +22,15 @@ from tidings.store.base import MAX_POSITION
 from tidings.store.tracking import DeadLetter, SQLStore, TrackingStore
 from tidings.web.app import Conflict, Console, NotFound, console_of
 from tidings.web.auth import ACTION_RESPONSES, require_token
-from tidings.web.queries import caused_by, event_at, find_event, parse_event_id
+from tidings.web.queries import (
+    caused_by,
+    event_at,
+    event_out,
+    find_event,
+    metadata_of,
+    parse_event_id,
+    read_stream_stored,
+)
 from tidings.web.schemas import (
     ActionResult,
     ConsoleInfo,
@@ -69,6 +77,8 @@ TEXT = r"^[^\x00]*$"
 """What the stores can hold in a name: any text without NUL (and at most 512 characters)."""
 NAME = r"^[^\x00]+$"
 MAX_TEXT = MAX_STREAM_ID_LENGTH
+MAX_TRACE = 10_000
+"""The most events a console trace gathers: a trace is built in the request, so its size is capped."""
 
 
 # -- reads, shared with the pages ---------------------------------------------------------------------
@@ -106,14 +116,13 @@ async def stream_detail(console: Console, stream_id: str, after: int, limit: int
     version = await store.stream_version(stream_id)
     if version == 0:
         raise NotFound(f"no stream {stream_id!r} in this store")
-    found = [
-        EventOut.of(r) async for r in store.read_stream(stream_id, after=after, limit=limit, raw_unknown=True)
-    ]
+    page = await read_stream_stored(store, stream_id, after=after, limit=limit)
+    found = [event_out(store, s) for s in page]
     last = found[-1] if found else None
     # The stream's last event's position, for the stream's summary line.
     position = last.position if last is not None and last.version == version else 0
     if position == 0:
-        async for newest in store.read_stream(stream_id, backwards=True, limit=1, raw_unknown=True):
+        for newest in await read_stream_stored(store, stream_id, backwards=True, limit=1):
             position = newest.position
     return StreamDetail(
         stream=StreamOut(stream_id=stream_id, version=version, position=position),
@@ -132,13 +141,9 @@ async def events(
     if after is None:
         after = max(0, head - limit) if not types and not prefix else 0
     found = [
-        EventOut.of(r)
-        async for r in store.read_all(
-            after=after,
-            event_types=types or None,
-            stream_prefix=prefix or None,
-            limit=limit,
-            raw_unknown=True,
+        event_out(store, s)
+        async for s in store.read_all_stored(
+            after=after, event_types=types or None, stream_prefix=prefix or None, limit=limit
         )
     ]
     next_after = found[-1].position if len(found) == limit else None
@@ -149,7 +154,7 @@ async def event_detail(console: Console, ref: str, source: str | None = None) ->
     """The event named by ``ref`` (its id, or its global position) with its causal neighbours."""
     store = console.source(source)
     recorded = None
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # "²".isdigit() is true, but int() refuses it
         recorded = await event_at(store, int(ref)) if int(ref) <= MAX_POSITION else None
     else:
         event_id = parse_event_id(ref)
@@ -158,18 +163,19 @@ async def event_detail(console: Console, ref: str, source: str | None = None) ->
         recorded = await find_event(store, event_id)
     if recorded is None:
         raise NotFound(f"no event {ref!r} in this store")
-    causation = recorded.metadata.get("causation_id")
+    metadata = metadata_of(recorded)
+    causation = metadata.get("causation_id")
     cause = None
     if causation is not None and (cause_id := parse_event_id(str(causation))) is not None:
         cause = await find_event(store, cause_id)
     caused, complete = await caused_by(store, recorded)
-    correlation = recorded.metadata.get("correlation_id")
+    correlation = metadata.get("correlation_id")
     return EventDetail(
-        event=EventOut.of(recorded),
+        event=event_out(store, recorded),
         causation_id=None if causation is None else str(causation),
         correlation_id=None if correlation is None else str(correlation),
-        cause=None if cause is None else EventRef.of(cause),
-        caused=[EventRef.of(e) for e in caused],
+        cause=None if cause is None else EventRef.envelope(cause),
+        caused=[EventRef.envelope(e) for e in caused],
         caused_complete=complete,
     )
 
@@ -189,8 +195,12 @@ async def projections(console: Console) -> list[ProjectionOut]:
     return [ProjectionOut.of(s) for s in await projection_status(console.store)]
 
 
-async def dead_letters(console: Console, group: str | None) -> list[DeadLetterOut]:
-    return [DeadLetterOut.of(d) for d in await _tracking(console).dead_letters(group or None)]
+async def dead_letters(
+    console: Console, group: str | None, after: int = 0, limit: int = 100
+) -> list[DeadLetterOut]:
+    """A page of the parked events, oldest first: those with an id above ``after``."""
+    found = await _tracking(console).dead_letters(group or None, after_id=after, limit=limit)
+    return [DeadLetterOut.of(d) for d in found]
 
 
 async def _dead_letter(console: Console, id: int) -> DeadLetter:
@@ -208,7 +218,7 @@ async def dead_letter_detail(console: Console, id: int) -> DeadLetterDetail:
     return DeadLetterDetail(
         **DeadLetterOut.of(dead).model_dump(),
         traceback=dead.traceback,
-        event=None if recorded is None else EventOut.of(recorded),
+        event=None if recorded is None else event_out(console.store, recorded),
     )
 
 
@@ -260,7 +270,10 @@ async def get_streams(
 
 
 @router.get(
-    "/streams/{stream_id}", response_model=StreamDetail, responses=NOT_FOUND, summary="One stream's events"
+    "/streams/{stream_id:path}",
+    response_model=StreamDetail,
+    responses=NOT_FOUND,
+    summary="One stream's events",
 )
 async def get_stream(
     console: ConsoleDep,
@@ -325,8 +338,13 @@ async def get_dead_letters(
     group: Annotated[
         str | None, Query(pattern=TEXT, max_length=MAX_TEXT, description="Only this subscription group.")
     ] = None,
+    after: Annotated[
+        int,
+        Query(ge=0, le=MAX_POSITION, description="Only letters with an id above this (the last of a page)."),
+    ] = 0,
+    limit: Limit = 100,
 ) -> list[DeadLetterOut]:
-    return await dead_letters(console, group)
+    return await dead_letters(console, group, after, limit)
 
 
 @router.get(
@@ -360,7 +378,7 @@ async def get_sagas(
 
 
 @router.get(
-    "/sagas/{saga_id}",
+    "/sagas/{saga_id:path}",
     response_model=SagaDetail,
     responses=NOT_FOUND,
     summary="One saga instance: state and history",
@@ -372,7 +390,7 @@ async def get_saga(
 
 
 @router.get(
-    "/trace/{ref}",
+    "/trace/{ref:path}",
     response_model=TraceOut,
     responses=NOT_FOUND,
     summary="The causal trace of an event, conversation or stream across every source",
@@ -387,7 +405,7 @@ async def get_trace(
             description="An event id, a correlation id or a stream id.",
         ),
     ],
-    limit: Annotated[int, Query(ge=1, le=100_000, description="At most this many events.")] = 10_000,
+    limit: Annotated[int, Query(ge=1, le=MAX_TRACE, description="At most this many events.")] = MAX_TRACE,
 ) -> TraceOut:
     return TraceOut.model_validate((await trace(console, ref, limit)).to_dict())
 
@@ -425,14 +443,23 @@ async def retry_dead_letter(
     try:
         if await service.subscription(dead.group).retry_dead_letter(dead):
             return ActionResult(outcome="processed", detail=f"dead letter {id} processed and removed")
-        error = "failed again"
+    except InvalidArgument as exc:
+        # Not retried at all (its event is gone, or it is not this group's): the handler never ran.
+        raise Conflict(f"dead letter {id} cannot be retried: {exc}") from exc
     except TidingsError as exc:
-        error = str(exc)
+        if is_transient(exc):
+            raise  # an outage: a 503, try again later
+        return ActionResult(
+            outcome="failed",
+            detail=f"dead letter {id} could not be retried; it stays parked",
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    # The handler ran and failed: the letter now holds its new error.
     again = await _tracking(console).dead_letter(id)
-    if again is not None:
-        error = again.error
     return ActionResult(
-        outcome="failed", detail=f"dead letter {id} failed again; it stays parked", error=error
+        outcome="failed",
+        detail=f"dead letter {id} failed again; it stays parked",
+        error="failed again" if again is None else again.error,
     )
 
 
@@ -467,7 +494,15 @@ async def rebuild(console: ConsoleDep, name: str) -> ActionResult:
     if projection is None:
         known = ", ".join(sorted(service.projections)) or "none"
         raise NotFound(f"service {service.name!r} has no projection {name!r} (it has: {known})")
-    generation = await rebuild_projection(console.store, projection)
+    try:
+        generation = await rebuild_projection(console.store, projection)
+    except ProjectionError as exc:
+        # A rebuild under way, or one that was interrupted and left its mark: the console never
+        # forces (that would drop what a live rebuild has built), the command line can.
+        raise Conflict(
+            f"projection {name} cannot be rebuilt now: {exc}. If no rebuild is running any more "
+            f"(one was interrupted), run 'tidings projections rebuild {name} --app MODULE:SERVICE --force'"
+        ) from exc
     return ActionResult(
         outcome="rebuilt",
         detail=f"projection {name} rebuilt; generation {generation} is now serving",

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tidings import __version__
 from tidings.causal import TraceNotFound
-from tidings.errors import InvalidArgument, StoreClosed, StoreUnavailable, TidingsError
+from tidings.errors import InvalidArgument, StoreClosed, StoreUnavailable, TidingsError, is_transient
 from tidings.service import Service
 from tidings.store.base import EventStore
 
@@ -144,6 +145,8 @@ def templates() -> Jinja2Templates:
     found = Jinja2Templates(directory=HERE / "templates")
     found.env.globals["version"] = __version__
     found.env.filters["when"] = _when
+    # A stream, saga or correlation id as one path segment: ``urlencode`` leaves "/" as is.
+    found.env.filters["segment"] = lambda value: quote(str(value), safe="")
     return found
 
 
@@ -197,7 +200,9 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(TidingsError)
     async def failed(request: Request, exc: TidingsError) -> Response:
-        return error_response(request, 500, f"{type(exc).__name__}: {exc}")
+        # A failure of the surroundings (an outage) is a 503: trying again later may succeed.
+        status = 503 if is_transient(exc) else 500
+        return error_response(request, status, f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:

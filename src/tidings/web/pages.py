@@ -54,7 +54,7 @@ async def streams_page(
     return render(request, "streams.html", page=page, prefix=prefix or "", info=await api.info(console))
 
 
-@router.get("/streams/{stream_id}")
+@router.get("/streams/{stream_id:path}")
 async def stream_page(
     request: Request,
     console: ConsoleDep,
@@ -106,8 +106,16 @@ async def groups_page(request: Request, console: ConsoleDep) -> HTMLResponse:
 
 
 @router.get("/dead-letters")
-async def dead_letters_page(request: Request, console: ConsoleDep, group: str | None = None) -> HTMLResponse:
-    return render(request, "dead_letters.html", letters=await api.dead_letters(console, group), group=group)
+async def dead_letters_page(
+    request: Request,
+    console: ConsoleDep,
+    group: str | None = None,
+    after: Annotated[int, Query(ge=0, le=MAX_POSITION)] = 0,
+    limit: Limit = 100,
+) -> HTMLResponse:
+    letters = await api.dead_letters(console, group, after, limit)
+    next_after = letters[-1].id if len(letters) == limit else None
+    return render(request, "dead_letters.html", letters=letters, group=group, next_after=next_after)
 
 
 @router.get("/dead-letters/{id}")
@@ -131,7 +139,7 @@ async def sagas_page(
     return render(request, "sagas.html", sagas=found, name=name or "", status=status or "")
 
 
-@router.get("/sagas/{saga_id}")
+@router.get("/sagas/{saga_id:path}")
 async def saga_page(request: Request, console: ConsoleDep, saga_id: str) -> HTMLResponse:
     return render(request, "saga.html", saga=await api.saga_detail(console, saga_id))
 
@@ -143,12 +151,12 @@ async def trace_form(request: Request, ref: str | None = None) -> HTMLResponse |
     return render(request, "trace.html", trace=None, diagram=None, ref="")
 
 
-@router.get("/trace/{ref}")
+@router.get("/trace/{ref:path}")
 async def trace_page(
     request: Request,
     console: ConsoleDep,
     ref: Annotated[str, Path()],
-    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    limit: Annotated[int, Query(ge=1, le=api.MAX_TRACE)] = api.MAX_TRACE,
 ) -> HTMLResponse:
     found = await api.trace(console, ref, limit)
 

@@ -17,7 +17,7 @@ from tidings.processing.projections import ProjectionStatus
 from tidings.processing.status import GroupStatus
 from tidings.sagas.queries import SagaSummary
 from tidings.sagas.state import SagaInstance
-from tidings.store.base import StreamInfo
+from tidings.store.base import StoredEvent, StreamInfo
 from tidings.store.tracking import DeadLetter
 
 __all__ = [
@@ -87,7 +87,12 @@ class EventRef(BaseModel):
 
     @classmethod
     def of(cls, recorded: RecordedEvent) -> EventRef:
-        return cls(
+        return cls.envelope(recorded)
+
+    @classmethod
+    def envelope(cls, recorded: RecordedEvent | StoredEvent) -> EventRef:
+        """The reference of a decoded or a stored event (only the envelope is read)."""
+        return EventRef(
             event_id=str(recorded.event_id),
             event_type=recorded.event_type,
             stream_id=recorded.stream_id,
@@ -103,6 +108,8 @@ class EventOut(EventRef):
     timestamp: datetime
     data: dict[str, Any]
     metadata: dict[str, Any]
+    undecodable: str | None = None
+    """Why the stored event no longer decodes (``data`` is then its raw JSON); None when it does."""
 
     @classmethod
     def of(cls, recorded: RecordedEvent) -> EventOut:

@@ -17,9 +17,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
+from tidings.errors import InvalidArgument
 from tidings.store.base import MAX_POSITION
 from tidings.web.app import Console, console_of
-from tidings.web.schemas import EventOut
+from tidings.web.queries import event_out
 
 __all__ = ["KEEPALIVE", "router", "tail"]
 
@@ -42,9 +43,11 @@ async def tail(console: Console, after: int, *, keepalive: float = KEEPALIVE) ->
         if head <= position:
             yield ": keep-alive\n\n"
             continue
-        async for recorded in store.read_all(after=position, limit=BATCH, raw_unknown=True):
-            body = EventOut.of(recorded).model_dump_json()
-            position = recorded.position
+        async for stored in store.read_all_stored(after=position, limit=BATCH):
+            # Decoded one by one: an event that no longer decodes is sent raw, marked, rather
+            # than failing the stream (which the browser would reconnect to forever).
+            body = event_out(store, stored).model_dump_json()
+            position = stored.position
             yield f"event: tidings-event\nid: {position}\ndata: {body}\n\n"
 
 
@@ -54,7 +57,12 @@ async def get_tail(
     after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    if last_event_id is not None and last_event_id.isdigit():
+    # Only what this stream sent (a position) resumes it; anything else is ignored, as if absent.
+    if last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit():
+        if int(last_event_id) > MAX_POSITION:
+            raise InvalidArgument(
+                f"Last-Event-ID must be a position up to 2**63 - 1, got {last_event_id:.40}"
+            )
         start = int(last_event_id)
     elif after is not None:
         start = after

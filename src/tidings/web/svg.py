@@ -33,6 +33,8 @@ LABEL_ROOM = 260
 """Room right of the last lane for the labels of its events."""
 LOOP = 16
 """Width of a self-arrow (an event its own service caused) per level of the tree."""
+MAX_LOOP = LOOP * 8
+"""The widest self-arrow: deeper levels share it (a long chain must not draw off the page)."""
 
 
 class DiagramNode(Protocol):
@@ -60,12 +62,19 @@ class DiagramNode(Protocol):
     def children(self) -> Sequence[DiagramNode]: ...
 
 
-def _walk(
-    roots: Iterable[DiagramNode], parent: DiagramNode | None = None, depth: int = 0
-) -> Iterable[tuple[DiagramNode, DiagramNode | None, int]]:
-    for node in roots:
+def _walk(roots: Sequence[DiagramNode]) -> Iterable[tuple[DiagramNode, DiagramNode | None, int]]:
+    """Every node depth-first with its parent and depth, with an explicit stack: a chain of
+    causes deeper than the interpreter's recursion limit must still draw."""
+    stack: list[tuple[DiagramNode, DiagramNode | None, int]] = [(r, None, 0) for r in reversed(roots)]
+    while stack:
+        node, parent, depth = stack.pop()
         yield node, parent, depth
-        yield from _walk(node.children, node, depth + 1)
+        stack.extend((child, node, depth + 1) for child in reversed(node.children))
+
+
+def _loop(depth: int) -> int:
+    """The width of a self-arrow at ``depth``: steps right with the depth, up to ``MAX_LOOP``."""
+    return min(LOOP * depth, MAX_LOOP)
 
 
 def _short(event_type: str) -> str:
@@ -99,8 +108,8 @@ def sequence_svg(
     widest = dict.fromkeys(lanes, 0)
     for node, parent, depth in pairs:
         if parent is not None and parent.service == node.service:
-            widest[node.service] = max(widest[node.service], LOOP * depth)
-    width = max(1, len(lanes)) * LANE + 2 * MARGIN + LABEL_ROOM
+            widest[node.service] = max(widest[node.service], _loop(depth))
+    width = max(1, len(lanes)) * LANE + 2 * MARGIN + LABEL_ROOM + max(widest.values(), default=0)
     height = TOP + max(1, len(pairs)) * ROW + 2 * MARGIN
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="sequence" width="{width}" height="{height}" '
@@ -155,7 +164,7 @@ def sequence_svg(
             if px == x:
                 # Nested self-arrows step right with the depth, so that siblings share a line
                 # and a deeper branch stands apart from its parent's.
-                loop = LOOP * depth
+                loop = _loop(depth)
                 parts.append(
                     f'<path class="msg" d="M{x},{py} H{x + loop} V{y} H{x + 5}" marker-end="url(#arrow)"/>'
                 )

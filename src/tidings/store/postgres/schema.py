@@ -121,8 +121,11 @@ CREATE TABLE {schema}.tidings_dead_letters (
         # for metadata that is not a JSON object or cannot be text (a \u0000 escape), so that an
         # odd row never makes a write fail. IMMUTABLE is true of it (it reads only its argument),
         # which an index expression requires; convert_from alone is only STABLE.
+        # OR REPLACE and IF NOT EXISTS: on a large store the operator can build the index
+        # beforehand with CREATE INDEX CONCURRENTLY (README, "PostgreSQL"), without blocking
+        # appends for the build; the migration then only records itself.
         """
-CREATE FUNCTION {schema}.tidings_correlation_id(metadata bytea) RETURNS text
+CREATE OR REPLACE FUNCTION {schema}.tidings_correlation_id(metadata bytea) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 BEGIN
     RETURN convert_from(metadata, 'UTF8')::json ->> 'correlation_id';
@@ -130,7 +133,7 @@ EXCEPTION WHEN others THEN
     RETURN NULL;
 END
 $$;
-CREATE INDEX tidings_events_correlation ON {schema}.tidings_events
+CREATE INDEX IF NOT EXISTS tidings_events_correlation ON {schema}.tidings_events
     ({schema}.tidings_correlation_id(metadata)) WHERE metadata IS NOT NULL;
 """,
     ),
@@ -348,13 +351,14 @@ class Statements:
         self.all = f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE position > %s"
         # The positions come from the correlation and event id indexes (an InitPlan, run once);
         # the rows are then read by primary key. A plain OR would let the planner walk the log in
-        # position order for the LIMIT.
+        # position order for the LIMIT. "position > %s" inside both: a later page does not
+        # probe the positions of the pages before it.
         self.correlated = (
             f"SELECT {ROW_COLUMNS} FROM {s}.tidings_events WHERE position = ANY(ARRAY("
             f"  SELECT position FROM {s}.tidings_events WHERE metadata IS NOT NULL "
-            f"  AND {s}.tidings_correlation_id(metadata) = ANY(%s::text[]) "
-            f"  UNION SELECT position FROM {s}.tidings_events WHERE event_id = ANY(%s::uuid[]))) "
-            "AND position > %s ORDER BY position LIMIT %s"
+            f"  AND {s}.tidings_correlation_id(metadata) = ANY(%s::text[]) AND position > %s "
+            f"  UNION SELECT position FROM {s}.tidings_events WHERE event_id = ANY(%s::uuid[]) "
+            "  AND position > %s)) ORDER BY position LIMIT %s"
         )
         # Skip scan over the (stream_id, version) index: one index probe per stream listed, instead
         # of a GROUP BY over every event. The recursion counts its rows, so it stops at the page

@@ -38,7 +38,14 @@ from tidings.store.postgres.schema import (
 )
 from tidings.store.postgres.tx import PostgresTransaction, PostgresTx, to_psycopg
 from tidings.store.postgres.writer import PostgresStatistics, PostgresWriter
-from tidings.store.tracking import DeadLetter, ProcessedBatch, SQLStore, Tx, dead_letter_filter
+from tidings.store.tracking import (
+    DeadLetter,
+    DeadLetterQuery,
+    ProcessedBatch,
+    SQLStore,
+    Tx,
+    dead_letter_filter,
+)
 
 __all__ = ["PostgresStore", "migrate"]
 
@@ -342,7 +349,8 @@ class PostgresStore(SQLStore):
         self, ids: tuple[str, ...], event_ids: tuple[uuid.UUID, ...], after: int, limit: int
     ) -> list[Row]:
         return await self._fetch(
-            self._sql.correlated, [list(ids), list(event_ids), min(after, _INT8_MAX), limit]
+            self._sql.correlated,
+            [list(ids), min(after, _INT8_MAX), list(event_ids), min(after, _INT8_MAX), limit],
         )
 
     async def _stream_version(self, stream_id: str) -> int:
@@ -474,10 +482,19 @@ class PostgresStore(SQLStore):
         rows = await self._fetch(self._sql.processed_ids, (group, event_ids))
         return {r[0] for r in rows}
 
-    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
-        conditions, params = dead_letter_filter(group, id, "%s")
-        rows = await self._fetch(self._sql.dead_letters + conditions + " ORDER BY id", params)
+    async def _dead_letters(
+        self, group: str | None, id: int | None, query: DeadLetterQuery | None = None
+    ) -> list[DeadLetter]:
+        conditions, params = dead_letter_filter(group, id, "%s", query)
+        limit = "" if query is None or query.limit is None else f" LIMIT {int(query.limit)}"
+        rows = await self._fetch(self._sql.dead_letters + conditions + " ORDER BY id" + limit, params)
         return [DeadLetter(*row) for row in rows]
+
+    async def _count_dead_letters(self, group: str | None) -> int:
+        conditions, params = dead_letter_filter(group, None, "%s")
+        sql = self._sql.dead_letters.split(" FROM ", 1)[1]
+        rows = await self._fetch("SELECT count(*) FROM " + sql + conditions, params)
+        return int(rows[0][0])
 
     async def _discard_dead_letter(self, id: int) -> bool:
         async with self._begin() as tx:

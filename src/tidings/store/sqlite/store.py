@@ -34,7 +34,14 @@ from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.schema import CORRELATION, ROW_COLUMNS
 from tidings.store.sqlite.tx import SQLiteTx, commit_processed_in, dead_letter_from_row
 from tidings.store.sqlite.writer import SQLiteStatistics, SQLiteWriter, WriteJob, append_in
-from tidings.store.tracking import DeadLetter, ProcessedBatch, SQLStore, Tx, dead_letter_filter
+from tidings.store.tracking import (
+    DeadLetter,
+    DeadLetterQuery,
+    ProcessedBatch,
+    SQLStore,
+    Tx,
+    dead_letter_filter,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -201,18 +208,24 @@ class SQLiteStore(SQLStore):
     ) -> list[Row]:
         # Positions from the two indexes (correlation expression, event id), then rows by rowid:
         # an OR in one WHERE could make the planner walk the log in position order instead.
+        # "position > ?" inside each: the correlation index holds the rowid (the position), so a
+        # later page starts where the previous one ended instead of collecting the conversation.
         marks = ", ".join("?" * len(ids))
         sql = (
             f"SELECT {ROW_COLUMNS} FROM tidings_events WHERE position IN ("
-            f"SELECT position FROM tidings_events WHERE metadata IS NOT NULL AND {CORRELATION} IN ({marks})"
+            f"SELECT position FROM tidings_events WHERE metadata IS NOT NULL AND {CORRELATION} IN ({marks}) "
+            "AND position > ?"
         )
-        params: list[Any] = list(ids)
+        params: list[Any] = [*ids, after]
         if event_ids:
             id_marks = ", ".join("?" * len(event_ids))
-            sql += f" UNION SELECT position FROM tidings_events WHERE event_id IN ({id_marks})"
+            sql += (
+                f" UNION SELECT position FROM tidings_events WHERE event_id IN ({id_marks}) AND position > ?"
+            )
             params.extend(e.bytes for e in event_ids)
-        sql += ") AND position > ? ORDER BY position LIMIT ?"
-        params.extend((after, limit))
+            params.append(after)
+        sql += ") ORDER BY position LIMIT ?"
+        params.append(limit)
         return await self._read(lambda c: c.execute(sql, params).fetchall())
 
     async def _stream_version(self, stream_id: str) -> int:
@@ -328,15 +341,27 @@ class SQLiteStore(SQLStore):
 
         return await self._read(query)
 
-    async def _dead_letters(self, group: str | None, id: int | None) -> list[DeadLetter]:
+    async def _dead_letters(
+        self, group: str | None, id: int | None, query: DeadLetterQuery | None = None
+    ) -> list[DeadLetter]:
         sql = (
             "SELECT id, group_name, position, event_id, stream_id, event_type, error, traceback, "
             "attempts, failed_at FROM tidings_dead_letters WHERE 1"
         )
-        conditions, params = dead_letter_filter(group, id, "?")
+        conditions, params = dead_letter_filter(group, id, "?", query)
         sql += conditions + " ORDER BY id"
+        if query is not None and query.limit is not None:
+            sql += f" LIMIT {int(query.limit)}"
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [dead_letter_from_row(r) for r in rows]
+
+    async def _count_dead_letters(self, group: str | None) -> int:
+        conditions, params = dead_letter_filter(group, None, "?")
+        sql = "SELECT count(*) FROM tidings_dead_letters WHERE 1" + conditions
+        return int(await self._read(lambda c: c.execute(sql, params).fetchone()[0]))
+
+    def _dead_letter_event_id(self, event_id: uuid.UUID) -> Any:
+        return event_id.bytes
 
     async def _discard_dead_letter(self, id: int) -> bool:
         return await self.write(
