@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from tests.web.conftest import TOKEN, Client
-from tests.web.world import OrderPlaced, Seeded, Switch, billing_service
-from tidings import EventStore, open_store
+from tests.web.world import FAST, OrderPlaced, Seeded, Switch, billing_service
+from tidings import Bus, EventStore, HandlerContext, IntegrationEvent, Service, open_bus, open_store
 from tidings.store.tracking import TrackingStore
 from tidings.web import create_app
 from tidings.web.app import Console
@@ -239,3 +239,66 @@ async def test_the_trace_joins_the_stores_of_several_services(tmp_path: object) 
     assert trace["nodes"][1]["parent"] == root
     assert page.status_code == 200
     assert page.text.count('class="lane"') == 2 and 'data-service="billing"' in page.text
+
+
+async def test_concurrent_retries_of_one_dead_letter_apply_it_once(client: Client) -> None:
+    """Several retries of the same letter at once: one runs the handler, the others find it gone
+    (404, as after a retry that finished) rather than claiming it failed and stays parked."""
+    switch = Switch(broken=False)
+    async with client(service=lambda store: billing_service(store, switch)) as (http, store):
+        before = await snapshot(store)
+        dead = before[1][0]
+        answers = await asyncio.gather(
+            *(http.post(f"/api/dead-letters/{dead}/retry", headers=auth()) for _ in range(4))
+        )
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 404, 404, 404], [a.text for a in answers]
+        assert [a.json()["outcome"] for a in answers if a.status_code == 200] == ["processed"]
+        assert all("gone" in a.json()["detail"] for a in answers if a.status_code == 404)
+        assert await snapshot(store) == (before[0] + 1, [])
+        assert [e.event_type async for e in store.read_stream("receipt-2")] == ["webtest.ReceiptSent"]
+
+
+class ParcelShipped(IntegrationEvent):
+    __source__ = "webtest-warehouse"
+    __event_type__ = "webtest.ParcelShipped"
+    parcel: str
+
+
+def courier_service(store: EventStore | str, bus: Bus | None = None) -> Service:
+    """A service that handles the warehouse's integration event and always fails on it."""
+    courier = Service("courier", store, bus=bus, config=FAST)
+
+    @courier.handles(ParcelShipped)
+    async def book_pickup(event: ParcelShipped, ctx: HandlerContext) -> None:
+        raise ValueError("the courier is closed")
+
+    return courier
+
+
+async def test_retrying_a_dead_letter_from_the_bus_says_why_it_cannot(tmp_path: object) -> None:
+    """A letter parked by a bus consumer (group ``<group>@bus``) holds a message that is not in
+    the service's log: the console refuses to retry it with that reason (409), not with a claim
+    that the service does not run the group, and changes nothing."""
+    async with open_bus("memory://") as bus:
+        warehouse = Service("webtest-warehouse", f"sqlite:///{tmp_path}/warehouse.db", bus=bus)
+        warehouse.publishes(ParcelShipped)
+        courier = courier_service(f"sqlite:///{tmp_path}/courier.db", bus)
+        async with warehouse, courier, warehouse.running(), courier.running():
+            await warehouse.publish("parcel-1", [ParcelShipped(parcel="1")])
+            store = courier.store
+            assert isinstance(store, TrackingStore)
+            for _ in range(600):
+                if await store.dead_letters():
+                    break
+                await asyncio.sleep(0.05)
+    async with open_store(f"sqlite:///{tmp_path}/courier.db") as store:
+        assert isinstance(store, TrackingStore)
+        [dead] = await store.dead_letters()
+        assert dead.group == "courier.book_pickup@bus"
+        app = create_app(store, token=TOKEN, service=courier_service(store))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as http:
+            response = await http.post(f"/api/dead-letters/{dead.id}/retry", headers=auth())
+        assert response.status_code == 409, response.text
+        assert "came from the bus" in response.json()["detail"]
+        assert [d.id for d in await store.dead_letters()] == [dead.id]

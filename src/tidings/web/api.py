@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import StringConstraints
 
 from tidings.causal import CausalTrace, build_trace
-from tidings.errors import TidingsError
+from tidings.errors import TidingsError, UnsupportedOperation
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.processing.status import group_status
 from tidings.sagas.queries import list_sagas, saga_history, saga_state
@@ -416,21 +416,28 @@ async def retry_dead_letter(
         raise Conflict(
             "retrying needs the service's handlers: start 'tidings serve' with --app MODULE:SERVICE"
         )
-    if dead.group not in service.groups and not any(
-        dead.group.startswith(p.group_prefix + ":") for p in service.projections.values()
+    group = dead.group.removesuffix("@bus")  # a bus consumer's letters: refused below, with why
+    if group not in service.groups and not any(
+        group.startswith(p.group_prefix + ":") for p in service.projections.values()
     ):
         raise Conflict(
             f"dead letter {id} belongs to group {dead.group!r}, which service {service.name!r} does not run"
         )
     try:
-        if await service.subscription(dead.group).retry_dead_letter(dead):
+        subscription = service.subscription(dead.group)
+    except UnsupportedOperation as exc:
+        raise Conflict(f"dead letter {id} cannot be retried: {exc}") from exc
+    try:
+        if await subscription.retry_dead_letter(dead):
             return ActionResult(outcome="processed", detail=f"dead letter {id} processed and removed")
-        error = "failed again"
+        error = None  # the handler failed: the letter holds the new error
     except TidingsError as exc:
-        error = str(exc)
+        error = str(exc)  # the retry could not run to the end (e.g. the checkpoint kept moving)
     again = await _tracking(console).dead_letter(id)
-    if again is not None:
-        error = again.error
+    if again is None:
+        # Another retry (or a discard) took it while this one ran; this one committed nothing.
+        raise NotFound(f"dead letter {id} is gone: it was retried or discarded concurrently")
+    error = error or again.error
     return ActionResult(
         outcome="failed", detail=f"dead letter {id} failed again; it stays parked", error=error
     )
