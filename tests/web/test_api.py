@@ -302,3 +302,23 @@ async def test_retrying_a_dead_letter_from_the_bus_says_why_it_cannot(tmp_path: 
         assert response.status_code == 409, response.text
         assert "came from the bus" in response.json()["detail"]
         assert [d.id for d in await store.dead_letters()] == [dead.id]
+
+
+async def test_the_live_tail_ends_when_the_store_closes_or_the_console_stops(tmp_path: object) -> None:
+    """A tail ends its response (the browser resumes with Last-Event-ID) when the store is
+    closed under it or the console is stopping, instead of failing mid-response."""
+    async with open_store(f"sqlite:///{tmp_path}/tail.db") as store:
+        console = Console(store, {"default": store})
+        stream = tail(console, 0, keepalive=0.2)
+        assert (await anext(stream)).startswith("retry:")
+        await store.append("order-1", [OrderPlaced(order_id="1", amount=1)])
+        assert (await asyncio.wait_for(anext(stream), timeout=30)).startswith("event: tidings-event")
+        stopping = tail(console, 1, keepalive=30)
+        assert (await anext(stopping)).startswith("retry:")
+        pending = asyncio.ensure_future(anext(stopping))
+        console.stopping.set()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, timeout=30)
+    with pytest.raises(StopAsyncIteration):
+        while True:
+            assert (await asyncio.wait_for(anext(stream), timeout=30)).startswith(":")

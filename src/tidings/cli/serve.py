@@ -66,6 +66,7 @@ def serve(
         import uvicorn
 
         from tidings.web import create_app
+        from tidings.web.server import ConsoleServer
 
         named = parse_sources(stores or [])
         service = None
@@ -100,5 +101,5 @@ def serve(
     )
     # uvicorn shuts down gracefully on Ctrl-C, then raises it again: the way to stop, so exit 0.
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run()
+        ConsoleServer(config, application.state.console).run()
     console.print("tidings console stopped")

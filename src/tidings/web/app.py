@@ -12,6 +12,7 @@ FastAPI's validation shape; an unknown stream, event, dead letter or saga is a 4
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Mapping
@@ -47,6 +48,9 @@ class Console:
     sources: Mapping[str, EventStore]
     token: str | None = None
     service: Service | None = None
+    stopping: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Set when the server is asked to stop: live tails end their responses (see
+    :func:`~tidings.web.sse.tail`) instead of being cancelled mid-message."""
 
     @property
     def actions_enabled(self) -> bool:

@@ -11,12 +11,14 @@ how a closed connection is noticed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
+from tidings.errors import StoreClosed, StoreUnavailable
 from tidings.store.base import MAX_POSITION
 from tidings.web.app import Console, console_of
 from tidings.web.schemas import EventOut
@@ -33,19 +35,35 @@ BATCH = 200
 
 
 async def tail(console: Console, after: int, *, keepalive: float = KEEPALIVE) -> AsyncIterator[str]:
-    """The SSE text of every event after position ``after``, forever."""
+    """The SSE text of every event after position ``after``, until the console stops.
+
+    The stream ends (a complete response; the browser reconnects with ``Last-Event-ID`` and
+    resumes) when :attr:`Console.stopping` is set, and when the store is closed or unreachable,
+    rather than breaking off mid-message.
+    """
     store = console.store
     position = after
     yield "retry: 2000\n\n"
-    while True:
-        head = await store.wait_for_append(position, timeout=keepalive)
-        if head <= position:
-            yield ": keep-alive\n\n"
-            continue
-        async for recorded in store.read_all(after=position, limit=BATCH, raw_unknown=True):
-            body = EventOut.of(recorded).model_dump_json()
-            position = recorded.position
-            yield f"event: tidings-event\nid: {position}\ndata: {body}\n\n"
+    stopping = asyncio.ensure_future(console.stopping.wait())
+    try:
+        while not console.stopping.is_set():
+            waiting = asyncio.ensure_future(store.wait_for_append(position, timeout=keepalive))
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                break
+            head = waiting.result()
+            if head <= position:
+                yield ": keep-alive\n\n"
+                continue
+            async for recorded in store.read_all(after=position, limit=BATCH, raw_unknown=True):
+                body = EventOut.of(recorded).model_dump_json()
+                position = recorded.position
+                yield f"event: tidings-event\nid: {position}\ndata: {body}\n\n"
+    except (StoreClosed, StoreUnavailable):
+        return  # the reconnecting browser resumes after the last id it saw
+    finally:
+        stopping.cancel()
 
 
 @router.get("/tail", include_in_schema=False)
