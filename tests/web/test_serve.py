@@ -137,3 +137,29 @@ def test_stopping_ends_the_live_tails_cleanly(sqlite_seeded: tuple[str, Seeded])
     assert outcomes == ["ended", "ended"]
     assert process.returncode == 0 and "Traceback" not in err and "Cancel" not in err, err
     assert "tidings console stopped" in err
+
+
+def test_a_store_that_does_not_answer_is_one_error_line_and_exit_1() -> None:
+    """A PostgreSQL URL where nothing listens: 'error: ...' naming the store, exit 1 (as every
+    command), no traceback, and no banner claiming the console is up."""
+    port = free_port()
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/db"
+    command = [sys.executable, "-m", "tidings.cli", "serve", "--store", url, "--port", str(port)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "error: cannot connect to PostgreSQL" in done.stderr and "Traceback" not in done.stderr
+    assert "tidings console on" not in done.stderr
+
+
+def test_a_port_in_use_is_one_error_line_and_exit_1(sqlite_seeded: tuple[str, Seeded]) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tidings.cli", "serve", "--store", sqlite_seeded[0]]
+        done = subprocess.run(
+            [*command, "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "tidings console on" not in done.stderr

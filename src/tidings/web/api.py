@@ -260,7 +260,10 @@ async def get_streams(
 
 
 @router.get(
-    "/streams/{stream_id}", response_model=StreamDetail, responses=NOT_FOUND, summary="One stream's events"
+    "/streams/{stream_id:path}",
+    response_model=StreamDetail,
+    responses=NOT_FOUND,
+    summary="One stream's events",
 )
 async def get_stream(
     console: ConsoleDep,
@@ -360,7 +363,7 @@ async def get_sagas(
 
 
 @router.get(
-    "/sagas/{saga_id}",
+    "/sagas/{saga_id:path}",
     response_model=SagaDetail,
     responses=NOT_FOUND,
     summary="One saga instance: state and history",
@@ -372,7 +375,7 @@ async def get_saga(
 
 
 @router.get(
-    "/trace/{ref}",
+    "/trace/{ref:path}",
     response_model=TraceOut,
     responses=NOT_FOUND,
     summary="The causal trace of an event, conversation or stream across every source",

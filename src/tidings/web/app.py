@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -148,6 +149,9 @@ def templates() -> Jinja2Templates:
     found = Jinja2Templates(directory=HERE / "templates")
     found.env.globals["version"] = __version__
     found.env.filters["when"] = _when
+    # A name in a URL path: '/' encoded too (Jinja's urlencode keeps it), since a stream id may
+    # hold it ('tenant/7', even '../etc', which a browser would resolve away).
+    found.env.filters["pathpart"] = lambda value: quote(str(value), safe="")
     return found
 
 

@@ -54,7 +54,7 @@ async def streams_page(
     return render(request, "streams.html", page=page, prefix=prefix or "", info=await api.info(console))
 
 
-@router.get("/streams/{stream_id}")
+@router.get("/streams/{stream_id:path}")
 async def stream_page(
     request: Request,
     console: ConsoleDep,
@@ -131,7 +131,7 @@ async def sagas_page(
     return render(request, "sagas.html", sagas=found, name=name or "", status=status or "")
 
 
-@router.get("/sagas/{saga_id}")
+@router.get("/sagas/{saga_id:path}")
 async def saga_page(request: Request, console: ConsoleDep, saga_id: str) -> HTMLResponse:
     return render(request, "saga.html", saga=await api.saga_detail(console, saga_id))
 
@@ -143,7 +143,7 @@ async def trace_form(request: Request, ref: str | None = None) -> HTMLResponse |
     return render(request, "trace.html", trace=None, diagram=None, ref="")
 
 
-@router.get("/trace/{ref}")
+@router.get("/trace/{ref:path}")
 async def trace_page(
     request: Request,
     console: ConsoleDep,
