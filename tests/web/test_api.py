@@ -347,3 +347,13 @@ async def test_streams_whose_ids_hold_slashes_open_in_the_api_and_the_pages(tmp_
             assert 'href="/streams/tenant%2F7"' in listing and 'href="/streams/..%2Fetc"' in listing
             stream_page = (await http.get("/streams/tenant%2F7")).text
             assert 'href="/trace/tenant%2F7"' in stream_page
+
+
+@pytest.mark.parametrize("header", ["99999999999999999999999", "\u0663", "-5", "abc"])
+async def test_a_bad_last_event_id_is_refused_before_the_tail_starts(client: Client, header: str) -> None:
+    """Last-Event-ID must be a position (ASCII digits, at most 2**63 - 1): anything else is a 422,
+    not a stream that breaks off with a traceback after its first line."""
+    async with client() as (http, _):
+        response = await http.get("/api/tail", headers={"Last-Event-ID": header.encode()})
+        assert response.status_code == 422, response.text
+        assert "Last-Event-ID" in response.text

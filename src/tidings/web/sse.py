@@ -12,13 +12,14 @@ how a closed connection is noticed.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
-from tidings.errors import StoreClosed, StoreUnavailable
+from tidings.errors import InvalidArgument, StoreClosed, StoreUnavailable
 from tidings.store.base import MAX_POSITION
 from tidings.web.app import Console, console_of
 from tidings.web.schemas import EventOut
@@ -72,7 +73,10 @@ async def get_tail(
     after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    if last_event_id is not None and last_event_id.isdigit():
+    if last_event_id is not None:
+        # Checked here: once the stream has started, an error can no longer be answered.
+        if not re.fullmatch(r"[0-9]{1,19}", last_event_id) or int(last_event_id) > MAX_POSITION:
+            raise InvalidArgument(f"Last-Event-ID must be a log position, got {last_event_id!r}")
         start = int(last_event_id)
     elif after is not None:
         start = after
