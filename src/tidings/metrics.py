@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from tidings.errors import InvalidArgument, MissingExtra, TidingsError
+from tidings.errors import InvalidArgument, MissingExtra, StoreUnavailable, TidingsError
 from tidings.processing.status import GroupStatus, group_status
 from tidings.processing.subscription import SubscriptionStats
 from tidings.sagas.queries import STATUSES
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from tidings.bus.relay import OutboxRelay
     from tidings.service import Service
 
-__all__ = ["MetricsConfig", "MetricsError", "ServiceMetrics", "require_prometheus"]
+__all__ = ["SCRAPE_TIMEOUT", "MetricsConfig", "MetricsError", "ServiceMetrics", "require_prometheus"]
 
 log = logging.getLogger("tidings.metrics")
 
@@ -51,6 +51,10 @@ _ALIVE = frozenset({"live", "catching up", "failed"})
 
 _REQUEST_TIMEOUT = 10.0
 """Seconds a client has to send its request line and headers before the connection is dropped."""
+
+SCRAPE_TIMEOUT = 5.0
+"""Seconds a scrape may spend reading the store before it answers 503: half Prometheus's default
+scrape timeout, and far below a connection pool's wait while the database is away."""
 
 
 def require_prometheus() -> None:
@@ -319,7 +323,7 @@ class MetricsServer:
     server: one request per connection; ``HEAD`` too; other paths 404, other methods 405).
 
     A scrape that cannot read the store (it is closing, the database is away) gets a 503 with the
-    error, and the service goes on.
+    error, at most :data:`SCRAPE_TIMEOUT` seconds after it asked, and the service goes on.
     """
 
     def __init__(self, service: Service, config: MetricsConfig) -> None:
@@ -385,7 +389,11 @@ class MetricsServer:
             await _send(writer, 405, "Method Not Allowed", b"use GET\n", extra=[("Allow", "GET, HEAD")])
             return
         try:
-            body = await self.metrics.render()
+            try:
+                async with asyncio.timeout(SCRAPE_TIMEOUT):
+                    body = await self.metrics.render()
+            except TimeoutError:
+                raise StoreUnavailable(f"the store did not answer within {SCRAPE_TIMEOUT:g} s") from None
         except TidingsError as exc:  # the store is closing, or away: the next scrape may work
             log.warning("metrics of %r: cannot read them: %s", self.metrics.service.name, exc)
             await _send(writer, 503, "Service Unavailable", f"cannot read the metrics: {exc}\n".encode())

@@ -390,3 +390,57 @@ def test_without_the_extra_asking_for_metrics_names_the_fix(monkeypatch: pytest.
         service.use_metrics(MetricsConfig(port=9100))
     with pytest.raises(MissingExtra, match=r"pip install 'tidings\[metrics\]'"):
         Service("plain", "memory://", metrics=MetricsConfig(port=9100))
+
+
+@pytest.mark.postgres
+async def test_a_scrape_while_postgresql_is_down_answers_503_and_recovers() -> None:
+    """With the database stopped a scrape answers 503 promptly -- well within Prometheus's
+    10 s scrape timeout, not after the connection pool's 30 s wait -- and the service goes on:
+    once the database is back, scrapes answer 200 and events are handled again."""
+    from tidings.testing.servers import start_postgres
+
+    server = await asyncio.to_thread(start_postgres, durable=True)
+    try:
+        service = Service("outage", server.url, config=FAST, metrics=MetricsConfig(port=free_port()))
+        seen: list[str] = []
+
+        @service.handles(OrderPlaced)
+        async def count(event: OrderPlaced) -> None:
+            seen.append(event.order_id)
+
+        async with service.running():
+            url = service.metrics_url
+            assert url is not None
+            await service.publish("order-1", [OrderPlaced(order_id="1", amount=1)])
+            await wait_until(lambda: seen == ["1"])
+            await asyncio.to_thread(server.stop)
+            status, _, body = await asyncio.to_thread(request_slowly, url)
+            assert status == 503 and "cannot read the metrics" in body, body
+            await asyncio.to_thread(server.start)
+
+            async def answers() -> bool:
+                return (await asyncio.to_thread(request_slowly, url))[0] == 200
+
+            for _ in range(60):
+                if await answers():
+                    break
+            else:
+                raise AssertionError("the endpoint did not recover")
+            await service.publish("order-2", [OrderPlaced(order_id="2", amount=2)])
+            await wait_until(lambda: seen == ["1", "2"], timeout=60)
+    finally:
+        await asyncio.to_thread(server.close)
+
+
+def request_slowly(url: str) -> tuple[int, dict[str, str], str]:
+    """:func:`request` with a client timeout below the pool's 30 s wait for a connection: a
+    scrape that waits that long times out here."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
+    try:
+        connection.request("GET", parts.path)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        connection.close()

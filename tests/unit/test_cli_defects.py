@@ -758,3 +758,64 @@ def test_readme_command_line_section() -> None:
             command, path = sub, [*path, word]
         assert path and not getattr(command, "commands", None), words  # a real leaf command
         assert invoke(*path, "--help").exit_code == 0, words
+
+
+COURIER = textwrap.dedent(
+    """
+    from tidings import HandlerContext, IntegrationEvent, RetryPolicy, Service, SubscriptionConfig
+
+
+    class ParcelShipped(IntegrationEvent):
+        __source__ = "warehouse"
+        __event_type__ = "clitest.ParcelShipped"
+        parcel: str
+
+
+    def make(store=None, bus=None):
+        config = SubscriptionConfig(retry=RetryPolicy(max_attempts=1, initial_delay=0.001, max_delay=0.01))
+        courier = Service("courier", store, bus=bus, config=config)
+
+        @courier.handles(ParcelShipped)
+        async def book_pickup(event: ParcelShipped, ctx: HandlerContext) -> None:
+            raise ValueError("the courier is closed")
+
+        return courier
+    """
+)
+
+
+def test_dlq_retry_of_a_bus_letter_says_why_it_cannot(shop: Path) -> None:
+    """A letter parked by a bus consumer (``<group>@bus``) is not in the service's log: retry
+    fails with that reason, not with a claim that the service does not run the group."""
+    (shop / "courier.py").write_text(COURIER)
+    sys.modules.pop("courier", None)
+    import courier  # type: ignore[import-not-found]
+
+    from tidings import Service, TrackingStore, open_bus
+
+    url = f"sqlite:///{shop}/courier.db"
+
+    async def park() -> None:
+        async with open_bus("memory://") as bus:
+            warehouse = Service("warehouse", f"sqlite:///{shop}/warehouse.db", bus=bus)
+            warehouse.publishes(courier.ParcelShipped)
+            service = courier.make(url, bus)
+            async with warehouse, service, warehouse.running(), service.running():
+                await warehouse.publish("parcel-1", [courier.ParcelShipped(parcel="1")])
+                store = service.store
+                assert isinstance(store, TrackingStore)
+                for _ in range(600):
+                    if await store.dead_letters():
+                        return
+                    await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(park())
+        [dead] = json_lines(invoke("dlq", "list", "--json", "--store", url).stdout)
+        assert dead["group"] == "courier.book_pickup@bus"
+        retried = invoke("dlq", "retry", str(dead["id"]), "--app", "courier:make", "--store", url)
+        assert retried.exit_code == 1
+        assert "came from the bus" in retried.stderr and "does not run" not in retried.stderr
+        assert json_lines(invoke("dlq", "list", "--json", "--store", url).stdout) == [dead]
+    finally:
+        sys.modules.pop("courier", None)

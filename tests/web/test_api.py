@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from tests.web.conftest import TOKEN, Client
-from tests.web.world import OrderPlaced, Seeded, Switch, billing_service
-from tidings import EventStore, open_store
+from tests.web.world import FAST, OrderPlaced, Seeded, Switch, billing_service
+from tidings import Bus, EventStore, HandlerContext, IntegrationEvent, Service, open_bus, open_store
 from tidings.store.tracking import TrackingStore
 from tidings.web import create_app
 from tidings.web.app import Console
@@ -239,3 +239,121 @@ async def test_the_trace_joins_the_stores_of_several_services(tmp_path: object) 
     assert trace["nodes"][1]["parent"] == root
     assert page.status_code == 200
     assert page.text.count('class="lane"') == 2 and 'data-service="billing"' in page.text
+
+
+async def test_concurrent_retries_of_one_dead_letter_apply_it_once(client: Client) -> None:
+    """Several retries of the same letter at once: one runs the handler, the others find it gone
+    (404, as after a retry that finished) rather than claiming it failed and stays parked."""
+    switch = Switch(broken=False)
+    async with client(service=lambda store: billing_service(store, switch)) as (http, store):
+        before = await snapshot(store)
+        dead = before[1][0]
+        answers = await asyncio.gather(
+            *(http.post(f"/api/dead-letters/{dead}/retry", headers=auth()) for _ in range(4))
+        )
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 404, 404, 404], [a.text for a in answers]
+        assert [a.json()["outcome"] for a in answers if a.status_code == 200] == ["processed"]
+        # Gone while it ran, or before it started.
+        missing = [a.json()["detail"] for a in answers if a.status_code == 404]
+        assert all("is gone" in d or f"no dead letter with id {dead}" in d for d in missing), missing
+        assert await snapshot(store) == (before[0] + 1, [])
+        assert [e.event_type async for e in store.read_stream("receipt-2")] == ["webtest.ReceiptSent"]
+
+
+class ParcelShipped(IntegrationEvent):
+    __source__ = "webtest-warehouse"
+    __event_type__ = "webtest.ParcelShipped"
+    parcel: str
+
+
+def courier_service(store: EventStore | str, bus: Bus | None = None) -> Service:
+    """A service that handles the warehouse's integration event and always fails on it."""
+    courier = Service("courier", store, bus=bus, config=FAST)
+
+    @courier.handles(ParcelShipped)
+    async def book_pickup(event: ParcelShipped, ctx: HandlerContext) -> None:
+        raise ValueError("the courier is closed")
+
+    return courier
+
+
+async def test_retrying_a_dead_letter_from_the_bus_says_why_it_cannot(tmp_path: object) -> None:
+    """A letter parked by a bus consumer (group ``<group>@bus``) holds a message that is not in
+    the service's log: the console refuses to retry it with that reason (409), not with a claim
+    that the service does not run the group, and changes nothing."""
+    async with open_bus("memory://") as bus:
+        warehouse = Service("webtest-warehouse", f"sqlite:///{tmp_path}/warehouse.db", bus=bus)
+        warehouse.publishes(ParcelShipped)
+        courier = courier_service(f"sqlite:///{tmp_path}/courier.db", bus)
+        async with warehouse, courier, warehouse.running(), courier.running():
+            await warehouse.publish("parcel-1", [ParcelShipped(parcel="1")])
+            store = courier.store
+            assert isinstance(store, TrackingStore)
+            for _ in range(600):
+                if await store.dead_letters():
+                    break
+                await asyncio.sleep(0.05)
+    async with open_store(f"sqlite:///{tmp_path}/courier.db") as store:
+        assert isinstance(store, TrackingStore)
+        [dead] = await store.dead_letters()
+        assert dead.group == "courier.book_pickup@bus"
+        app = create_app(store, token=TOKEN, service=courier_service(store))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as http:
+            response = await http.post(f"/api/dead-letters/{dead.id}/retry", headers=auth())
+        assert response.status_code == 409, response.text
+        assert "came from the bus" in response.json()["detail"]
+        assert [d.id for d in await store.dead_letters()] == [dead.id]
+
+
+async def test_the_live_tail_ends_when_the_store_closes_or_the_console_stops(tmp_path: object) -> None:
+    """A tail ends its response (the browser resumes with Last-Event-ID) when the store is
+    closed under it or the console is stopping, instead of failing mid-response."""
+    async with open_store(f"sqlite:///{tmp_path}/tail.db") as store:
+        console = Console(store, {"default": store})
+        stream = tail(console, 0, keepalive=0.2)
+        assert (await anext(stream)).startswith("retry:")
+        await store.append("order-1", [OrderPlaced(order_id="1", amount=1)])
+        assert (await asyncio.wait_for(anext(stream), timeout=30)).startswith("event: tidings-event")
+        stopping = tail(console, 1, keepalive=30)
+        assert (await anext(stopping)).startswith("retry:")
+        pending = asyncio.ensure_future(anext(stopping))
+        console.stopping.set()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, timeout=30)
+    with pytest.raises(StopAsyncIteration):
+        while True:
+            assert (await asyncio.wait_for(anext(stream), timeout=30)).startswith(":")
+
+
+async def test_streams_whose_ids_hold_slashes_open_in_the_api_and_the_pages(tmp_path: object) -> None:
+    """Stream ids may hold any text but NUL: 'tenant/7' and '../etc' are streams like others.
+    Their pages, API reads and traces answer, and the pages link to them with '/' encoded (a
+    browser would otherwise resolve '/streams/../etc' to '/etc')."""
+    async with open_store(f"sqlite:///{tmp_path}/slashes.db") as store:
+        for stream in ("tenant/7", "../etc"):
+            await store.append(stream, [OrderPlaced(order_id=stream, amount=1)])
+        app = create_app(store)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as http:
+            for stream, path in (("tenant/7", "tenant%2F7"), ("../etc", "..%2Fetc")):
+                read = await http.get(f"/api/streams/{path}")
+                assert read.status_code == 200, read.text
+                assert read.json()["stream"]["stream_id"] == stream
+                trace = await http.get(f"/api/trace/{path}")
+                assert trace.status_code == 200 and trace.json()["nodes"][0]["stream_id"] == stream
+                assert (await http.get(f"/streams/{path}")).status_code == 200
+                assert (await http.get(f"/trace/{path}")).status_code == 200
+            listing = (await http.get("/streams")).text
+            assert 'href="/streams/tenant%2F7"' in listing and 'href="/streams/..%2Fetc"' in listing
+            stream_page = (await http.get("/streams/tenant%2F7")).text
+            assert 'href="/trace/tenant%2F7"' in stream_page
+
+
+@pytest.mark.parametrize("header", ["99999999999999999999999", "\u0663", "-5", "abc"])
+async def test_a_bad_last_event_id_is_refused_before_the_tail_starts(client: Client, header: str) -> None:
+    """Last-Event-ID must be a position (ASCII digits, at most 2**63 - 1): anything else is a 422,
+    not a stream that breaks off with a traceback after its first line."""
+    async with client() as (http, _):
+        response = await http.get("/api/tail", headers={"Last-Event-ID": header.encode()})
+        assert response.status_code == 422, response.text
+        assert "Last-Event-ID" in response.text

@@ -91,3 +91,75 @@ def test_serve_runs_the_console_until_interrupted(sqlite_seeded: tuple[str, Seed
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert f"http://127.0.0.1:{port}/" in err and "actions enabled" in err
+
+
+def test_stopping_ends_the_live_tails_cleanly(sqlite_seeded: tuple[str, Seeded]) -> None:
+    """Ctrl-C with live tails open: each tail's response ends properly (a browser reconnects
+    later and resumes), nothing is cancelled mid-response, no traceback, exit 0."""
+    import threading
+
+    url, _ = sqlite_seeded
+    port = free_port()
+    command = [sys.executable, "-m", "tidings.cli", "serve", "--store", url, "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    outcomes: list[str] = []
+    opened = threading.Semaphore(0)
+
+    def follow() -> None:
+        try:
+            with httpx.stream("GET", f"{base}/api/tail", timeout=60) as response:
+                opened.release()
+                for _ in response.iter_lines():
+                    pass
+            outcomes.append("ended")
+        except httpx.HTTPError as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                httpx.get(f"{base}/api/info", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        followers = [threading.Thread(target=follow) for _ in range(2)]
+        for each in followers:
+            each.start()
+        for _ in followers:
+            assert opened.acquire(timeout=30)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    for each in followers:
+        each.join(timeout=30)
+    assert outcomes == ["ended", "ended"]
+    assert process.returncode == 0 and "Traceback" not in err and "Cancel" not in err, err
+    assert "tidings console stopped" in err
+
+
+def test_a_store_that_does_not_answer_is_one_error_line_and_exit_1() -> None:
+    """A PostgreSQL URL where nothing listens: 'error: ...' naming the store, exit 1 (as every
+    command), no traceback, and no banner claiming the console is up."""
+    port = free_port()
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/db"
+    command = [sys.executable, "-m", "tidings.cli", "serve", "--store", url, "--port", str(port)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "error: cannot connect to PostgreSQL" in done.stderr and "Traceback" not in done.stderr
+    assert "tidings console on" not in done.stderr
+
+
+def test_a_port_in_use_is_one_error_line_and_exit_1(sqlite_seeded: tuple[str, Seeded]) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tidings.cli", "serve", "--store", sqlite_seeded[0]]
+        done = subprocess.run(
+            [*command, "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "tidings console on" not in done.stderr

@@ -176,6 +176,8 @@ class Outcome:
 
 
 def _owns(service: Service, group: str) -> bool:
+    # A bus consumer's letters (<group>@bus) are the group's too; retrying them fails with why.
+    group = group.removesuffix("@bus")
     return group in service.groups or any(
         group.startswith(p.group_prefix + ":") for p in service.projections.values()
     )

@@ -10,6 +10,7 @@ and projections they run.
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import Annotated
 
 import typer
@@ -65,6 +66,7 @@ def serve(
         import uvicorn
 
         from tidings.web import create_app
+        from tidings.web.server import ConsoleServer
 
         named = parse_sources(stores or store_from_env())
         service = None
@@ -85,10 +87,13 @@ def serve(
         fail(str(exc).replace("\n", " "))
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     actions = "enabled (bearer token)" if token else "disabled (no --token)"
-    console.print(
-        f"[green]tidings console[/] on [bold]http://{escape(host)}:{port}/[/] reading "
-        f"{escape(default.safe_url)}; actions {actions} — Ctrl-C to stop"
-    )
+
+    def ready() -> None:
+        console.print(
+            f"[green]tidings console[/] on [bold]http://{escape(host)}:{port}/[/] reading "
+            f"{escape(default.safe_url)}; actions {actions} — Ctrl-C to stop"
+        )
+
     config = uvicorn.Config(
         application,
         host=host,
@@ -97,7 +102,22 @@ def serve(
         # Live tails never end on their own: give them this long once Ctrl-C is pressed.
         timeout_graceful_shutdown=2,
     )
+    server = ConsoleServer(config, application.state.console, ready)
+    listener = _listen(host, port)
+    port = listener.getsockname()[1]  # the one the system chose for --port 0
     # uvicorn shuts down gracefully on Ctrl-C, then raises it again: the way to stop, so exit 0.
-    with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run()
+    with contextlib.suppress(KeyboardInterrupt), listener:
+        server.run(sockets=[listener])
+    if server.failure is not None:
+        fail(str(server.failure).replace("\n", " "))
     console.print("tidings console stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port``; exits with one error line if it cannot be bound
+    (uvicorn would print its own error and exit 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")

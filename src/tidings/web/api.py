@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import StringConstraints
 
 from tidings.causal import CausalTrace, build_trace
-from tidings.errors import InvalidArgument, ProjectionError, TidingsError, is_transient
+from tidings.errors import InvalidArgument, ProjectionError, TidingsError, UnsupportedOperation, is_transient
 from tidings.processing.projections import projection_status, rebuild_projection
 from tidings.processing.status import group_status
 from tidings.sagas.queries import list_sagas, saga_history, saga_state
@@ -434,21 +434,29 @@ async def retry_dead_letter(
         raise Conflict(
             "retrying needs the service's handlers: start 'tidings serve' with --app MODULE:SERVICE"
         )
-    if dead.group not in service.groups and not any(
-        dead.group.startswith(p.group_prefix + ":") for p in service.projections.values()
+    group = dead.group.removesuffix("@bus")  # a bus consumer's letters: refused below, with why
+    if group not in service.groups and not any(
+        group.startswith(p.group_prefix + ":") for p in service.projections.values()
     ):
         raise Conflict(
             f"dead letter {id} belongs to group {dead.group!r}, which service {service.name!r} does not run"
         )
     try:
-        if await service.subscription(dead.group).retry_dead_letter(dead):
-            return ActionResult(outcome="processed", detail=f"dead letter {id} processed and removed")
-    except InvalidArgument as exc:
-        # Not retried at all (its event is gone, or it is not this group's): the handler never ran.
+        subscription = service.subscription(dead.group)
+    except UnsupportedOperation as exc:
         raise Conflict(f"dead letter {id} cannot be retried: {exc}") from exc
+    try:
+        if await subscription.retry_dead_letter(dead):
+            return ActionResult(outcome="processed", detail=f"dead letter {id} processed and removed")
     except TidingsError as exc:
         if is_transient(exc):
             raise  # an outage: a 503, try again later
+        if await _tracking(console).dead_letter(id) is None:
+            # Another retry (or a discard) took it while this one ran; this one committed nothing.
+            raise NotFound(f"dead letter {id} is gone: it was retried or discarded concurrently") from exc
+        if isinstance(exc, InvalidArgument):
+            # Not retried at all (its event is gone, or it is not this group's): the handler never ran.
+            raise Conflict(f"dead letter {id} cannot be retried: {exc}") from exc
         return ActionResult(
             outcome="failed",
             detail=f"dead letter {id} could not be retried; it stays parked",
@@ -456,10 +464,12 @@ async def retry_dead_letter(
         )
     # The handler ran and failed: the letter now holds its new error.
     again = await _tracking(console).dead_letter(id)
+    if again is None:
+        raise NotFound(f"dead letter {id} is gone: it was retried or discarded concurrently")
     return ActionResult(
         outcome="failed",
         detail=f"dead letter {id} failed again; it stays parked",
-        error="failed again" if again is None else again.error,
+        error=again.error,
     )
 
 

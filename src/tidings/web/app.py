@@ -12,6 +12,7 @@ FastAPI's validation shape; an unknown stream, event, dead letter or saga is a 4
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Mapping
@@ -48,6 +49,9 @@ class Console:
     sources: Mapping[str, EventStore]
     token: str | None = None
     service: Service | None = None
+    stopping: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Set when the server is asked to stop: live tails end their responses (see
+    :func:`~tidings.web.sse.tail`) instead of being cancelled mid-message."""
 
     @property
     def actions_enabled(self) -> bool:
@@ -145,8 +149,10 @@ def templates() -> Jinja2Templates:
     found = Jinja2Templates(directory=HERE / "templates")
     found.env.globals["version"] = __version__
     found.env.filters["when"] = _when
-    # A stream, saga or correlation id as one path segment: ``urlencode`` leaves "/" as is.
-    found.env.filters["segment"] = lambda value: quote(str(value), safe="")
+    # A stream, saga or correlation id as one path segment: "/" encoded too (Jinja's urlencode
+    # keeps it), since an id may hold it ('tenant/7', even '../etc', which a browser would
+    # resolve away).
+    found.env.filters["segment"] = found.env.filters["pathpart"] = lambda value: quote(str(value), safe="")
     return found
 
 

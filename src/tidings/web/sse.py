@@ -11,13 +11,15 @@ how a closed connection is noticed.
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
-from tidings.errors import InvalidArgument
+from tidings.errors import InvalidArgument, StoreClosed, StoreUnavailable
 from tidings.store.base import MAX_POSITION
 from tidings.web.app import Console, console_of
 from tidings.web.queries import event_out
@@ -34,21 +36,37 @@ BATCH = 200
 
 
 async def tail(console: Console, after: int, *, keepalive: float = KEEPALIVE) -> AsyncIterator[str]:
-    """The SSE text of every event after position ``after``, forever."""
+    """The SSE text of every event after position ``after``, until the console stops.
+
+    The stream ends (a complete response; the browser reconnects with ``Last-Event-ID`` and
+    resumes) when :attr:`Console.stopping` is set, and when the store is closed or unreachable,
+    rather than breaking off mid-message.
+    """
     store = console.store
     position = after
     yield "retry: 2000\n\n"
-    while True:
-        head = await store.wait_for_append(position, timeout=keepalive)
-        if head <= position:
-            yield ": keep-alive\n\n"
-            continue
-        async for stored in store.read_all_stored(after=position, limit=BATCH):
-            # Decoded one by one: an event that no longer decodes is sent raw, marked, rather
-            # than failing the stream (which the browser would reconnect to forever).
-            body = event_out(store, stored).model_dump_json()
-            position = stored.position
-            yield f"event: tidings-event\nid: {position}\ndata: {body}\n\n"
+    stopping = asyncio.ensure_future(console.stopping.wait())
+    try:
+        while not console.stopping.is_set():
+            waiting = asyncio.ensure_future(store.wait_for_append(position, timeout=keepalive))
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                break
+            head = waiting.result()
+            if head <= position:
+                yield ": keep-alive\n\n"
+                continue
+            async for stored in store.read_all_stored(after=position, limit=BATCH):
+                # Decoded one by one: an event that no longer decodes is sent raw, marked, rather
+                # than failing the stream (which the browser would reconnect to forever).
+                body = event_out(store, stored).model_dump_json()
+                position = stored.position
+                yield f"event: tidings-event\nid: {position}\ndata: {body}\n\n"
+    except (StoreClosed, StoreUnavailable):
+        return  # the reconnecting browser resumes after the last id it saw
+    finally:
+        stopping.cancel()
 
 
 @router.get("/tail", include_in_schema=False)
@@ -57,12 +75,10 @@ async def get_tail(
     after: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    # Only what this stream sent (a position) resumes it; anything else is ignored, as if absent.
-    if last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit():
-        if int(last_event_id) > MAX_POSITION:
-            raise InvalidArgument(
-                f"Last-Event-ID must be a position up to 2**63 - 1, got {last_event_id:.40}"
-            )
+    if last_event_id is not None:
+        # Checked here: once the stream has started, an error can no longer be answered.
+        if not re.fullmatch(r"[0-9]{1,19}", last_event_id) or int(last_event_id) > MAX_POSITION:
+            raise InvalidArgument(f"Last-Event-ID must be a log position, got {last_event_id!r}")
         start = int(last_event_id)
     elif after is not None:
         start = after
