@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias, TypeVar
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from tidings.errors import (
     AlreadyProcessed,
@@ -287,20 +287,24 @@ class PostgresStore(SQLStore):
 
         Only for reads and idempotent writes: a retry may repeat work the server already did.
         """
-        assert self._pool is not None
-        for attempt in (1, 2):
+        failures = 0
+        while True:
+            pool = self._pool
+            assert pool is not None
             try:
-                async with self._pool.connection() as conn:
+                async with pool.connection() as conn:
                     return await op(conn)
             except PoolTimeout as exc:
                 raise self._translate(exc) from exc
             except psycopg.OperationalError as exc:
-                if attempt == 2:
+                if isinstance(exc, PoolClosed) and self._pool is not pool:
+                    continue  # the pool was replaced meanwhile (see _renew_pool): use the new one
+                failures += 1
+                if failures == 2:
                     raise self._translate(exc) from exc
                 await self._recover()
             except psycopg.Error as exc:
                 raise self._translate(exc) from exc
-        raise AssertionError("unreachable")
 
     async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run a read (see :meth:`_on_connection`) and return its rows."""
