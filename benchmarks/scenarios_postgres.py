@@ -13,6 +13,17 @@ no database functions).
     store (``open_store("postgresql://...")``, ``Repository.save``), against 8 threads saving through
     one eventsourcing application (``Application.save``). Timed until every save has returned.
 
+``pg_append_processes``
+    8 writer *processes*, each with a store (an application) of its own on one schema, each saving
+    one new aggregate of 10 events at a time, 150 times: tidings' ``Repository.save`` against
+    eventsourcing's ``Application.save``, and beside them the raw limit, 8 processes each committing
+    transactions of one ``INSERT`` of 10 rows (an ``unnest`` of arrays, positions from a
+    ``bigserial``) into a table with the same columns, constraints and indexes as ``tidings_events``.
+    Set-up (connecting, building the aggregates) is not timed: the processes start together at a
+    barrier, and the time runs from then until the last one is done. Group commit cannot help here
+    (each process has one save in flight); what is measured is whether appends from many processes
+    commit in parallel.
+
 ``pg_read_all``
     The whole log read from the start and decoded to typed events: tidings' ``read_all()`` against
     the peer's ``select_notifications`` pages of 1000 with ``mapper.to_domain_event`` (as in the
@@ -36,8 +47,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import multiprocessing
+import time
+import uuid
 from importlib.metadata import version
 from typing import Any, Final
+
+import psycopg
 
 from benchmarks import domain, peer_eventsourcing
 from benchmarks.domain import Account
@@ -45,7 +61,7 @@ from benchmarks.harness import Aim, Comparison, compare, stopwatch
 from benchmarks.peer_eventsourcing import BenchApplication
 from benchmarks.pg_server import PostgresProvider, debian_available
 from benchmarks.scenarios_sqlite import Context, Scenario, timed_bulk_append, timed_concurrent_saves
-from tidings import NO_STREAM, Event, EventStore, open_store
+from tidings import NO_STREAM, Event, EventStore, Repository, open_store
 
 PEER: Final = f"eventsourcing {version('eventsourcing')} (postgres)"
 RAW: Final = "raw psycopg COPY (binary)"
@@ -122,6 +138,165 @@ def pg_append_concurrent(ctx: Context, server: Server) -> list[Comparison]:
     return [
         compare(name, title, "events/s", ours, PEER, theirs, Aim(">=", 3.0)),
         *server.against_embedded(ctx, "append_concurrent", title, "events/s", ours),
+    ]
+
+
+# -- 8 writer processes ---------------------------------------------------------------------------------
+
+RAW_ROWS: Final = "raw psycopg, 10-row INSERT transactions"
+
+_RAW_TABLE: Final = """
+CREATE TABLE {schema}.raw_events (
+    position       bigserial   PRIMARY KEY,
+    stream_id      text        COLLATE "C" NOT NULL,
+    version        bigint      NOT NULL,
+    event_id       uuid        NOT NULL,
+    event_type     text        COLLATE "C" NOT NULL,
+    schema_version integer     NOT NULL,
+    timestamp      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    data           bytea       NOT NULL,
+    metadata       bytea,
+    UNIQUE (stream_id, version),
+    UNIQUE (event_id)
+)"""
+
+_RAW_INSERT: Final = (
+    "INSERT INTO {schema}.raw_events (stream_id, version, event_id, event_type, schema_version, data) "
+    "SELECT %(stream)s, u.version, u.event_id, 'bench.Deposited', 1, u.data "
+    "FROM unnest(%(versions)s::int8[], %(ids)s::uuid[], %(data)s::bytea[]) AS u(version, event_id, data)"
+)
+
+
+def _process_worker(kind: str, target: str, n: int, k: int, start: Any, done: Any) -> None:
+    """One writer process: set up, wait at ``start`` (a barrier), save ``n`` aggregates of ``k``
+    events one at a time, and put (start, end) on ``done`` (``time.monotonic()`` is system-wide)."""
+    if kind == "tidings":
+        asyncio.run(_tidings_process(target, n, k, start, done))
+    elif kind == "peer":
+        app = BenchApplication(env=dict(item.split("=", 1) for item in target.split("\n")))
+        try:
+            accounts = [peer_eventsourcing.new_account(k) for _ in range(n)]
+            start.wait()
+            began = time.monotonic()
+            peer_eventsourcing.save_all(app, accounts)
+            done.put((began, time.monotonic()))
+        finally:
+            app.close()
+    else:
+        _raw_process(target, n, k, start, done)
+
+
+async def _tidings_process(url: str, n: int, k: int, start: Any, done: Any) -> None:
+    async with open_store(url) as store:
+        repo = Repository(store, Account)
+        accounts = [domain.new_account(f"account-{uuid.uuid4()}", k) for _ in range(n)]
+        start.wait()
+        began = time.monotonic()
+        for account in accounts:
+            await repo.save(account)
+        done.put((began, time.monotonic()))
+
+
+def _raw_process(target: str, n: int, k: int, start: Any, done: Any) -> None:
+    url, schema = target.rsplit(" ", 1)
+    data = [b'{"amount": %d, "reference": "ref-%08d"}' % (i, i) for i in range(k)]
+    insert = _RAW_INSERT.format(schema=f'"{schema}"')
+    with psycopg.connect(url, autocommit=True) as conn:
+        start.wait()
+        began = time.monotonic()
+        for _ in range(n):
+            stream = f"account-{uuid.uuid4()}"
+            params = {
+                "stream": stream,
+                "versions": list(range(1, k + 1)),
+                "ids": [uuid.uuid4() for _ in range(k)],
+                "data": data,
+            }
+            conn.execute(insert, params)  # autocommit: one transaction, one commit
+        done.put((began, time.monotonic()))
+
+
+def _run_processes(kind: str, target: str, writers: int, n: int, k: int) -> float:
+    """Seconds from the barrier until the last of ``writers`` processes has saved its ``n``."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(writers)
+    done = context.Queue()
+    processes = [
+        context.Process(target=_process_worker, args=(kind, target, n, k, start, done))
+        for _ in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        spans = [done.get(timeout=600) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(60)
+            if process.exitcode is None:
+                process.kill()
+    if any(p.exitcode != 0 for p in processes):
+        raise AssertionError(f"a {kind} writer process failed: {[p.exitcode for p in processes]}")
+    return max(end for _, end in spans) - min(began for began, _ in spans)
+
+
+def _count(pg: PostgresProvider, sql: str) -> int:
+    with pg.connect() as conn:
+        row = conn.execute(sql).fetchone()
+    return int(row[0]) if row else 0
+
+
+def pg_append_processes(ctx: Context, server: Server) -> list[Comparison]:
+    pg = server.provider(ctx)
+    writers, per_writer = ctx.sizes.pg_writers, ctx.sizes.pg_saves_per_writer
+    k = ctx.sizes.events_per_aggregate
+    total = writers * per_writer * k
+    ours: list[float] = []
+    theirs: list[float] = []
+    raw: list[float] = []
+    for _ in range(ctx.sizes.repeats):
+        with pg.fresh_schema("proc_tidings") as schema:
+            url = pg.tidings_url(schema)
+            asyncio.run(_create_tables(url))  # migrated once, not by 8 processes racing at the start
+            ours.append(total / _run_processes("tidings", url, writers, per_writer, k))
+            stored = _count(pg, f'SELECT count(*) FROM "{schema}".tidings_events')
+            if stored != total:
+                raise AssertionError(f"tidings stored {stored} events, expected {total}")
+        with pg.fresh_schema("proc_peer", create=True) as schema:
+            env = "\n".join(f"{key}={value}" for key, value in peer_env(pg, schema).items())
+            open_peer(pg, schema).close()  # creates the peer's tables before the clock starts
+            theirs.append(total / _run_processes("peer", env, writers, per_writer, k))
+            app = open_peer(pg, schema)
+            try:
+                stored = app.recorder.max_notification_id() or 0
+            finally:
+                app.close()
+            if stored != total:
+                raise AssertionError(f"eventsourcing stored {stored} events, expected {total}")
+        with pg.fresh_schema("proc_raw", create=True) as schema:
+            with pg.connect() as conn:
+                conn.execute(_RAW_TABLE.format(schema=f'"{schema}"'))
+            raw.append(total / _run_processes("raw", f"{pg.url()} {schema}", writers, per_writer, k))
+            stored = _count(pg, f'SELECT count(*) FROM "{schema}".raw_events')
+            if stored != total:
+                raise AssertionError(f"the raw writers stored {stored} events, expected {total}")
+    title = server.title(
+        f"PostgreSQL append: {writers} writer processes, each with its own store, x {per_writer} saves "
+        f"of one aggregate of {k} events, one save at a time"
+    )
+    name = server.name("append_processes")
+    return [
+        compare(name, title, "events/s", ours, PEER, theirs, Aim(">=", 3.0)),
+        compare(
+            name,
+            title,
+            "events/s",
+            ours,
+            RAW_ROWS,
+            raw,
+            None,
+            note="the same rows committed by the driver directly, 10 per transaction: the limit",
+        ),
+        *server.against_embedded(ctx, "append_processes", title, "events/s", ours),
     ]
 
 
@@ -307,6 +482,11 @@ def _scenarios(server: Server) -> list[Scenario]:
             server.name("append_concurrent"),
             f"PostgreSQL append, 8 concurrent writers{where}",
             functools.partial(pg_append_concurrent, server=server),
+        ),
+        Scenario(
+            server.name("append_processes"),
+            f"PostgreSQL append, 8 writer processes{where}",
+            functools.partial(pg_append_processes, server=server),
         ),
         Scenario(
             server.name("read_all"),
