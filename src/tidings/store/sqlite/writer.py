@@ -78,12 +78,16 @@ class _Job:
 
 
 def _settle_all(
-    settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]], notify: Callable[[], None] | None
+    settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+    notify: Callable[[int | None], None] | None,
+    head: int | None,
 ) -> None:
+    # Waiters first learn the new head, then the appenders resume: a live subscriber starts on
+    # the new events in the same turn of the loop as the append's caller.
+    if notify is not None:
+        notify(head)
     for future, result, error in settled:
         _settle(future, result, error)
-    if notify is not None:
-        notify()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -99,7 +103,8 @@ class SQLiteWriter:
     """The writer thread of one store and its queue of jobs.
 
     ``notify`` is called on ``loop`` (the store's) after a group commit that wrote something, to
-    wake the store's waiters.
+    wake the store's waiters, with the highest position an append of the commit wrote (None if
+    it appended nothing).
     """
 
     def __init__(self, config: SQLiteConfig, name: str) -> None:
@@ -108,13 +113,13 @@ class SQLiteWriter:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._notify: Callable[[], None] | None = None
+        self._notify: Callable[[int | None], None] | None = None
         self._transactions = 0
         self._jobs_done = 0
         self._appends = 0
         self._events = 0
 
-    async def start(self, notify: Callable[[], None]) -> None:
+    async def start(self, notify: Callable[[int | None], None]) -> None:
         """Start the thread; return once its connection is open and the schema is ready.
 
         Raises :class:`CorruptStore` (and stops the thread) if the file is not a tidings store.
@@ -243,13 +248,17 @@ class SQLiteWriter:
             asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         ] = {}
         wrote = False
+        head: int | None = None  # the highest position an append of this batch committed
         for job, (result, error) in zip(batch, outcomes, strict=True):
-            wrote = wrote or error is None
+            if error is None:
+                wrote = True
+                if job.request is not None and (head is None or result.position > head):
+                    head = result.position
             by_loop.setdefault(job.loop, []).append((job.future, result, error))
         for loop, settled in by_loop.items():
             notify = self._notify if wrote and loop is self._loop else None
             with contextlib.suppress(RuntimeError):  # the loop may be closing
-                loop.call_soon_threadsafe(_settle_all, settled, notify)
+                loop.call_soon_threadsafe(_settle_all, settled, notify, head)
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job, single: bool) -> tuple[Any, BaseException | None]:
         if not single:
