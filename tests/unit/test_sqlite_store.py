@@ -165,3 +165,34 @@ async def test_one_bad_append_in_a_group_commit_fails_only_itself(tmp_path: Path
         assert sorted([e.stream_id async for e in store.read_all()]) == sorted(
             [f"s-{i}" for i in range(8)] + [f"t-{i}" for i in range(8)]
         )
+
+
+async def test_known_head_follows_commits_and_never_passes_the_real_head(tmp_path: Path) -> None:
+    """The head a commit's wake-up carries is what live readers use instead of asking the
+    database; it must never name a position that is not committed, or a reader would skip it."""
+    from tidings import NO_STREAM, ConcurrencyError
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    async with open_store(url) as store, open_store(url) as other:
+        assert store.known_head() == 0
+        first = await store.append("s-1", [Credited(amount=1)] * 3)
+        assert store.known_head() == first.position == 3
+        # Appends that fail (in one group commit with one that succeeds) move nothing.
+        results = await asyncio.gather(
+            store.append("s-1", [Credited(amount=2)], expected_version=NO_STREAM),
+            store.append("s-2", [Credited(amount=3)] * 2),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], ConcurrencyError)
+        assert store.known_head() == await store.head() == 5
+        # Another connection (as another process would) appends: the known head lags, never leads.
+        await other.append("s-3", [Credited(amount=4)])
+        assert store.known_head() == 5
+        assert await store.wait_for_append(5, timeout=5) == 6  # noticed by the watcher's poll
+        assert store.known_head() == 6
+        # A live waiter is answered by the commit's own wake-up, with the committed head.
+        waiter = asyncio.create_task(store.wait_for_append(6, timeout=10))
+        await asyncio.sleep(0)
+        result = await store.append("s-1", [Credited(amount=5)])
+        assert await waiter == result.position == 7
+        assert [e.position async for e in store.read_all(after=4)] == [5, 6, 7]

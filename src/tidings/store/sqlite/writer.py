@@ -82,12 +82,10 @@ def _settle_all(
     notify: Callable[[int | None], None] | None,
     head: int | None,
 ) -> None:
-    # Waiters first learn the new head, then the appenders resume: a live subscriber starts on
-    # the new events in the same turn of the loop as the append's caller.
-    if notify is not None:
-        notify(head)
     for future, result, error in settled:
         _settle(future, result, error)
+    if notify is not None:
+        notify(head)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
