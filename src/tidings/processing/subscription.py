@@ -465,7 +465,17 @@ class Subscription(abc.ABC):
         if head <= after:
             head = await self.store.head()
         try:
-            events = await self._read(after, self.config.batch_size)
+            recent = None
+            if head - after <= self.config.batch_size:
+                # Live: what was just appended in this process is still in memory.
+                recent = self.store.read_recent(
+                    after,
+                    head,
+                    event_types=self.event_types,
+                    stream_prefix=self.stream_prefix,
+                    raw_unknown=True,
+                )
+            events = recent if recent is not None else await self._read(after, self.config.batch_size)
         except (EventTypeError, SerializationError):
             self._poisoned = True
             # Some stored event no longer decodes (a bad upcaster, data that no longer
