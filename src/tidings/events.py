@@ -17,7 +17,8 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Final, TypeVar
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 from uuid import UUID, SafeUUID
 
 import orjson
@@ -116,29 +117,26 @@ class RecordedEvent:
     ``metadata`` holds the standard keys ``correlation_id``, ``causation_id`` and ``user_id`` when
     set. ``event_id`` and ``timestamp`` are built from their stored form on first access: most
     consumers of a long scan never look at them, and building them was a third of decoding.
+
+    Its fields are read-only properties over private slots: a read of the log builds one per
+    event, and plain slot stores in ``__init__`` cost a fifth of going through
+    ``object.__setattr__`` past a ``__setattr__`` that refuses writes.
     """
 
     __slots__ = (
+        "_event",
         "_event_id",
+        "_event_type",
+        "_metadata",
+        "_position",
+        "_schema_version",
+        "_stream_id",
         "_timestamp",
-        "event",
-        "event_type",
-        "metadata",
-        "position",
-        "schema_version",
-        "stream_id",
-        "version",
+        "_version",
     )
 
     _event_id: UUID | bytes
     _timestamp: datetime | int
-    event_type: str
-    stream_id: str
-    version: int
-    position: int
-    event: Event | RawEvent
-    metadata: Mapping[str, Any]
-    schema_version: int
 
     def __init__(
         self,
@@ -152,19 +150,42 @@ class RecordedEvent:
         metadata: Mapping[str, Any],
         schema_version: int = 1,
     ) -> None:
-        setattr_ = object.__setattr__
-        setattr_(self, "_event_id", event_id)
-        setattr_(self, "event_type", event_type)
-        setattr_(self, "stream_id", stream_id)
-        setattr_(self, "version", version)
-        setattr_(self, "position", position)
-        setattr_(self, "_timestamp", timestamp)
-        setattr_(self, "event", event)
-        setattr_(self, "metadata", metadata)
-        setattr_(self, "schema_version", schema_version)
+        self._event_id = event_id
+        self._event_type = event_type
+        self._stream_id = stream_id
+        self._version = version
+        self._position = position
+        self._timestamp = timestamp
+        self._event = event
+        self._metadata = metadata
+        self._schema_version = schema_version
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"RecordedEvent is immutable; cannot set {name!r}")
+    if TYPE_CHECKING:
+
+        @property
+        def event_type(self) -> str: ...
+        @property
+        def stream_id(self) -> str: ...
+        @property
+        def version(self) -> int: ...
+        @property
+        def position(self) -> int: ...
+        @property
+        def event(self) -> Event | RawEvent: ...
+        @property
+        def metadata(self) -> Mapping[str, Any]: ...
+        @property
+        def schema_version(self) -> int: ...
+
+    else:
+        # attrgetter properties: read-only, and read in C (no Python frame per access).
+        event_type = property(attrgetter("_event_type"), doc="The stored type name.")
+        stream_id = property(attrgetter("_stream_id"), doc="The stream (aggregate id).")
+        version = property(attrgetter("_version"), doc="The event's place in its stream (from 1).")
+        position = property(attrgetter("_position"), doc="The event's place in the global log (from 1).")
+        event = property(attrgetter("_event"), doc="The typed event (a RawEvent for unknown types).")
+        metadata = property(attrgetter("_metadata"), doc="The append's metadata.")
+        schema_version = property(attrgetter("_schema_version"), doc="The stored schema version.")
 
     @property
     def event_id(self) -> UUID:
@@ -172,7 +193,7 @@ class RecordedEvent:
         value = self._event_id
         if not isinstance(value, UUID):
             value = uuid_from_bytes(value)
-            object.__setattr__(self, "_event_id", value)
+            self._event_id = value
         return value
 
     @property
@@ -181,7 +202,7 @@ class RecordedEvent:
         value = self._timestamp
         if not isinstance(value, datetime):
             value = datetime_from_micros(value)
-            object.__setattr__(self, "_timestamp", value)
+            self._timestamp = value
         return value
 
     @property
@@ -227,6 +248,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _new_object = object.__new__
 _set_attribute = object.__setattr__
 _from_bytes = int.from_bytes
+_SAFE_UNKNOWN: Final = SafeUUID.unknown  # an enum member read is a descriptor call: once, here
 
 
 def uuid_from_bytes(value: Any) -> UUID:
@@ -238,7 +260,7 @@ def uuid_from_bytes(value: Any) -> UUID:
         # exactly 16 bytes, so build the immutable object directly (what UUID.__init__ ends with).
         result = _new_object(UUID)
         _set_attribute(result, "int", _from_bytes(value))
-        _set_attribute(result, "is_safe", SafeUUID.unknown)
+        _set_attribute(result, "is_safe", _SAFE_UNKNOWN)
         return result
     if isinstance(value, bytearray | memoryview):
         return UUID(bytes=bytes(value))
@@ -335,7 +357,9 @@ class EventRegistry:
             ) from exc
         # Cheap byte scans on the hot path; the full parse runs only when a NaN/Infinity token may
         # be there, or when the data may nest deeper than a reader can parse.
-        suspect = b"NaN" in data or b"Infinity" in data
+        # find(), not ``in``: bytes.__contains__ first tries the needle as an int and pays for
+        # the TypeError it clears, which made this scan cost more than the serialisation.
+        suspect = data.find(b"NaN") >= 0 or data.find(b"Infinity") >= 0
         deep = len(data) > 2 * _MAX_DEPTH and data.count(b"[") + data.count(b"{") > _MAX_DEPTH
         if (suspect or deep) and not _is_json(data):
             where = _non_finite_path(event.model_dump(mode="python"))

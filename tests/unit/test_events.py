@@ -132,3 +132,23 @@ def test_recorded_event_is_immutable_and_builds_id_and_time_lazily() -> None:
     )
     assert same == recorded and hash(same) == hash(recorded)
     assert "p-1" in repr(recorded)
+
+
+def test_recorded_event_fields_are_all_read_only() -> None:
+    import uuid
+
+    from tidings import RecordedEvent
+
+    event = ParcelShipped(parcel="p", weight_g=1)
+    recorded = RecordedEvent(uuid.uuid4().bytes, "ParcelShipped", "p-1", 2, 9, 5, event, {"user_id": "u"}, 3)
+    fields = ("event_id", "event_type", "stream_id", "version", "position", "timestamp", "event")
+    for name in (*fields, "metadata", "schema_version", "unknown_field"):
+        with pytest.raises(AttributeError):
+            setattr(recorded, name, None)
+    assert (recorded.stream_id, recorded.version, recorded.position, recorded.event) == ("p-1", 2, 9, event)
+    assert (recorded.event_type, recorded.schema_version, recorded.metadata) == (
+        "ParcelShipped",
+        3,
+        {"user_id": "u"},
+    )
+    assert recorded.event_id is recorded.event_id  # built once, then kept

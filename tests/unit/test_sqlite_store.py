@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import subprocess
 import sys
@@ -165,3 +166,87 @@ async def test_one_bad_append_in_a_group_commit_fails_only_itself(tmp_path: Path
         assert sorted([e.stream_id async for e in store.read_all()]) == sorted(
             [f"s-{i}" for i in range(8)] + [f"t-{i}" for i in range(8)]
         )
+
+
+async def test_known_head_follows_commits_and_never_passes_the_real_head(tmp_path: Path) -> None:
+    """The head a commit's wake-up carries is what live readers use instead of asking the
+    database; it must never name a position that is not committed, or a reader would skip it."""
+    from tidings import NO_STREAM, ConcurrencyError
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    async with open_store(url) as store, open_store(url) as other:
+        assert store.known_head() == 0
+        first = await store.append("s-1", [Credited(amount=1)] * 3)
+        assert store.known_head() == first.position == 3
+        # Appends that fail (in one group commit with one that succeeds) move nothing.
+        results = await asyncio.gather(
+            store.append("s-1", [Credited(amount=2)], expected_version=NO_STREAM),
+            store.append("s-2", [Credited(amount=3)] * 2),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], ConcurrencyError)
+        assert store.known_head() == await store.head() == 5
+        # Another connection (as another process would) appends: the known head lags, never leads.
+        await other.append("s-3", [Credited(amount=4)])
+        assert store.known_head() == 5
+        assert await store.wait_for_append(5, timeout=5) == 6  # noticed by the watcher's poll
+        assert store.known_head() == 6
+        # A live waiter is answered by the commit's own wake-up, with the committed head.
+        waiter = asyncio.create_task(store.wait_for_append(6, timeout=10))
+        await asyncio.sleep(0)
+        result = await store.append("s-1", [Credited(amount=5)])
+        assert await waiter == result.position == 7
+        assert [e.position async for e in store.read_all(after=4)] == [5, 6, 7]
+
+
+async def test_read_recent_serves_only_complete_runs_of_own_commits(tmp_path: Path) -> None:
+    """A live subscriber takes just-appended events from memory; any position the store did not
+    write itself (another process, a handler's append in a processing commit) sends it back to
+    the database, so none is ever skipped."""
+    from tidings.events import EventRegistry
+    from tidings.testing import Debited
+
+    url = f"sqlite:///{tmp_path}/r.db"
+    async with open_store(url) as store, open_store(url) as other:
+        await store.append("acct-1", [Credited(amount=1), Debited(amount=2)])
+        await store.append("other-1", [Credited(amount=3)])
+        recent = store.read_recent(0, 3)
+        assert recent is not None
+        assert [(e.position, e.stream_id, type(e.event)) for e in recent] == [
+            (1, "acct-1", Credited),
+            (2, "acct-1", Debited),
+            (3, "other-1", Credited),
+        ]
+        assert recent == [e async for e in store.read_all()]  # the same envelopes as a read
+        filtered = store.read_recent(0, 3, event_types=(Credited.__event_type__,), stream_prefix="acct-")
+        assert filtered is not None and [e.position for e in filtered] == [1]
+        assert store.read_recent(3, 4) is None  # not committed (as far as this store knows)
+        await other.append("acct-2", [Credited(amount=4)])  # position 4, written elsewhere
+        await store.append("acct-1", [Credited(amount=5)])  # position 5
+        assert store.read_recent(3, 5) is None  # 4 is not in memory: read the database
+        five = store.read_recent(4, 5)
+        assert five is not None and [e.position for e in five] == [5]
+        assert store.read_recent(0, 5) is None
+        # Arbitrary SQL may rewrite stored events: what was kept is forgotten after it commits.
+        await store.transaction(lambda tx: tx.execute("UPDATE tidings_events SET stream_id = stream_id"))
+        assert store.read_recent(4, 5) is None
+        await store.append("acct-1", [Credited(amount=6)])
+        six = store.read_recent(5, 6)
+        assert six is not None and [e.position for e in six] == [6]
+
+    # Decoding goes through the store's registry, so upcasters still apply.
+    registry = EventRegistry()
+
+    class Renamed(Credited):
+        __event_type__ = "test.Renamed"
+        __event_version__ = 2
+        __event_register__ = False
+
+    registry.register(Renamed)
+    registry.add_upcaster("test.Renamed", 1, lambda data: {**data, "amount": data["amount"] * 10})
+    async with open_store(f"sqlite:///{tmp_path}/u.db", registry=registry) as store:
+        request = store.prepare_append("s-1", [Renamed(amount=7)])
+        old = request.events[0]._replace(schema_version=1)
+        await store._append(dataclasses.replace(request, events=(old,)))
+        [upcast] = store.read_recent(0, 1) or []
+        assert upcast.event == Renamed(amount=70) and upcast.schema_version == 1

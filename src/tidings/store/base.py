@@ -220,6 +220,7 @@ class EventStore(abc.ABC):
         self._head_changed = asyncio.Event()
         self.append_calls = 0
         self.appended_events = 0
+        self._known_head = 0
 
     @property
     def safe_url(self) -> str:
@@ -450,24 +451,31 @@ class EventStore(abc.ABC):
         while remaining is None or remaining > 0:
             self._check_open()  # per page: a reader that outlives close() stops with StoreClosed
             page = PAGE_SIZE if remaining is None else min(PAGE_SIZE, remaining)
-            rows = await self._fetch_stream(stream_id, lower, None, False, page)
-            for row in rows:
-                validate = validators.get((row[4], row[5]))
+            rows = await self._fetch_stream_data(stream_id, lower, page)
+            for position, version, event_type, schema_version, data in rows:
+                validate = validators.get((event_type, schema_version))
                 if validate is not None:
                     try:
-                        yield row[2], validate(row[7])
+                        yield version, validate(data)
                         continue
                     except ValidationError:
                         pass
                 yield (
-                    row[2],
-                    decode(row[4], row[5], row[7], stream_id=stream_id, position=row[0], version=row[2]),
+                    version,
+                    decode(
+                        event_type,
+                        schema_version,
+                        data,
+                        stream_id=stream_id,
+                        position=position,
+                        version=version,
+                    ),
                 )
             if remaining is not None:
                 remaining -= len(rows)
             if len(rows) < page:
                 return
-            lower = rows[-1][2]
+            lower = rows[-1][1]
 
     async def read_all(
         self,
@@ -664,6 +672,39 @@ class EventStore(abc.ABC):
             )
         return out
 
+    def read_recent(
+        self,
+        after: int,
+        upto: int,
+        *,
+        event_types: tuple[str, ...] | None = None,
+        stream_prefix: str | None = None,
+        raw_unknown: bool = False,
+    ) -> list[RecordedEvent] | None:
+        """The events with ``after < position <= upto`` (filtered as by :meth:`read_all`) from
+        this process's memory of its own latest commits, or None unless it holds every one of
+        those positions. No database read: a live subscriber takes what was just appended here.
+
+        ``upto`` must be a committed position (such as :meth:`known_head`); positions past it
+        are not looked at. Decoding errors raise as in :meth:`read_all`.
+        """
+        rows = self._recent_rows(after, upto)
+        if rows is None:
+            return None
+        if event_types is not None or stream_prefix is not None:
+            rows = [
+                row
+                for row in rows
+                if (event_types is None or row[4] in event_types)
+                and (stream_prefix is None or row[1].startswith(stream_prefix))
+            ]
+        return self.decode_rows(rows, raw_unknown)
+
+    def _recent_rows(self, after: int, upto: int) -> list[Row] | None:
+        """Backend hook for :meth:`read_recent`: the stored rows of positions ``after + 1`` to
+        ``upto``, all of them and in order, or None. By default nothing is remembered."""
+        return None
+
     async def stream_version(self, stream_id: str) -> int:
         """The version of the stream's last event; 0 for a missing stream."""
         stream_id = validate_stream_id(stream_id)
@@ -673,7 +714,10 @@ class EventStore(abc.ABC):
     async def head(self) -> int:
         """The global position of the last stored event; 0 for an empty store."""
         self._check_open()
-        return await self._head()
+        head = await self._head()
+        if head > self._known_head:
+            self._known_head = head
+        return head
 
     async def streams(self, *, prefix: str | None = None) -> AsyncIterator[StreamInfo]:
         """Yield every stream (optionally only ids starting with ``prefix``), ordered by id."""
@@ -720,11 +764,25 @@ class EventStore(abc.ABC):
 
     # -- change notification ---------------------------------------------------------------------
 
-    def _notify_appended(self) -> None:
-        """Wake everyone waiting in :meth:`wait_for_append`; call on the store's loop after commit."""
+    def _notify_appended(self, head: int | None = None) -> None:
+        """Wake everyone waiting in :meth:`wait_for_append`; call on the store's loop after commit.
+
+        ``head``, when the backend knows it, is a position its commit made durable: waiters take
+        it from here instead of asking the database (a round trip to a reader thread each).
+        """
+        if head is not None and head > self._known_head:
+            self._known_head = head
         event = self._head_changed
         self._head_changed = asyncio.Event()
         event.set()
+
+    def known_head(self) -> int:
+        """The highest position this process has seen committed, without asking the database.
+
+        Never above the real head (it only rises, from this process's own commits and the heads
+        it read); it may be below it, e.g. when another process appended. 0 if nothing is known.
+        """
+        return self._known_head
 
     async def wait_for_append(self, position: int, timeout: float | None = None) -> int:
         """Wait until the head is beyond ``position`` (or ``timeout`` passes); return the head.
@@ -739,7 +797,12 @@ class EventStore(abc.ABC):
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             waiter = self._head_changed
-            head = await self._head()
+            # A commit of this process that passed ``position`` answers without a database read.
+            head = self._known_head
+            if head <= position:
+                head = await self._head()
+                if head > self._known_head:
+                    self._known_head = head
             if head > position:
                 return head
             remaining = None if deadline is None else deadline - loop.time()
@@ -765,6 +828,15 @@ class EventStore(abc.ABC):
     async def _fetch_stream(
         self, stream_id: str, after: int, before: int | None, backwards: bool, limit: int
     ) -> list[Row]: ...
+
+    async def _fetch_stream_data(
+        self, stream_id: str, after: int, limit: int
+    ) -> Sequence[tuple[int, int, str, int, Any]]:
+        """``(position, version, event_type, schema_version, data)`` of a stream's events after
+        version ``after``, forwards: what a replay needs. A backend may select just these
+        columns; by default they are cut from :meth:`_fetch_stream`'s rows."""
+        rows = await self._fetch_stream(stream_id, after, None, False, limit)
+        return [(r[0], r[2], r[4], r[5], r[7]) for r in rows]
 
     @abc.abstractmethod
     async def _fetch_all(

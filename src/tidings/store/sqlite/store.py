@@ -48,6 +48,8 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 
 _READERS: Final = 2
+_RECENT_ROWS: Final = 4096
+"""Rows of this store's latest appends kept in memory for live subscribers (read_recent)."""
 
 
 class SQLiteStore(SQLStore):
@@ -68,6 +70,9 @@ class SQLiteStore(SQLStore):
         self._watcher: threading.Thread | None = None
         self._watch_stop = threading.Event()
         self._conns_lock = threading.Lock()
+        # The rows of this store's latest appends, consecutive positions only: the writer hands
+        # them over after each commit, and a live subscriber reads them without a database trip.
+        self._recent: list[Row] = []
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -104,7 +109,9 @@ class SQLiteStore(SQLStore):
                 raise StoreClosed(f"store {self.safe_url} is closed") from exc
             raise
 
-    async def write(self, fn: WriteJob[T], *, _request: AppendRequest | None = None) -> T:
+    async def write(
+        self, fn: WriteJob[T], *, _request: AppendRequest | None = None, _keeps_log: bool = False
+    ) -> T:
         """Run ``fn(conn)`` on the writer thread inside a savepoint of the next group commit.
 
         The result is returned once the transaction holding it has committed. If ``fn`` raises,
@@ -114,13 +121,15 @@ class SQLiteStore(SQLStore):
         self._check_open()
         if self.config.read_only:
             raise StatementError(f"store {self.safe_url} is opened read-only (mode=ro): writes are refused")
-        return await self._writer.submit(fn, _request)
+        # Arbitrary SQL may rewrite stored events (a repair, a test's corruption): the rows kept
+        # for live subscribers are forgotten after it. The store's own writes never change them.
+        return await self._writer.submit(fn, _request, keeps_log=_keeps_log or _request is not None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _open(self) -> None:
         check_location(self.config)
-        await self._writer.start(self._notify_appended)
+        await self._writer.start(self._committed)
         self._readers = concurrent.futures.ThreadPoolExecutor(
             max_workers=_READERS, thread_name_prefix="tidings-sqlite-reader"
         )
@@ -169,6 +178,38 @@ class SQLiteStore(SQLStore):
         finally:
             conn.close()
 
+    def _committed(self, head: int | None, rows: list[Row], forget: bool, wake: bool) -> None:
+        """On the store's loop after each commit of the writer: remember its appended rows, then
+        wake the waiters with the head they reached if it may have moved (``wake``).
+        ``forget``: the commit ran arbitrary SQL."""
+        if forget:
+            # It may have changed any row, even one appended in the same commit.
+            self._recent = []
+        elif rows:
+            recent = self._recent
+            # Keep only a run of consecutive positions: rows other jobs or processes wrote in
+            # between are not here, so what precedes a jump cannot be trusted to be complete.
+            start = len(rows) - 1
+            while start > 0 and rows[start - 1][0] == rows[start][0] - 1:
+                start -= 1
+            if start == 0 and recent and recent[-1][0] == rows[0][0] - 1:
+                recent.extend(rows)
+            else:
+                recent = self._recent = rows[start:]
+            if len(recent) > _RECENT_ROWS:
+                del recent[: len(recent) - _RECENT_ROWS]
+        if wake:
+            self._notify_appended(head)
+
+    def _recent_rows(self, after: int, upto: int) -> list[Row] | None:
+        recent = self._recent
+        if not recent or upto <= after:
+            return None
+        first = recent[0][0]
+        if after + 1 < first or upto > recent[-1][0]:
+            return None
+        return recent[after + 1 - first : upto + 1 - first]
+
     # -- primitives -------------------------------------------------------------------------------
 
     async def _append(self, request: AppendRequest) -> AppendResult:
@@ -185,6 +226,17 @@ class SQLiteStore(SQLStore):
         sql += f" ORDER BY version {'DESC' if backwards else 'ASC'} LIMIT ?"
         params.append(limit)
         return await self._read(lambda c: c.execute(sql, params).fetchall())
+
+    async def _fetch_stream_data(self, stream_id: str, after: int, limit: int) -> list[tuple[Any, ...]]:
+        # Five columns, not nine: a replay needs no ids, timestamps or metadata, and every
+        # column costs the driver an object per row.
+        return await self._read(
+            lambda c: c.execute(
+                "SELECT position, version, event_type, schema_version, data FROM tidings_events "
+                "WHERE stream_id = ? AND version > ? ORDER BY version LIMIT ?",
+                (stream_id, after, limit),
+            ).fetchall()
+        )
 
     async def _fetch_all(
         self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int
@@ -272,7 +324,7 @@ class SQLiteStore(SQLStore):
                 ),
             )
 
-        await self.write(save)
+        await self.write(save, _keeps_log=True)
 
     async def _load_snapshot(self, stream_id: str, max_version: int | None) -> Snapshot | None:
         def load(c: sqlite3.Connection) -> Snapshot | None:
@@ -321,10 +373,15 @@ class SQLiteStore(SQLStore):
                     (group, position, now_micros()),
                 )
 
-        await self.write(run)
+        await self.write(run, _keeps_log=True)
 
     async def _commit_processed(self, batch: ProcessedBatch) -> list[AppendResult]:
-        return await self.write(lambda conn: commit_processed_in(conn, batch, self.config.path))
+        # Processing commits (checkpoints, inbox, a handler's statements and appends) are taken to
+        # leave stored events alone: the log is append-only, and a live subscriber's memory of
+        # the latest appends must survive the commits that follow each of them.
+        return await self.write(
+            lambda conn: commit_processed_in(conn, batch, self.config.path), _keeps_log=True
+        )
 
     async def _processed_ids(self, group: str, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         def query(c: sqlite3.Connection) -> set[uuid.UUID]:
@@ -365,7 +422,8 @@ class SQLiteStore(SQLStore):
 
     async def _discard_dead_letter(self, id: int) -> bool:
         return await self.write(
-            lambda c: c.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (id,)).rowcount > 0
+            lambda c: c.execute("DELETE FROM tidings_dead_letters WHERE id = ?", (id,)).rowcount > 0,
+            _keeps_log=True,
         )
 
     async def _transaction(self, fn: Callable[[Tx], T]) -> T:

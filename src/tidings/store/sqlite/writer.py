@@ -28,7 +28,7 @@ from typing import Any, Final, TypeVar
 from tidings.errors import CorruptStore, InvalidArgument, StatementError, TidingsError
 from tidings.events import uuid_from_bytes
 from tidings.store.append import AppendRequest, AppendResult, StoredId, plan_appends
-from tidings.store.base import now_micros
+from tidings.store.base import Row, now_micros
 from tidings.store.sqlite.config import SQLiteConfig, connect, is_read_only_error, read_only_message
 from tidings.store.sqlite.errors import BINDING_ERRORS, translate
 from tidings.store.sqlite.schema import check_schema, init_schema
@@ -39,6 +39,11 @@ T = TypeVar("T")
 
 WriteJob = Callable[[sqlite3.Connection], T]
 """A unit of work for the writer thread; it runs inside its own savepoint of a group commit."""
+
+Notify = Callable[[int | None, list[Row], bool, bool], None]
+"""Called on the store's loop after a commit: the head its appends reached, their rows, whether a
+job that may have changed stored events (one not marked ``keeps_log``) committed, and whether the
+head may have moved (wake the waiters)."""
 
 _MAX_BATCH_JOBS: Final = 512
 _INSERT_ROW: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -62,7 +67,7 @@ class SQLiteStatistics:
 
 
 class _Job:
-    __slots__ = ("fn", "future", "loop", "request")
+    __slots__ = ("fn", "future", "keeps_log", "loop", "request")
 
     def __init__(
         self,
@@ -70,20 +75,27 @@ class _Job:
         future: asyncio.Future[Any],
         loop: asyncio.AbstractEventLoop,
         request: AppendRequest | None = None,
+        keeps_log: bool = False,
     ) -> None:
         self.fn = fn
         self.future = future
         self.loop = loop
         self.request = request  # set for appends, which the writer can merge
+        self.keeps_log = keeps_log  # the job changes no stored event (see Notify)
 
 
 def _settle_all(
-    settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]], notify: Callable[[], None] | None
+    settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+    notify: Notify | None,
+    head: int | None,
+    rows: list[Row],
+    forget: bool,
+    wake: bool,
 ) -> None:
     for future, result, error in settled:
         _settle(future, result, error)
     if notify is not None:
-        notify()
+        notify(head, rows, forget, wake)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -99,7 +111,10 @@ class SQLiteWriter:
     """The writer thread of one store and its queue of jobs.
 
     ``notify`` is called on ``loop`` (the store's) after a group commit that wrote something, to
-    wake the store's waiters.
+    wake the store's waiters, with the highest position an append of the commit wrote (None if
+    it appended nothing), the rows its appends inserted, in position order (a failed or
+    redone merge contributes none; rows written by other jobs are never among them), and
+    whether a job that may have changed stored events committed.
     """
 
     def __init__(self, config: SQLiteConfig, name: str) -> None:
@@ -108,14 +123,15 @@ class SQLiteWriter:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._notify: Callable[[], None] | None = None
+        self._notify: Notify | None = None
+        self._rows: list[Row] = []  # the rows the appends of the running batch inserted
         self._transactions = 0
         self._jobs_done = 0
         self._appends = 0
         self._events = 0
         self._head: int | None = None  # the head as last read by _head_moved (None: unknown)
 
-    async def start(self, notify: Callable[[], None]) -> None:
+    async def start(self, notify: Notify) -> None:
         """Start the thread; return once its connection is open and the schema is ready.
 
         Raises :class:`CorruptStore` (and stops the thread) if the file is not a tidings store.
@@ -133,15 +149,18 @@ class SQLiteWriter:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    async def submit(self, fn: WriteJob[T], request: AppendRequest | None = None) -> T:
+    async def submit(
+        self, fn: WriteJob[T], request: AppendRequest | None = None, *, keeps_log: bool = False
+    ) -> T:
         """Queue ``fn`` and return its result once the transaction holding it has committed.
 
         If ``fn`` raises, its savepoint is rolled back (other jobs of the batch commit) and the
-        error is re-raised here. ``request`` marks an append that may be merged with others.
+        error is re-raised here. ``request`` marks an append that may be merged with others;
+        ``keeps_log`` promises that ``fn`` changes no stored event.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(fn, future, loop, request))
+        self._jobs.put(_Job(fn, future, loop, request, keeps_log))
         return await future
 
     def statistics(self) -> SQLiteStatistics:
@@ -206,6 +225,7 @@ class SQLiteWriter:
         outcomes: list[tuple[Any, BaseException | None]] = []
         # Alone in its transaction, a job needs no savepoint: if it fails, the whole rolls back.
         single = len(batch) == 1
+        self._rows = []
         self._transactions += 1
         self._jobs_done += len(batch)
         for job in batch:
@@ -219,7 +239,7 @@ class SQLiteWriter:
                 end = index
                 while end < len(batch) and batch[end].request is not None:
                     end += 1
-                if end - index > 1:
+                if end > index:
                     # A run of appends: one state query and one INSERT for all of them.
                     outcomes.extend(self._run_appends(conn, batch[index:end]))
                     index = end
@@ -244,21 +264,27 @@ class SQLiteWriter:
             asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         ] = {}
         appended = other = False
+        forget = False  # a job that may have changed stored events committed
+        head: int | None = None  # the highest position an append of this batch committed
         for job, (result, error) in zip(batch, outcomes, strict=True):
             if error is None:
+                forget = forget or not job.keeps_log
                 if job.request is not None:
                     appended = True
+                    if head is None or result.position > head:
+                        head = result.position
                 else:
                     other = True
             by_loop.setdefault(job.loop, []).append((job.future, result, error))
         # Waiters are woken only when the head may have moved: an idle service's lease
         # heartbeats and checkpoint commits would otherwise wake every subscription to re-read
-        # the head, several times a second each.
+        # the head, several times a second each. A job that may have changed stored events is
+        # still reported: the store must forget the recent rows it keeps for live readers.
         moved = appended or (other and self._head_moved(conn))
         for loop, settled in by_loop.items():
-            notify = self._notify if moved and loop is self._loop else None
+            notify = self._notify if (moved or forget or self._rows) and loop is self._loop else None
             with contextlib.suppress(RuntimeError):  # the loop may be closing
-                loop.call_soon_threadsafe(_settle_all, settled, notify)
+                loop.call_soon_threadsafe(_settle_all, settled, notify, head, self._rows, forget, moved)
 
     def _head_moved(self, conn: sqlite3.Connection) -> bool:
         """After a commit of writes other than appends (which may have appended, as a handler's
@@ -314,8 +340,9 @@ class SQLiteWriter:
         guarded = sum(len(r.events) for r in requests) > _INSERT_CHUNK
         if guarded:
             conn.execute("SAVEPOINT appends")
+        rows: list[Row] = []
         try:
-            outcomes = append_many_in(conn, requests)
+            outcomes = append_many_in(conn, requests, rows)
         except Exception:
             # Any failure of the merged write (a driver error, a value SQLite cannot bind) is
             # retried call by call, so that one bad call fails only itself.
@@ -325,6 +352,7 @@ class SQLiteWriter:
             return [self._run_job(conn, job, single=False) for job in jobs]
         if guarded:
             conn.execute("RELEASE appends")
+        self._rows.extend(rows)
         return outcomes
 
 
@@ -337,14 +365,15 @@ def _insert_sql(rows: int) -> str:
 
 
 def append_many_in(
-    conn: sqlite3.Connection, requests: list[AppendRequest]
+    conn: sqlite3.Connection, requests: list[AppendRequest], inserted: list[Row] | None = None
 ) -> list[tuple[AppendResult | None, BaseException | None]]:
     """Perform several appends in the open transaction with one state query and one INSERT.
 
     :func:`~tidings.store.append.plan_appends` decides each request's fate against the state read
     once, so a rejected request simply contributes no rows and gets its own error, exactly as if
     the appends had run one after another. A failure of the statements themselves is raised (the
-    caller redoes the requests one by one to pin it on its own request).
+    caller redoes the requests one by one to pin it on its own request). The rows written are
+    added to ``inserted`` when it is given.
     """
     streams = list(dict.fromkeys(r.stream_id for r in requests))
     state: dict[str, tuple[int, int]] = {}
@@ -392,6 +421,8 @@ def append_many_in(
         for start in range(0, len(rows), _INSERT_CHUNK):
             chunk_rows = rows[start : start + _INSERT_CHUNK]
             conn.execute(_insert_sql(len(chunk_rows)), [value for row in chunk_rows for value in row])
+        if inserted is not None:
+            inserted.extend(rows)
     return [
         (None, outcome) if isinstance(outcome, TidingsError) else (outcome, None)
         for outcome in plan.outcomes_at(head)
