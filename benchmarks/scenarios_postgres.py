@@ -48,6 +48,7 @@ import asyncio
 import dataclasses
 import functools
 import multiprocessing
+import queue
 import time
 import uuid
 from importlib.metadata import version
@@ -228,7 +229,15 @@ def _run_processes(kind: str, target: str, writers: int, n: int, k: int) -> floa
     for process in processes:
         process.start()
     try:
-        spans = [done.get(timeout=600) for _ in processes]
+        # A worker that dies before the barrier would leave the others waiting: poll for it.
+        spans = []
+        while len(spans) < writers:
+            try:
+                spans.append(done.get(timeout=5))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in processes):
+                    start.abort()  # the others stop waiting for it
+                    break
     finally:
         for process in processes:
             process.join(60)
@@ -262,7 +271,11 @@ def pg_append_processes(ctx: Context, server: Server) -> list[Comparison]:
             if stored != total:
                 raise AssertionError(f"tidings stored {stored} events, expected {total}")
         with pg.fresh_schema("proc_peer", create=True) as schema:
-            env = "\n".join(f"{key}={value}" for key, value in peer_env(pg, schema).items())
+            # The tables are made here, once: eight applications creating them at once collide
+            # ("tuple concurrently updated").
+            env = "\n".join(
+                f"{key}={value}" for key, value in {**peer_env(pg, schema), "CREATE_TABLE": "n"}.items()
+            )
             open_peer(pg, schema).close()  # creates the peer's tables before the clock starts
             theirs.append(total / _run_processes("peer", env, writers, per_writer, k))
             app = open_peer(pg, schema)
