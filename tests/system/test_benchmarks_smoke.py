@@ -92,6 +92,7 @@ def test_footprint_scenario_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert f"MiB peak Python heap, {what}" in units
     assert units[-1] == "% of one core, idle service"
     for row in rows:
-        assert row.value >= 0 and row.reference_value > 0, row
+        # RSS is sampled, and over a few hundred events it may not have grown at all.
+        assert row.value >= 0 and row.reference_value >= 0, row
     heaps = [row for row in rows if "heap" in row.unit]
-    assert all(row.value > 0 for row in heaps), heaps
+    assert all(row.value > 0 and row.reference_value > 0 for row in heaps), heaps
