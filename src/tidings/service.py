@@ -312,6 +312,15 @@ class Service:
         """The handler groups this service runs (projection groups carry their generation)."""
         return list(self._handlers)
 
+    def runs_group(self, group: str) -> bool:
+        """Whether ``group`` (as named on a dead letter) is one of this service's handler groups or
+        a generation of one of its projections. A bus consumer's letters (``<group>@bus``) count as
+        the group's: retrying them then fails with the reason (see :meth:`subscription`)."""
+        group = group.removesuffix("@bus")
+        return group in self._handlers or any(
+            group.startswith(projection.group_prefix + ":") for projection, _ in self._projections.values()
+        )
+
     # -- running ----------------------------------------------------------------------------------
 
     def on_start(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:

@@ -175,14 +175,6 @@ class Outcome:
         }
 
 
-def _owns(service: Service, group: str) -> bool:
-    # A bus consumer's letters (<group>@bus) are the group's too; retrying them fails with why.
-    group = group.removesuffix("@bus")
-    return group in service.groups or any(
-        group.startswith(p.group_prefix + ":") for p in service.projections.values()
-    )
-
-
 async def _retry_one(service: Service, store: TrackingStore, dead: DeadLetter) -> Outcome:
     try:
         if await service.subscription(dead.group).retry_dead_letter(dead):
@@ -203,14 +195,14 @@ async def _retry(service: Service, url: str | None, id: int | None, group: str |
             dead = await store.dead_letter(id)
             if dead is None:
                 raise InvalidArgument(f"no dead letter with id {id}")
-            if not _owns(service, dead.group):
+            if not service.runs_group(dead.group):
                 raise InvalidArgument(
                     f"dead letter {id} belongs to group {dead.group!r}, which service "
                     f"{service.name!r} does not run"
                 )
             letters = [dead]
         else:
-            letters = [d for d in await store.dead_letters(group) if _owns(service, d.group)]
+            letters = [d for d in await store.dead_letters(group) if service.runs_group(d.group)]
         letters.sort(key=lambda d: (d.position, d.id))
         return [await _retry_one(service, store, dead) for dead in letters]
     finally:
@@ -245,7 +237,7 @@ def dlq_retry(
     if sum((id is not None, group is not None, all_groups)) != 1:
         raise typer.BadParameter("give exactly one of ID, --group GROUP or --all", param_hint="ID")
     service = cli_service(app, store)
-    if group is not None and not _owns(service, group):
+    if group is not None and not service.runs_group(group):
         known = ", ".join(sorted(service.groups)) or "none"
         fail(f"service {service.name!r} has no subscription group {group!r} (it has: {known})", code=2)
     outcomes = run(_retry(service, store, id, group))

@@ -434,10 +434,7 @@ async def retry_dead_letter(
         raise Conflict(
             "retrying needs the service's handlers: start 'tidings serve' with --app MODULE:SERVICE"
         )
-    group = dead.group.removesuffix("@bus")  # a bus consumer's letters: refused below, with why
-    if group not in service.groups and not any(
-        group.startswith(p.group_prefix + ":") for p in service.projections.values()
-    ):
+    if not service.runs_group(dead.group):  # a bus consumer's letters count: refused below, with why
         raise Conflict(
             f"dead letter {id} belongs to group {dead.group!r}, which service {service.name!r} does not run"
         )
